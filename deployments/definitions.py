@@ -1,0 +1,97 @@
+"""The three deployments and their schedules: requantize, watch-upstream, nightly-render.
+
+Declarations only. Settings come from `hlwq serve` options or HLWQ_* environment variables;
+prefect.yaml at the repository root declares the same deployments for `prefect deploy` onto a
+work pool (docs/OPERATIONS.md).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from datetime import timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from quant.errors import InvalidOptionError
+
+REQUANTIZE, WATCH_UPSTREAM, NIGHTLY_RENDER = "requantize", "watch-upstream", "nightly-render"
+NIGHTLY_CRON = "0 2 * * *"
+TAGS = ["hlwq"]
+
+
+@dataclass(frozen=True)
+class DeploymentSettings:
+    """What the deployments need to know; every field has an HLWQ_<FIELD> environment variable."""
+
+    timezone: str = "UTC"
+    watch_source: str = "Lightricks/LTX-2.3"
+    watch_interval_s: int = 3600
+    bits: int = 5
+    policy: str = "ltx23"
+    artifacts_dir: str = "artifacts"
+    nightly_artifact: str = "artifacts/current"
+    nightly_prompts: str = "prompts/nightly.jsonl"
+    nightly_output: str = "renders/nightly"
+
+    @classmethod
+    def from_env(cls, **overrides) -> "DeploymentSettings":
+        values = {}
+        for field in fields(cls):
+            raw = os.environ.get(f"HLWQ_{field.name.upper()}")
+            if raw and field.type == "int" and not raw.isdigit():
+                raise InvalidOptionError(f"HLWQ_{field.name.upper()} must be a whole number, got {raw!r}")
+            if raw:
+                values[field.name] = int(raw) if field.type == "int" else raw
+        values.update({name: value for name, value in overrides.items() if value is not None})
+        return cls(**values).checked()
+
+    def checked(self) -> "DeploymentSettings":
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise InvalidOptionError(f"timezone {self.timezone!r} is not an IANA time zone (e.g. Europe/Paris)") from None
+        if self.watch_interval_s < 60:
+            raise InvalidOptionError(f"watch interval must be at least 60 s, got {self.watch_interval_s}")
+        return self
+
+    def absolute_paths(self) -> "DeploymentSettings":
+        """Paths as seen from here, so runs started elsewhere read the same files."""
+        resolve = lambda path: str(Path(path).expanduser().resolve())  # noqa: E731
+        return DeploymentSettings(**{**self.__dict__, **{
+            name: resolve(getattr(self, name))
+            for name in ("artifacts_dir", "nightly_artifact", "nightly_prompts", "nightly_output")}})
+
+
+def build_deployments(settings: DeploymentSettings) -> list:
+    """Runner deployments for `prefect.serve`."""
+    from prefect.schedules import Cron, Interval
+
+    from flows.quantize_flow import quantize_checkpoint
+    from flows.render_flow import render_batch
+    from flows.watch_flow import watch_upstream
+
+    requantize = quantize_checkpoint.to_deployment(
+        REQUANTIZE,
+        description="Quantize a checkpoint (Hub id@revision, folder or file) into a packed HLWQ artifact. On demand.",
+        parameters={"source": settings.watch_source, "bits": settings.bits, "policy": settings.policy},
+        tags=TAGS,
+    )
+    watch = watch_upstream.to_deployment(
+        WATCH_UPSTREAM,
+        description="Check the source repo's latest Hub revision; trigger requantize when it changes.",
+        schedule=Interval(timedelta(seconds=settings.watch_interval_s), timezone=settings.timezone),
+        parameters={"source": settings.watch_source, "output_root": settings.artifacts_dir,
+                    "bits": settings.bits, "policy": settings.policy,
+                    "requantize_deployment": f"{quantize_checkpoint.name}/{REQUANTIZE}"},
+        tags=TAGS,
+    )
+    nightly = render_batch.to_deployment(
+        NIGHTLY_RENDER,
+        description="Render the nightly prompt file with the packed runtime into MP4s and the catalog.",
+        schedule=Cron(NIGHTLY_CRON, timezone=settings.timezone),
+        parameters={"artifact": settings.nightly_artifact, "prompt_file": settings.nightly_prompts,
+                    "output_dir": settings.nightly_output},
+        tags=TAGS,
+    )
+    return [requantize, watch, nightly]

@@ -1,0 +1,149 @@
+"""`hlwq plan`: what a quantization would produce, before anything is downloaded or quantized.
+
+Local checkpoints and Hub repos are planned from their safetensors headers
+only; ``--layout ltx23-22b`` needs no checkpoint at all (the real LTX-2.3
+transformer built on the meta device).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from quant.errors import InvalidOptionError
+
+AUTO_POLICY = "auto"
+PACKAGE_LAYOUTS = ("ltx23-22b",)
+BYTE_UNITS = (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3))
+COUNT_UNITS = (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3))
+
+
+@click.command()
+@click.argument("source", required=False)
+@click.option("--layout", "package_layout", type=click.Choice(PACKAGE_LAYOUTS),
+              help="Plan a known model layout instead of a SOURCE (nothing is read).")
+@click.option("--policy", "policy_name", default=AUTO_POLICY, show_default=True,
+              help="ltx23, generic, a TOML/YAML policy file, or auto "
+                   "(ltx23 for LTX-2.3 layouts, generic otherwise).")
+@click.option("--bits", default=5, show_default=True, type=int, help="Bits per quantized weight.")
+@click.option("--block-size", default=128, show_default=True, type=int,
+              help="Rotation block size (a power of two).")
+@click.option("--revision", help="Branch, tag or commit of a Hub SOURCE.")
+@click.option("--include", multiple=True, help="Also quantize tensors matching this glob "
+                                               "(or re:REGEX). Repeatable.")
+@click.option("--exclude", multiple=True, help="Keep tensors matching this glob (or re:REGEX). "
+                                               "Repeatable.")
+@click.option("--overrides", type=click.Path(dir_okay=False),
+              help="TOML/YAML file with include, exclude and per-pattern bits.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(source, package_layout, policy_name, bits, block_size, revision, include, exclude,
+         overrides, as_json):
+    """Per-component tensors, parameters, original and packed bytes of SOURCE
+    (a Hub repo id, a folder or a .safetensors file)."""
+    from quant.core import check_options
+    from quant.policy import load_policy
+    from quant.sizes import size_table
+    from tasks.inventory import default_policy_for, rows_from_headers
+
+    check_options(bits, block_size, None, "refined")
+    if (source is None) == (package_layout is None):
+        raise click.UsageError("give exactly one of SOURCE or --layout")
+    label, layout, headers, package_rows = _planned_source(source, package_layout, revision)
+    if policy_name == AUTO_POLICY:
+        policy_name = default_policy_for(layout)
+    policy = load_policy(policy_name, bits=bits, include=include, exclude=exclude,
+                         overrides_file=overrides)
+    if package_rows is not None:
+        rows = apply_policy(package_rows, policy)
+    else:
+        rows = rows_from_headers(headers, layout, policy, block_size)
+    sizes = size_table(rows, block_size)
+    report = {"source": label, "layout": layout, "policy": policy.name, "bits": bits,
+              "block_size": block_size, **sizes}
+    click.echo(json.dumps(report, indent=2) if as_json else format_plan(report))
+
+
+def _planned_source(source, package_layout, revision):
+    """(label, layout, headers, package rows): headers for checkpoints, rows for --layout."""
+    from tasks import inventory
+
+    if package_layout:
+        if revision:
+            raise InvalidOptionError(f"--revision {revision!r}: --layout reads no checkpoint")
+        from runtime.ltx23_layout import ltx23_22b_package_rows
+
+        return package_layout, package_layout, None, ltx23_22b_package_rows()
+    path = Path(source).expanduser()
+    if path.exists():   # an existing path wins over a Hub id of the same spelling
+        if revision:
+            raise InvalidOptionError(f"--revision {revision!r}: only a Hub source has revisions, "
+                                     f"but {source!r} is a local path")
+        headers = inventory.local_headers(path)
+        layout = inventory.layout_of(headers, inventory.has_model_index(path), path)
+        label = str(path)
+    else:   # headers by HTTP Range requests; nothing is downloaded
+        from tasks.sources import list_remote_files, parse_hub_source, remote_safetensors_headers
+
+        hub = parse_hub_source(source, revision)
+        commit, files = list_remote_files(hub.repo, hub.revision)
+        headers = remote_safetensors_headers(hub.repo, commit)   # that commit, even if the branch moves
+        layout = inventory.layout_of(headers, inventory.MODEL_INDEX in files, hub.repo)
+        label = f"{hub.repo}@{hub.revision} (commit {commit})"
+    return label, layout, headers, None
+
+
+def apply_policy(rows, policy) -> list[dict]:
+    """Add the policy's action and bits to rows that carry component, tensor, shape and dtype."""
+    decided = []
+    for row in rows:
+        decision = policy.decide(row["tensor"], tuple(row["shape"]), row["dtype"], row["component"])
+        decided.append({**row, "action": decision.action, "bits": decision.bits,
+                        "reason": decision.reason})
+    return decided
+
+
+def format_plan(report: dict) -> str:
+    header = ("component", "tensors", "quantized", "params", "original", "packed", "bits/weight")
+    rows = [_table_row(name, entry) for name, entry in report["components"].items()]
+    total = _table_row("total", {
+        "tensors": report["total_tensors"], "quantized_tensors": report["quantized_tensors"],
+        "params": report["total_params"], "original_bytes": report["total_original_bytes"],
+        "packed_bytes": report["total_packed_bytes"], "bits_per_weight": report["bits_per_weight"],
+    })
+    title = (f"Plan for {report['source']}: layout {report['layout']}, policy {report['policy']}, "
+             f"{report['bits']}-bit, block {report['block_size']}")
+    quantized = (f"quantized: {report['quantized_tensors']:,} tensors, "
+                 f"{format_count(report['quantized_params'])} params -> "
+                 f"{format_bytes(report['quantized_packed_bytes'])} packed")
+    return "\n".join([title, "", *_aligned([header, *rows, total]), "", quantized])
+
+
+def _table_row(name: str, entry: dict) -> tuple[str, ...]:
+    return (name, f"{entry['tensors']:,}", f"{entry['quantized_tensors']:,}",
+            format_count(entry["params"]), format_bytes(entry["original_bytes"]),
+            format_bytes(entry["packed_bytes"]), f"{entry['bits_per_weight']:.2f}")
+
+
+def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
+    """Left-align the first column, right-align the numbers; a rule above the last (total) row."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join([row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width
+                                                   in zip(row[1:], widths[1:])]) for row in rows]
+    lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    return lines
+
+
+def format_bytes(count: int) -> str:
+    for unit, size in BYTE_UNITS:
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} B"
+
+
+def format_count(count: int) -> str:
+    for unit, size in COUNT_UNITS:
+        if count >= size:
+            return f"{count / size:.2f}{unit}"
+    return str(count)

@@ -1,0 +1,39 @@
+"""How the CLI picks its Prefect API, decided before Prefect is imported.
+
+- ``PREFECT_API_URL`` set (environment or active profile): that server is used.
+- Otherwise Prefect's embedded default: a temporary local API server (SQLite
+  under ``PREFECT_HOME``) that lives as long as the command.
+
+Either way telemetry is off and task results are not persisted: tasks return
+small JSON-able values, and the real outputs are files.
+"""
+
+from __future__ import annotations
+
+import os
+
+QUIET_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",   # the server's usage telemetry
+    "DO_NOT_TRACK": "1",                           # the client's
+    "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "false",
+    # A loaded 2-core machine can take longer than Prefect's 20 s default to boot the
+    # temporary server.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+
+
+def configure_prefect() -> None:
+    """Set the environment Prefect reads at import; explicit user settings win."""
+    for name, value in QUIET_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    if not os.environ.get("PREFECT_API_URL"):
+        # Used only when no profile names a server either.
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "true")
+
+
+def describe_api() -> str:
+    """Where this process's flow runs are recorded, for messages to the user."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    return f"Prefect server at {url}" if url else "temporary local Prefect API (SQLite)"

@@ -1,0 +1,369 @@
+"""The requantization flow: fetch -> inventory -> disk check -> quantize on Dask -> gates -> package.
+
+Prefect orchestrates, Dask computes. The quantize stage is a subflow whose task
+runner is a ``prefect_dask.DaskTaskRunner`` (a LocalCluster sized to the machine,
+or an existing cluster at ``dask_address``), so the cluster lives only while
+tensors are quantized. Inside it, one Prefect task per group of tensors (a
+transformer block) runs in the flow's process and hands each tensor to Dask as
+its own unit: workers read their tensor's bytes from the source file and write
+the packed result to staging; only small metrics rows come back. Prefect tasks
+therefore never run on workers (workers need not reach the Prefect API), and a
+killed worker only costs Dask a rescheduled unit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import statistics
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import flow, get_run_logger, tags
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect_dask import DaskTaskRunner
+
+from quant.artifact import tensor_key
+from quant.core import check_options
+from quant.errors import InvalidOptionError
+from quant.packed import MODES
+from quant.sizes import size_table
+from quant.staging import staged_key, staged_path
+from tasks.disk import disk_check_task
+from tasks.gates import tensor_gates_task
+from tasks.inventory import detect_layout, inventory_task
+from tasks.package import package_artifact_task
+from tasks.quantize import (
+    ON_NONFINITE,
+    RunProgress,
+    TensorJob,
+    code_version,
+    finished_row,
+    quantize_group,
+    row_path,
+    submit_units,
+)
+from tasks.sources import FetchResult, fetch_source_task
+
+BLOCK_SIZE = 128
+WORKER_MEMORY_BYTES = 3 << 30        # one worker quantizing LTX-2.3's largest linear (16384 x 4096)
+GROUP_PATTERN = re.compile(r"(?:^|\.)([A-Za-z_]\w*\.\d+)\.")   # "transformer_blocks.7" in a name
+WORST_TENSORS = 20
+METRICS_SCHEMA = pa.schema([
+    ("tensor", pa.string()), ("component", pa.string()), ("shape", pa.list_(pa.int64())),
+    ("dtype", pa.string()), ("action", pa.string()), ("reason", pa.string()),
+    ("bits", pa.int64()), ("mode", pa.string()),
+    ("original_bytes", pa.int64()), ("packed_bytes", pa.int64()),
+    ("cosine", pa.float64()), ("rel_mse", pa.float64()), ("sqnr_db", pa.float64()),
+    ("max_abs_err", pa.float64()), ("seconds", pa.float64()), ("worker", pa.string()),
+])
+RUN_ONLY_COLUMNS = ("seconds", "worker")   # differ run to run: kept out of the artifact
+# Layouts as the inventory names them -> as the artifact format names them.
+ARTIFACT_LAYOUTS = {"diffusers": "diffusers", "ltx23-single": "single_file"}
+
+
+# ---- the Dask side ---------------------------------------------------------------------------
+
+
+def default_workers() -> int:
+    """One single-threaded worker per core, as many as memory allows."""
+    by_memory = psutil.virtual_memory().total // WORKER_MEMORY_BYTES
+    return max(1, min(os.cpu_count() or 1, by_memory))
+
+
+def dask_task_runner(workers: int | None = None, dask_address: str | None = None) -> DaskTaskRunner:
+    """A LocalCluster of single-threaded worker processes, or the cluster at ``dask_address``."""
+    if dask_address:
+        if workers:
+            raise InvalidOptionError("--workers sizes a local cluster; with --dask-address the "
+                                     "cluster's own workers are used")
+        return DaskTaskRunner(address=dask_address)
+    count = workers or default_workers()
+    if count < 1:
+        raise InvalidOptionError(f"--workers {count}: must be at least 1")
+    return DaskTaskRunner(cluster_kwargs={
+        "n_workers": count, "threads_per_worker": 1, "processes": True,
+        # Each worker may use an equal share of the machine's memory; Dask pauses a
+        # worker at 80 % of it and restarts it at 95 %.
+        "memory_limit": "auto",
+        "dashboard_address": None,
+    })
+
+
+def group_of(job: TensorJob) -> str:
+    """The Prefect task a tensor belongs to: its block (``transformer_blocks.7``) or component."""
+    match = GROUP_PATTERN.search(job.tensor)
+    return f"{job.component}: {match.group(1)}" if match else job.component
+
+
+def natural_key(text: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def plan_jobs(rows: list[dict], source_base: str, file_ids: dict[str, str], staging_dir: str,
+              settings: dict) -> list[TensorJob]:
+    """One job per tensor the policy quantizes, keyed by content."""
+    jobs = []
+    for row in rows:
+        if row["action"] != "quantize":
+            continue
+        key = staged_key(file_ids[row["file"]], tensor_key(row["component"], row["tensor"]),
+                         settings["policy"], row["bits"], BLOCK_SIZE, settings["group_size"],
+                         settings["mode"], settings["code_version"])
+        jobs.append(TensorJob(
+            key=key, file=str(Path(source_base) / row["file"]), tensor=row["tensor"],
+            component=row["component"], dtype=row["dtype"], shape=tuple(row["shape"]),
+            data_start=row["data_start"], data_end=row["data_end"], bits=row["bits"],
+            block_size=BLOCK_SIZE, group_size=settings["group_size"], mode=settings["mode"],
+            staging_dir=staging_dir, on_nonfinite=settings["on_nonfinite"]))
+    return jobs
+
+
+@flow(name="quantize_tensors", flow_run_name="quantize {tensors} tensors", persist_result=False)
+def quantize_tensors(inventory_path: str, source_base: str, file_ids: dict[str, str],
+                     staging_dir: str, settings: dict, tensors: int) -> dict:
+    """Quantize every tensor the inventory selects on the Dask cluster of this subflow.
+
+    Returns the metrics rows and the stage's timing: wall time, the units' own
+    seconds (busy) and what the Prefect task machinery cost (``prefect_task_s``).
+    """
+    from tasks.quantize import dask_client
+
+    logger = get_run_logger()
+    started = time.perf_counter()
+    jobs = plan_jobs(pq.read_table(inventory_path).to_pylist(), source_base, file_ids, staging_dir,
+                     settings)
+    client = dask_client()
+    workers = len(client.scheduler_info(n_workers=-1)["workers"])
+    logger.info("quantizing %d tensors on %d Dask workers (%s)", len(jobs), workers,
+                client.scheduler.address)
+    artifact_id = create_progress_artifact(0.0, key="quantize-progress",
+                                           description=f"{len(jobs)} tensors quantized or skipped")
+    progress = RunProgress(len(jobs), lambda percent: update_progress_artifact(artifact_id, percent))
+    groups: dict[str, list[TensorJob]] = {}
+    for job in jobs:
+        groups.setdefault(group_of(job), []).append(job)
+    # Every unit is queued at once (Dask runs them in this order), so workers never
+    # wait for the next group's task to start.
+    submit_units(client, [job for name in sorted(groups, key=natural_key) for job in groups[name]])
+    rows, prefect_task_s = [], 0.0
+    for name in sorted(groups, key=natural_key):
+        called = time.perf_counter()
+        result = quantize_group(name, groups[name], progress)
+        prefect_task_s += time.perf_counter() - called - result["body_s"]
+        rows += result["rows"]
+    wall_s = time.perf_counter() - started
+    return {"rows": rows, "wall_s": wall_s, "workers": workers, "prefect_tasks": len(groups),
+            "prefect_task_s": prefect_task_s,
+            "busy_s": sum(row["seconds"] for row in rows if not row["skipped"])}
+
+
+# ---- the flow --------------------------------------------------------------------------------
+
+
+def default_staging(out: Path) -> Path:
+    """Beside the output, so staged results and shards share a file system."""
+    return out.with_name(f"{out.name}.staging")
+
+
+def check_settings(bits: int, mode: str, group_size: int | None, on_nonfinite: str) -> None:
+    if mode not in MODES:
+        raise InvalidOptionError(f"--mode {mode!r}: must be one of {', '.join(MODES)}")
+    if on_nonfinite not in ON_NONFINITE:
+        raise InvalidOptionError(f"--on-nonfinite {on_nonfinite!r}: must be one of "
+                                 f"{', '.join(ON_NONFINITE)}")
+    check_options(bits, BLOCK_SIZE, group_size, mode)
+
+
+def run_tags(source: str, revision: str | None, bits: int, policy: str | None) -> list[str]:
+    return [f"source:{source}", f"revision:{revision or 'default'}", f"bits:{bits}",
+            f"policy:{policy or 'auto'}"]
+
+
+@flow(name="quantize_checkpoint", flow_run_name="quantize {source}", persist_result=False)
+def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: int = 5,
+                        mode: str = "refined", group_size: int | None = None,
+                        workers: int | None = None, dask_address: str | None = None,
+                        revision: str | None = None, staging: str | None = None,
+                        gates: bool = True, gates_file: str | None = None,
+                        on_nonfinite: str = "fail") -> dict:
+    """Quantize a checkpoint (Hub id, folder or .safetensors file) into a packed HLWQ artifact."""
+    started = time.perf_counter()
+    check_settings(bits, mode, group_size, on_nonfinite)
+    logger = get_run_logger()
+    out_dir = Path(out).absolute()
+    staging_dir = Path(staging).absolute() if staging else default_staging(out_dir)
+    staging_dir.mkdir(parents=True, exist_ok=True)
+
+    fetched = FetchResult.from_dict(fetch_source_task(source, revision))
+    lineage = fetched.lineage
+    inventory_root = Path(lineage["path"]) if lineage["kind"] == "file" else fetched.root
+    layout = detect_layout(inventory_root)
+    policy = policy or ("generic" if layout == "generic" else "ltx23")
+    settings = {"bits": bits, "block_size": BLOCK_SIZE, "group_size": group_size, "mode": mode,
+                "policy": policy, "code_version": code_version(), "on_nonfinite": on_nonfinite}
+    with tags(f"revision:{lineage['commit_sha'][:12]}", f"policy:{policy}"):
+        inventory_path = staging_dir / "inventory.parquet"
+        inventory_task(str(inventory_root), str(inventory_path), policy=policy, bits=bits,
+                       block_size=BLOCK_SIZE, group_size=group_size)
+        inventory = pq.read_table(inventory_path)
+        rows = inventory.to_pylist()
+        file_ids = {f["path"]: f"sha256:{f['sha256']}" for f in lineage["files"]}
+        jobs = plan_jobs(rows, str(fetched.root), file_ids, str(staging_dir), settings)
+        keys = {(job.component, job.tensor): job.key for job in jobs}
+        done = {job.key for job in jobs if finished_row(job) is not None}
+        logger.info("%d tensors to quantize, %d already staged", len(jobs), len(done))
+        disk_check_task(
+            [{**row, "key": keys.get((row["component"], row["tensor"]))} for row in rows],
+            {f["path"]: f["size"] for f in lineage["files"]}, done, str(fetched.root),
+            str(out_dir), str(staging_dir))
+
+        stage = quantize_tensors.with_options(task_runner=dask_task_runner(workers, dask_address))(
+            str(inventory_path), str(fetched.root), file_ids, str(staging_dir), settings, len(jobs))
+        metrics = metrics_table(stage["rows"])
+        pq.write_table(metrics, staging_dir / "metrics.parquet")
+        gate_report = tensor_gates_task(stage["rows"], gates_file, enforce=gates)
+
+        final_rows = decided_rows(rows, stage["rows"])
+        quantized = {(row["component"], row["tensor"]) for row in stage["rows"]
+                     if row["action"] == "quantize"}
+        staged = {tensor_key(job.component, job.tensor): str(staged_path(staging_dir, job.key))
+                  for job in jobs if (job.component, job.tensor) in quantized}
+        packaged = package_artifact_task(
+            str(inventory_root), final_rows, staged, str(out_dir), lineage=lineage,
+            layout=ARTIFACT_LAYOUTS.get(layout, "single_file"),
+            quantization={"bits": bits, "block_size": BLOCK_SIZE,
+                          "group_size": group_size or BLOCK_SIZE, "mode": mode,
+                          "policy": {"name": policy}, "code_version": settings["code_version"]},
+            metrics=metrics.drop_columns(list(RUN_ONLY_COLUMNS)),
+            validation={"validated": gates and gate_report["passed"], "tensor_gates": gate_report})
+        for job in jobs:
+            row_path(job).unlink(missing_ok=True)   # their staged results are in the artifact now
+
+    summary = run_summary(source, out_dir, staging_dir, settings, final_rows, stage, packaged,
+                          gate_report, gates, time.perf_counter() - started)
+    publish_artifacts(summary, stage["rows"])
+    return summary
+
+
+def decided_rows(inventory_rows: list[dict], result_rows: list[dict]) -> list[dict]:
+    """The inventory as the run decided it: tensors kept for non-finite values become 'keep'."""
+    kept = {(row["component"], row["tensor"]): row["reason"]
+            for row in result_rows if row["action"] == "keep"}
+    decided = []
+    for row in inventory_rows:
+        reason = kept.get((row["component"], row["tensor"]))
+        if reason is not None:
+            row = {**row, "action": "keep", "bits": None, "reason": reason,
+                   "packed_bytes": row["original_bytes"]}
+        decided.append(row)
+    return decided
+
+
+def metrics_table(result_rows: list[dict]) -> pa.Table:
+    ordered = sorted(result_rows, key=lambda row: (row["component"], row["tensor"]))
+    return pa.Table.from_pylist([{name: row.get(name) for name in METRICS_SCHEMA.names}
+                                 for row in ordered], schema=METRICS_SCHEMA)
+
+
+# ---- what the run reports ---------------------------------------------------------------------
+
+
+def run_summary(source, out_dir, staging_dir, settings, final_rows, stage, packaged, gate_report,
+                gates, wall_s) -> dict:
+    quantized = [row for row in stage["rows"] if row["action"] == "quantize"]
+    computed = [row for row in stage["rows"] if not row["skipped"]]
+    input_bytes = sum(row["original_bytes"] for row in computed)
+    capacity = stage["workers"] * stage["wall_s"]
+    return {
+        "source": source, "artifact": str(out_dir),
+        "metrics": str(staging_dir / "metrics.parquet"),
+        "inventory": str(staging_dir / "inventory.parquet"),
+        "bits": settings["bits"], "mode": settings["mode"], "policy": settings["policy"],
+        "tensors": len(stage["rows"]), "quantized": len(quantized),
+        "kept_nonfinite": len(stage["rows"]) - len(quantized),
+        "skipped": len(stage["rows"]) - len(computed),
+        "sizes": size_table(final_rows),
+        "artifact_bytes": packaged["total_bytes"],
+        "wall_s": wall_s, "quantize_wall_s": stage["wall_s"], "workers": stage["workers"],
+        "busy_s": stage["busy_s"], "input_bytes": input_bytes,
+        "gb_per_s": input_bytes / 1e9 / stage["wall_s"] if stage["wall_s"] else 0.0,
+        # Share of the workers' time in the quantize stage not spent quantizing:
+        # scheduling, Prefect bookkeeping, idle tails.
+        "overhead_fraction": 1.0 - stage["busy_s"] / capacity if computed and capacity else 0.0,
+        "prefect_tasks": stage["prefect_tasks"], "prefect_task_s": stage["prefect_task_s"],
+        "quality": quality_of(quantized),
+        "gates": {"enforced": gates, "passed": gate_report["passed"]},
+        "validated": gates and gate_report["passed"],
+    }
+
+
+def quality_of(quantized: list[dict]) -> dict:
+    if not quantized:
+        return {}
+    cosines = [row["cosine"] for row in quantized]
+    errors = [row["rel_mse"] for row in quantized]
+    return {"min_cosine": min(cosines), "median_cosine": statistics.median(cosines),
+            "mean_rel_mse": math.fsum(errors) / len(errors), "max_rel_mse": max(errors)}
+
+
+def publish_artifacts(summary: dict, result_rows: list[dict]) -> None:
+    create_markdown_artifact(summary_markdown(summary), key="quantize-summary",
+                             description="sizes, speed and quality of this quantization")
+    worst = sorted((row for row in result_rows if row["action"] == "quantize"),
+                   key=lambda row: -row["rel_mse"])[:WORST_TENSORS]
+    create_table_artifact(
+        [{"tensor": row["tensor"], "component": row["component"], "bits": row["bits"],
+          "cosine": round(row["cosine"], 6), "rel_mse": float(f"{row['rel_mse']:.4g}"),
+          "sqnr_db": round(row["sqnr_db"], 2), "max_abs_err": float(f"{row['max_abs_err']:.4g}")}
+         for row in worst],
+        key="quantize-worst-tensors", description=f"the {WORST_TENSORS} tensors with the largest "
+                                                  "relative MSE")
+
+
+def summary_markdown(summary: dict) -> str:
+    sizes = summary["sizes"]
+    lines = [f"# {summary['source']} at {summary['bits']} bits ({summary['mode']}, "
+             f"policy {summary['policy']})", "",
+             f"Artifact: `{summary['artifact']}` "
+             f"({'validated' if summary['validated'] else 'NOT validated'})", "",
+             "| component | tensors | quantized | original GB | packed GB | bits/weight |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, entry in sizes["components"].items():
+        lines.append(f"| {name} | {entry['tensors']} | {entry['quantized_tensors']} | "
+                     f"{entry['original_bytes'] / 1e9:.3f} | {entry['packed_bytes'] / 1e9:.3f} | "
+                     f"{entry['bits_per_weight']:.3f} |")
+    lines.append(f"| **total** | {sizes['total_tensors']} | {sizes['quantized_tensors']} | "
+                 f"{sizes['total_original_bytes'] / 1e9:.3f} | "
+                 f"{sizes['total_packed_bytes'] / 1e9:.3f} | {sizes['bits_per_weight']:.3f} |")
+    lines += ["", f"Speed: {summary['tensors'] - summary['skipped']} tensors "
+                  f"({summary['input_bytes'] / 1e9:.2f} GB) in {summary['quantize_wall_s']:.1f} s "
+                  f"on {summary['workers']} workers = {summary['gb_per_s']:.3f} GB/s; "
+                  f"{summary['skipped']} already staged; whole run {summary['wall_s']:.1f} s; "
+                  f"orchestration overhead {100 * summary['overhead_fraction']:.1f} %."]
+    quality = summary["quality"]
+    if quality:
+        lines += ["", f"Quality: cosine min {quality['min_cosine']:.6f}, median "
+                      f"{quality['median_cosine']:.6f}; relative MSE mean "
+                      f"{quality['mean_rel_mse']:.3e}, max {quality['max_rel_mse']:.3e}; "
+                      f"tensor gates {'passed' if summary['gates']['passed'] else 'FAILED'}"
+                      f"{'' if summary['gates']['enforced'] else ' (not enforced: --no-gates)'}."]
+    if summary["kept_nonfinite"]:
+        lines += ["", f"{summary['kept_nonfinite']} tensor(s) with NaN/Inf kept unquantized."]
+    return "\n".join(lines)
+
+
+def run_quantize(source: str, out: str, **options) -> dict:
+    """Run the flow with tags for source, revision, bits and policy (what the CLI calls)."""
+    with tags(*run_tags(source, options.get("revision"), options.get("bits", 5),
+                        options.get("policy"))):
+        return quantize_checkpoint(source, out, **options)

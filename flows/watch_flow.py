@@ -1,0 +1,90 @@
+"""`watch_upstream`: requantize when the source repo on the Hub moves to a new revision.
+
+The last revision handed to `requantize` is remembered in a Prefect Variable (it lives with the
+orchestrator, so it holds wherever the watch runs: served process or work-pool worker). A
+revision is triggered once; it is triggered again only when its requantize run ended in a
+failed, crashed or cancelled state.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.variables import Variable
+
+from tasks.sources import latest_revision
+
+REQUANTIZE_DEPLOYMENT = "quantize-checkpoint/requantize"
+RETRIGGER_STATES = {"FAILED", "CRASHED", "CANCELLED"}
+
+
+def state_variable_name(source: str) -> str:
+    """Variable names allow letters, digits, dashes and underscores."""
+    return "hlwq_watch_" + re.sub(r"[^a-z0-9_-]+", "_", source.lower()).strip("_")
+
+
+def artifact_output(output_root: str, source: str, revision: str, bits: int) -> str:
+    """One artifact directory per source revision and bit width, so earlier artifacts stay."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", source.split("/")[-1])
+    return f"{output_root.rstrip('/')}/{name}-{revision[:12]}-q{bits}"
+
+
+@task(name="latest-revision", retries=3, retry_delay_seconds=[5, 30, 120], persist_result=False)
+def check_latest_revision(source: str) -> str:
+    return latest_revision(source)
+
+
+@task(name="read-watch-state", persist_result=False)
+def read_watch_state(source: str) -> dict[str, Any] | None:
+    return Variable.get(state_variable_name(source), default=None)
+
+
+@task(name="previous-run-state", persist_result=False)
+def previous_run_state(flow_run_id: str) -> str | None:
+    """Type of the earlier requantize run's state (None when that run is gone)."""
+    with get_client(sync_client=True) as client:
+        try:
+            run = client.read_flow_run(flow_run_id)
+        except Exception:  # deleted runs read as 404: treat as never run
+            return None
+    return run.state.type.value if run.state else None
+
+
+@task(name="trigger-requantize", persist_result=False)
+def trigger_requantize(deployment: str, parameters: dict[str, Any]) -> str:
+    run = run_deployment(deployment, parameters=parameters, timeout=0,
+                         flow_run_name=f"requantize {parameters['revision'][:12]}")
+    return str(run.id)
+
+
+@flow(name="watch-upstream", persist_result=False)
+def watch_upstream(
+    source: str,
+    output_root: str,
+    bits: int = 5,
+    policy: str = "ltx23",
+    requantize_deployment: str = REQUANTIZE_DEPLOYMENT,
+) -> dict[str, Any]:
+    """Check `source`'s latest revision on the Hub; trigger `requantize` when it is new."""
+    logger = get_run_logger()
+    revision = check_latest_revision(source)
+    state = read_watch_state(source)
+    if state and state.get("revision") == revision:
+        previous = previous_run_state(state["flow_run_id"])
+        if previous is not None and previous not in RETRIGGER_STATES:
+            logger.info("%s is still at %s (requantize run %s: %s); nothing to do",
+                        source, revision, state["flow_run_id"], previous)
+            return {"triggered": False, "revision": revision, "flow_run_id": state["flow_run_id"]}
+        logger.info("%s at %s: the earlier requantize run ended %s; triggering again", source, revision, previous)
+    parameters = {"source": source, "revision": revision, "bits": bits, "policy": policy,
+                  "output": artifact_output(output_root, source, revision, bits)}
+    flow_run_id = trigger_requantize(requantize_deployment, parameters)
+    Variable.set(state_variable_name(source), {"source": source, "revision": revision,
+                                               "flow_run_id": flow_run_id}, overwrite=True)
+    logger.info("%s moved to %s: requantize run %s triggered (output %s)", source, revision,
+                flow_run_id, parameters["output"])
+    return {"triggered": True, "revision": revision, "flow_run_id": flow_run_id}

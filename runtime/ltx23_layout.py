@@ -1,0 +1,236 @@
+"""LTX-2.3 checkpoint layouts: the real package's tensor list, and the official single file.
+
+``ltx23_22b_package_rows()`` lists every tensor of the LTX-2.3 package (component, diffusers
+tensor name, shape, dtype) from models built on the meta device with the real configs of
+:mod:`runtime.ltx23_config`; nothing is downloaded or allocated. Counts it yields:
+
+=================  =======  ================
+component          tensors  parameters
+=================  =======  ================
+transformer          4,186  18,988,838,144
+connectors             262   3,172,227,584
+vae                    170     726,106,225
+audio_vae              102      53,248,402
+vocoder              1,227     129,085,032
+latent_upsampler        72     497,867,904
+text_encoder         1,065  12,187,325,040
+=================  =======  ================
+
+The transformer has no ``caption_projection`` in LTX-2.3 (``use_prompt_embeddings=False``:
+the text projections moved into the connectors), which is why it holds 8 tensors and 45M
+parameters fewer than a model built with diffusers' defaults (4,194 / 19.03B).
+Every tensor is listed as BF16, the dtype of the published weights. The text encoder's tied
+``lm_head.weight`` is listed once, as ``model.language_model.embed_tokens.weight``.
+
+The official single-file layout (one ``.safetensors``, component prefixes ``model.diffusion_model.``
+(transformer and the two embeddings connectors), ``text_embedding_projection.`` (the
+connectors' input projections), ``vae.``, ``audio_vae.``, ``vocoder.``; the model config as JSON
+in the metadata key ``config``) is written by :func:`save_single_file` and read back by
+:func:`load_single_file`. diffusers 0.42.1's ``from_single_file`` cannot read LTX-2.3 files: its
+converters lack the 2.3 renames (``prompt_adaln_single``, decoder ``up_blocks.7/8``) and the
+vocoder and connectors, so this module maps names itself (``runtime.ltx23_config``).
+
+Our ``config`` metadata holds one object per component, each the diffusers config of that
+component plus ``_class_name``; Lightricks' own files hold ltx-core's config there instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from quant.atomic import atomic_path
+from quant.errors import CorruptCheckpointError, SourceError
+from runtime.ltx23_config import (
+    PIPELINE_CLASSES,
+    SINGLE_FILE_COMPONENTS,
+    UPSAMPLER_CLASS,
+    diffusers_to_official_key,
+    official_to_diffusers_key,
+    real_config,
+)
+
+PACKAGE_COMPONENTS = ("transformer", "connectors", "vae", "audio_vae", "vocoder",
+                      "latent_upsampler", "text_encoder")
+SINGLE_FILE_GLOB = "ltx-2.3*.safetensors"
+UPSAMPLER_FILE_MARK = "upscaler"
+CONFIG_METADATA_KEY = "config"
+TORCH_TO_SAFETENSORS = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+def model_class(component: str):
+    """The diffusers/transformers class of a component (imported on first use)."""
+    library, name = UPSAMPLER_CLASS if component == "latent_upsampler" else PIPELINE_CLASSES[component]
+    if library == "transformers":
+        import transformers
+        return getattr(transformers, name)
+    import diffusers
+    from diffusers.pipelines import ltx2
+    return getattr(diffusers, name, None) or getattr(ltx2, name)
+
+
+def build_model(component: str, config: dict[str, Any], device: str | torch.device = "cpu"):
+    """Instantiate one component from its config (on ``device``; "meta" allocates nothing)."""
+    cls = model_class(component)
+    with torch.device(device):
+        if component == "text_encoder":
+            from transformers import Gemma3Config
+            return cls(Gemma3Config(**config))
+        return cls.from_config(config)
+
+
+def checkpoint_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The tensors a checkpoint of ``model`` stores: its state dict with tied tensors once."""
+    seen: set[int] = set()
+    tensors = []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            tensors.append((name, tensor))
+    return tensors
+
+
+def ltx23_22b_package_rows(components: Iterable[str] = PACKAGE_COMPONENTS) -> list[dict]:
+    """One row per tensor of the real LTX-2.3 package: component, tensor, shape, dtype."""
+    rows = []
+    for component in components:
+        model = build_model(component, real_config(component), device="meta")
+        rows += [{"component": component, "tensor": name, "shape": tuple(tensor.shape),
+                  "dtype": "BF16"} for name, tensor in checkpoint_tensors(model)]
+    return rows
+
+
+# --------------------------------------------------------------------------- single file
+
+def save_single_file(path: str | os.PathLike, models: dict[str, torch.nn.Module],
+                     model_version: str) -> Path:
+    """Write transformer, connectors, VAEs and vocoder as one official-layout file (atomic)."""
+    from safetensors.torch import save_file
+
+    tensors, configs = {}, {}
+    for component in SINGLE_FILE_COMPONENTS:
+        model = models[component]
+        configs[component] = {"_class_name": type(model).__name__, **dict(model.config)}
+        for name, tensor in checkpoint_tensors(model):
+            tensors[diffusers_to_official_key(component, name)] = tensor.detach().contiguous()
+    metadata = {CONFIG_METADATA_KEY: json.dumps(configs, sort_keys=True),
+                "model_version": model_version}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+    return Path(path)
+
+
+def save_component_file(path: str | os.PathLike, model: torch.nn.Module, model_version: str) -> Path:
+    """Write one model (e.g. the latent upsampler) as a file with its config in the metadata."""
+    from safetensors.torch import save_file
+
+    config = {"_class_name": type(model).__name__, **dict(model.config)}
+    tensors = {name: t.detach().contiguous() for name, t in checkpoint_tensors(model)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={CONFIG_METADATA_KEY: json.dumps(config, sort_keys=True),
+                                          "model_version": model_version})
+    return Path(path)
+
+
+def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise CorruptCheckpointError(f"{path}: cannot read as safetensors ({exc})") from exc
+    if CONFIG_METADATA_KEY not in metadata:
+        raise CorruptCheckpointError(f"{path}: no {CONFIG_METADATA_KEY!r} key in the metadata")
+    try:
+        return tensors, json.loads(metadata[CONFIG_METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise CorruptCheckpointError(f"{path}: metadata {CONFIG_METADATA_KEY!r} is not JSON "
+                                     f"({exc})") from exc
+
+
+def split_official_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Group official single-file tensors by component, under their diffusers names."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {c: {} for c in SINGLE_FILE_COMPONENTS}
+    for name, tensor in tensors.items():
+        component, diffusers_name = official_to_diffusers_key(name)
+        grouped[component][diffusers_name] = tensor
+    return grouped
+
+
+def _load_strict(component: str, config: dict[str, Any], state_dict: dict, path: Path):
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    model = build_model(component, config, device="meta")
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CorruptCheckpointError(f"{path}: component {component!r} does not match its "
+                                     f"config: {exc}") from exc
+    return model.eval()
+
+
+def load_single_file(path: str | os.PathLike) -> dict[str, torch.nn.Module]:
+    """Read an official-layout file into diffusers models (transformer, connectors, ...)."""
+    path = Path(path)
+    tensors, configs = _read_file(path)
+    grouped = split_official_state_dict(tensors)
+    missing = [c for c in SINGLE_FILE_COMPONENTS if c not in configs]
+    if missing:
+        raise CorruptCheckpointError(f"{path}: metadata config lacks components {missing}")
+    return {c: _load_strict(c, configs[c], grouped[c], path) for c in SINGLE_FILE_COMPONENTS}
+
+
+def find_single_file(directory: Path) -> Path | None:
+    files = [p for p in sorted(directory.glob(SINGLE_FILE_GLOB)) if UPSAMPLER_FILE_MARK not in p.name]
+    return files[0] if files else None
+
+
+def load_ltx23_pipeline(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Load an LTX2Pipeline from a diffusers folder or from our single-file folder.
+
+    The single-file folder holds the official-layout file plus ``text_encoder/``,
+    ``tokenizer/`` and ``scheduler/`` (the parts the official file does not carry).
+    ``dtype`` is the compute dtype of every component (the files hold BF16; without one
+    dtype, transformers would keep Gemma in BF16 while diffusers upcasts to float32).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTX2Pipeline
+    from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
+
+    path = Path(path)
+    if not path.is_dir():
+        raise SourceError(f"{path}: not a directory (expected a diffusers folder or a folder "
+                          "holding an ltx-2.3 single file)")
+    if (path / "model_index.json").is_file():
+        return LTX2Pipeline.from_pretrained(path, torch_dtype=dtype)
+    single = find_single_file(path)
+    if single is None:
+        raise SourceError(f"{path}: neither model_index.json nor a {SINGLE_FILE_GLOB} file")
+    models = {name: model.to(dtype) for name, model in load_single_file(single).items()}
+    return LTX2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler"),
+        text_encoder=Gemma3ForConditionalGeneration.from_pretrained(path / "text_encoder",
+                                                                    dtype=dtype),
+        tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer"),
+        **models,
+    )
+
+
+def load_latent_upsampler(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """The spatial latent upsampler of a diffusers folder or of a single-file folder."""
+    from diffusers.pipelines.ltx2 import LTX2LatentUpsamplerModel
+
+    path = Path(path)
+    if (path / "latent_upsampler").is_dir():
+        return LTX2LatentUpsamplerModel.from_pretrained(path / "latent_upsampler",
+                                                        torch_dtype=dtype)
+    files = [p for p in sorted(path.glob(SINGLE_FILE_GLOB)) if UPSAMPLER_FILE_MARK in p.name]
+    if not files:
+        raise SourceError(f"{path}: no latent_upsampler/ folder and no *{UPSAMPLER_FILE_MARK}* file")
+    tensors, config = _read_file(files[0])
+    return _load_strict("latent_upsampler", config, tensors, files[0]).to(dtype)

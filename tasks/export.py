@@ -1,0 +1,146 @@
+"""export-dequantized: an HLWQ artifact -> a plain checkpoint in the source's layout.
+
+For tools that cannot read HLWQ. Quantized tensors are dequantized to their
+source dtype (BF16 for LTX-2.3) and kept tensors copied byte for byte; every
+other file is hard-linked. Tensors are streamed one at a time into
+safetensors files written header first, so memory holds one tensor, never the
+model. The official single-file layout comes back as one file per checkpoint
+(what ``from_single_file`` loads); other layouts are sharded like the Hub does.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import task
+
+from quant.artifact import (
+    DEFAULT_MAX_SHARD_BYTES,
+    SHARD_FORMAT_KEY,
+    Artifact,
+    TensorRecord,
+    open_artifact,
+)
+from quant.core import dequantize
+from quant.safetensors_io import read_header, torch_dtype
+from quant.shard_writer import (
+    ShardTensor,
+    file_range_chunks,
+    index_bytes,
+    index_file_name,
+    plan_shards,
+    shard_file_names,
+    tensor_chunks,
+    write_shard,
+)
+from tasks.package import (
+    ADDED_ROOT_FILES,
+    file_record,
+    fresh_partial_dir,
+    fsync_tree,
+    is_group_file,
+    join_path,
+    link_or_copy,
+    replace_directory,
+    weight_group_of,
+)
+
+SINGLE_FILE_LAYOUTS = ("ltx23-single",)
+
+
+def export_dequantized(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify: bool = True) -> dict:
+    """Write the dequantized checkpoint to ``out_dir`` (temp dir + rename); return a summary."""
+    artifact = open_artifact(artifact_dir, verify=verify)
+    groups = rewritten_groups(artifact)
+    target = Path(out_dir)
+    partial = fresh_partial_dir(target)
+    try:
+        files = carry_other_files(artifact, partial, groups)
+        for group, entries in sorted(groups.items()):
+            files.update(_export_group(artifact, partial, group, entries, max_shard_bytes))
+        fsync_tree(partial)
+        replace_directory(partial, target)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return {"path": str(target), "files": len(files),
+            "dequantized_tensors": sum(e.quantized for es in groups.values() for e in es),
+            "total_bytes": sum(f["size"] for f in files.values())}
+
+
+def rewritten_groups(artifact: Artifact) -> dict[tuple[str, str], list[TensorRecord]]:
+    """The artifact's weight groups that hold quantized tensors, with all their entries."""
+    groups: dict[tuple[str, str], list[TensorRecord]] = {}
+    for entry in artifact.tensor_entries.values():
+        groups.setdefault(weight_group_of(entry.file), []).append(entry)
+    return {group: sorted(entries, key=lambda e: e.name) for group, entries in groups.items()
+            if any(e.quantized for e in entries)}
+
+
+def carry_other_files(artifact: Artifact, partial: Path, groups) -> dict[str, dict]:
+    """Hard-link every artifact file except HLWQ's own and the rewritten groups' shards."""
+    files = {}
+    for relative, info in sorted(artifact.manifest["files"].items()):
+        if relative in ADDED_ROOT_FILES or is_group_file(relative, set(groups)):
+            continue
+        link_or_copy(artifact.file_path(relative), partial / relative)
+        files[relative] = info
+    return files
+
+
+def group_metadata(artifact: Artifact, entries: list[TensorRecord]) -> dict[str, str]:
+    """The source file's safetensors metadata, as the artifact's shards carried it."""
+    header = read_header(artifact.file_path(entries[0].file))
+    return {k: v for k, v in header.metadata.items() if k != SHARD_FORMAT_KEY}
+
+
+def _export_group(artifact: Artifact, partial: Path, group: tuple[str, str],
+                  entries: list[TensorRecord], max_shard_bytes: int) -> dict[str, dict]:
+    directory, stem = group
+    by_name = {e.name: e for e in entries}
+    if artifact.layout in SINGLE_FILE_LAYOUTS:
+        plan = [list(by_name)]
+    else:
+        plan = plan_shards([(e.name, e.original_bytes) for e in entries], max_shard_bytes)
+    metadata = group_metadata(artifact, entries)
+    kept_ranges = _kept_byte_ranges(artifact, entries)
+
+    def source(tensor: ShardTensor):
+        entry = by_name[tensor.name]
+        if entry.quantized:
+            weight = dequantize(artifact.load_packed(entry.key), dtype=torch_dtype(entry.dtype))
+            return tensor_chunks(weight)
+        path, start, end = kept_ranges[entry.name]
+        return file_range_chunks(path, start, end)
+
+    (partial / directory).mkdir(parents=True, exist_ok=True)
+    files, weight_map = {}, {}
+    for shard_name, names in zip(shard_file_names(stem, len(plan)), plan):
+        tensors = [ShardTensor(n, by_name[n].dtype, tuple(by_name[n].shape)) for n in names]
+        written = write_shard(partial / directory / shard_name, tensors, metadata, source)
+        files[join_path(directory, shard_name)] = {"size": written.size, "sha256": written.sha256}
+        weight_map.update(dict.fromkeys(names, shard_name))
+    if len(plan) > 1:
+        index_path = partial / directory / index_file_name(stem)
+        index_path.write_bytes(index_bytes(weight_map, sum(e.original_bytes for e in entries)))
+        files[join_path(directory, index_path.name)] = file_record(index_path)
+    return files
+
+
+def _kept_byte_ranges(artifact: Artifact, entries: list[TensorRecord]) -> dict[str, tuple]:
+    """Where each kept tensor's bytes lie in the artifact's shards (copied, never decoded)."""
+    ranges = {}
+    for file in sorted({e.file for e in entries if not e.quantized}):
+        path = artifact.file_path(file)
+        stored = read_header(path).tensors
+        for entry in entries:
+            if entry.file == file and not entry.quantized:
+                ranges[entry.name] = (path, stored[entry.name].start, stored[entry.name].end)
+    return ranges
+
+
+export_dequantized_task = task(name="export-dequantized", persist_result=False)(export_dequantized)

@@ -1,0 +1,422 @@
+"""Packaging: staged per-tensor results + the source's other files -> an HLWQ artifact.
+
+docs/FORMAT.md sections 1-5 say what comes out. The artifact is assembled in a
+hidden directory beside the target and renamed into place as the last step,
+so a crash never leaves a directory that looks complete. The same inputs give
+byte-identical files: names are sorted, JSON keys are sorted, nothing records
+time or host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from prefect import task
+
+from quant.artifact import (
+    DEFAULT_MAX_SHARD_BYTES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    METRICS_NAME,
+    MODEL_CARD_NAME,
+    SHARD_FORMAT_KEY,
+    manifest_bytes,
+    packed_part_names,
+    packed_part_specs,
+    tensor_key,
+)
+from quant.atomic import fsync_dir
+from quant.errors import ArtifactError, CorruptCheckpointError, InvalidOptionError
+from quant.model_card import quality_summary, render_model_card
+from quant.safetensors_io import read_header
+from quant.shard_writer import (
+    ShardTensor,
+    file_range_chunks,
+    group_stem,
+    index_bytes,
+    index_file_name,
+    plan_shards,
+    sha256_file,
+    shard_file_names,
+    write_shard,
+)
+from quant.sizes import packed_nbytes, size_table
+from quant.staging import STAGED_METADATA_KEY
+
+ADDED_ROOT_FILES = (MANIFEST_NAME, METRICS_NAME, MODEL_CARD_NAME)
+LINEAGE_FIELDS = ("kind", "source", "repo", "revision", "commit_sha", "commit_sha_kind")
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """One stored tensor of a new shard and where its bytes come from."""
+    tensor: ShardTensor
+    path: Path
+    start: int
+    end: int
+
+
+def package_artifact(source_root: str | os.PathLike, inventory, staged: Mapping[str, str | os.PathLike],
+                     out_dir: str | os.PathLike, *, lineage: dict | None = None,
+                     quantization: dict | None = None, metrics=None, validation: dict | None = None,
+                     layout: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                     remove_staged: bool = True) -> dict:
+    """Assemble an artifact at ``out_dir`` and return a small JSON-able summary.
+
+    - ``inventory``: the inventory (Arrow table or row dicts; ``file`` relative to
+      ``source_root``) as the run finally decided it: rows with ``action ==
+      "quantize"`` must have a staged result.
+    - ``staged``: ``tensor_key(component, tensor)`` -> staged file (quant/staging.py).
+    - ``lineage``: ``FetchResult.lineage``; its ``files`` list says which source files
+      exist (all of them are carried or rewritten). Without it, every visible file
+      under ``source_root`` is.
+    - ``quantization``: the run's settings (bits, block_size, group_size, mode, policy,
+      code_version), stored as given.
+    - ``metrics``: the per-tensor metrics (Arrow table, Parquet path or None).
+    - ``validation``: the gates' results, ``{"validated": bool, ...}``.
+    - ``remove_staged``: delete the staged files once the artifact is in place.
+    """
+    if max_shard_bytes < 1:
+        raise InvalidOptionError(f"max_shard_bytes={max_shard_bytes}: must be positive")
+    root = Path(source_root)
+    rows = _inventory_rows(inventory, root)
+    _check_all_staged(rows, staged)
+    lineage = lineage or {}
+    layout = layout or _layout_of(inventory, root)
+    target = Path(out_dir)
+    partial = fresh_partial_dir(target)
+    try:
+        files, entries = _assemble(partial, root, rows, staged, lineage, max_shard_bytes)
+        metrics_table = _write_metrics(partial, metrics)
+        if metrics_table is not None:
+            files[METRICS_NAME] = file_record(partial / METRICS_NAME)
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "source": _source_section(layout, lineage),
+            "quantization": dict(quantization or {}),
+            "files": {},
+            "tensors": entries,
+            "sizes": size_table(list(entries.values())),
+            "validation": _validation_section(validation),
+        }
+        card = render_model_card(manifest, quality_summary(metrics_table))
+        (partial / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
+        files[MODEL_CARD_NAME] = file_record(partial / MODEL_CARD_NAME)
+        manifest["files"] = dict(sorted(files.items()))
+        (partial / MANIFEST_NAME).write_bytes(manifest_bytes(manifest))
+        fsync_tree(partial)
+        replace_directory(partial, target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if remove_staged:
+        for path in staged.values():
+            Path(path).unlink(missing_ok=True)
+    return {"path": str(target), "files": len(manifest["files"]), "tensors": len(entries),
+            "quantized_tensors": manifest["sizes"]["quantized_tensors"],
+            "total_bytes": sum(f["size"] for f in manifest["files"].values()) +
+            len(manifest_bytes(manifest)),
+            "total_packed_bytes": manifest["sizes"]["total_packed_bytes"]}
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _inventory_rows(inventory, root: Path) -> list[dict]:
+    rows = inventory.to_pylist() if hasattr(inventory, "to_pylist") else [dict(r) for r in inventory]
+    base = root if root.is_dir() else root.parent
+    seen: dict[str, str] = {}
+    for row in rows:
+        file = Path(row["file"])
+        row["file"] = (file.relative_to(base) if file.is_absolute() else file).as_posix()
+        key = tensor_key(row["component"], row["tensor"])
+        if key in seen:
+            raise ArtifactError(f"tensor {key}: appears in both {seen[key]} and {row['file']}; "
+                                "one artifact holds one checkpoint per component (select one "
+                                "with allow/ignore patterns)")
+        seen[key] = row["file"]
+    return sorted(rows, key=lambda r: (r["file"], r["tensor"]))
+
+
+def _check_all_staged(rows: list[dict], staged: Mapping) -> None:
+    missing = [key for key in (tensor_key(r["component"], r["tensor"]) for r in rows
+                               if r["action"] == "quantize") if key not in staged]
+    if missing:
+        raise ArtifactError(f"{len(missing)} tensor(s) marked 'quantize' have no staged result "
+                            f"(quantize them first, or mark them 'keep'): {', '.join(missing[:5])}"
+                            + (" ..." if len(missing) > 5 else ""))
+
+
+def _layout_of(inventory, root: Path) -> str:
+    metadata = getattr(getattr(inventory, "schema", None), "metadata", None) or {}
+    if b"layout" in metadata:
+        return metadata[b"layout"].decode()
+    from tasks.inventory import detect_layout
+
+    return detect_layout(root)
+
+
+def _source_section(layout: str, lineage: dict) -> dict:
+    section = {"layout": layout, **{field: lineage.get(field) for field in LINEAGE_FIELDS}}
+    section["files"] = sorted(({"path": f["path"], "size": f["size"], "sha256": f["sha256"]}
+                               for f in lineage.get("files", [])), key=lambda f: f["path"])
+    return section
+
+
+def _validation_section(validation: dict | None) -> dict:
+    validation = dict(validation or {})
+    validation["validated"] = bool(validation.get("validated", False))
+    validation.setdefault("tensor_gates", None)
+    validation.setdefault("output_gates", None)
+    return json.loads(json.dumps(validation, sort_keys=True, default=str))
+
+
+# ---------------------------------------------------------------- assembly
+
+
+def _assemble(partial: Path, root: Path, rows: list[dict], staged: Mapping, lineage: dict,
+              max_shard_bytes: int) -> tuple[dict, dict]:
+    """Write shards and carried files into ``partial``; return (files, tensor entries)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault(weight_group_of(row["file"]), []).append(row)
+    rewritten = {group for group, members in groups.items()
+                 if any(r["action"] == "quantize" for r in members)}
+    files: dict[str, dict] = {}
+    entries: dict[str, dict] = {}
+    for group in sorted(rewritten):
+        group_files, group_entries = _write_group(partial, root, group, groups[group], staged,
+                                                  max_shard_bytes)
+        files.update(group_files)
+        entries.update(group_entries)
+    files.update(_carry_files(partial, root, lineage, rewritten))
+    for row in rows:
+        if weight_group_of(row["file"]) not in rewritten:
+            entries[tensor_key(row["component"], row["tensor"])] = _kept_entry(row, row["file"])
+    missing = sorted({e["file"] for e in entries.values()} - set(files))
+    if missing:
+        raise ArtifactError(f"inventory names {missing[0]!r}, which the source's file list "
+                            "(lineage files) does not hold")
+    return files, dict(sorted(entries.items()))
+
+
+def weight_group_of(file: str) -> tuple[str, str]:
+    path = PurePosixPath(file)
+    directory = "" if str(path.parent) == "." else str(path.parent)
+    return directory, group_stem(path.name)
+
+
+def is_group_file(name: str, groups: set) -> bool:
+    """Whether ``name`` is a weight file (shard or index) of one of ``groups``."""
+    weight_file = name.endswith((".safetensors", ".safetensors.index.json"))
+    return weight_file and weight_group_of(name) in groups
+
+
+def join_path(directory: str, name: str) -> str:
+    return f"{directory}/{name}" if directory else name
+
+
+def _write_group(partial: Path, root: Path, group: tuple[str, str], rows: list[dict],
+                 staged: Mapping, max_shard_bytes: int) -> tuple[dict, dict]:
+    """Rewrite one weight group into new shards; returns their file records and entries."""
+    directory, stem = group
+    base = root if root.is_dir() else root.parent
+    headers = {file: read_header(base / file) for file in sorted({r["file"] for r in rows})}
+    metadata = {}
+    for header in headers.values():
+        for key, value in sorted(header.metadata.items()):
+            metadata.setdefault(key, value)
+    metadata[SHARD_FORMAT_KEY] = str(FORMAT_VERSION)
+
+    units: dict[str, list[_Stored]] = {}
+    entries: dict[str, dict] = {}
+    for row in sorted(rows, key=lambda r: r["tensor"]):
+        key = tensor_key(row["component"], row["tensor"])
+        if row["action"] == "quantize":
+            units[key], entries[key] = _staged_unit(row, key, staged)
+        else:
+            source = headers[row["file"]].tensors[row["tensor"]]
+            units[key] = [_Stored(ShardTensor(row["tensor"], source.dtype, tuple(source.shape)),
+                                  base / row["file"], source.start, source.end)]
+            entries[key] = _kept_entry(row, "")
+    plan = plan_shards([(key, sum(s.tensor.nbytes for s in stored)) for key, stored in units.items()],
+                       max_shard_bytes)
+    files: dict[str, dict] = {}
+    weight_map: dict[str, str] = {}
+    target_dir = partial / directory
+    target_dir.mkdir(parents=True, exist_ok=True)
+    by_name = {s.tensor.name: s for stored in units.values() for s in stored}
+
+    def source(tensor: ShardTensor):
+        stored = by_name[tensor.name]
+        return file_range_chunks(stored.path, stored.start, stored.end)
+
+    for shard_name, keys in zip(shard_file_names(stem, len(plan)), plan):
+        names = [s.tensor.name for key in keys for s in units[key]]
+        written = write_shard(target_dir / shard_name, [by_name[n].tensor for n in names],
+                              metadata, source)
+        relative = join_path(directory, shard_name)
+        files[relative] = {"size": written.size, "sha256": written.sha256}
+        weight_map.update(dict.fromkeys(names, shard_name))
+        for key in keys:
+            entries[key]["file"] = relative
+    if len(plan) > 1:
+        total = sum(s.tensor.nbytes for stored in units.values() for s in stored)
+        index_path = target_dir / index_file_name(stem)
+        index_path.write_bytes(index_bytes(weight_map, total))
+        files[join_path(directory, index_path.name)] = file_record(index_path)
+    return files, entries
+
+
+def _staged_unit(row: dict, key: str, staged: Mapping) -> tuple[list[_Stored], dict]:
+    """The staged result of one quantized tensor, checked against its inventory row."""
+    path = Path(staged[key])
+    try:
+        header = read_header(path)
+        info = json.loads(header.metadata[STAGED_METADATA_KEY])
+        bits, block, group, mode = info["bits"], info["block_size"], info["group_size"], info["mode"]
+        shape = tuple(info["shape"])
+    except (CorruptCheckpointError, KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"tensor {key}: staged result {path} is unreadable ({exc}); delete "
+                            "it and quantize again") from None
+    if shape != tuple(row["shape"]) or (row.get("bits") is not None and bits != row["bits"]):
+        raise ArtifactError(f"tensor {key}: staged result {path} holds shape {list(shape)} at "
+                            f"{bits} bits, the inventory says {row['shape']} at {row.get('bits')}")
+    specs = packed_part_specs(row["tensor"], shape, bits, block, group)
+    stored = []
+    for part, stored_name in packed_part_names(row["tensor"]).items():
+        entry = header.tensors.get(part)
+        if entry is None or (entry.dtype, tuple(entry.shape)) != specs[stored_name]:
+            raise ArtifactError(f"tensor {key}: staged result {path}: part {part!r} is not "
+                                f"{specs[stored_name][0]} {list(specs[stored_name][1])}")
+        stored.append(_Stored(ShardTensor(stored_name, entry.dtype, tuple(entry.shape)), path,
+                              entry.start, entry.end))
+    entry = {"component": row["component"], "name": row["tensor"], "file": "",
+             "shape": list(shape), "dtype": row["dtype"], "action": "quantize",
+             "reason": row.get("reason") or "", "bits": bits, "block_size": block,
+             "group_size": group, "mode": mode, "original_bytes": row["original_bytes"],
+             "packed_bytes": packed_nbytes(shape, bits, block, group)}
+    return stored, entry
+
+
+def _kept_entry(row: dict, file: str) -> dict:
+    return {"component": row["component"], "name": row["tensor"], "file": file,
+            "shape": list(row["shape"]), "dtype": row["dtype"], "action": "keep",
+            "reason": row.get("reason") or "", "original_bytes": row["original_bytes"],
+            "packed_bytes": row["original_bytes"]}
+
+
+def _carry_files(partial: Path, root: Path, lineage: dict, rewritten: set) -> dict[str, dict]:
+    """Hard-link (else copy) every source file outside the rewritten weight groups;
+    reuse the lineage's hashes where the size agrees."""
+    base = root if root.is_dir() else root.parent
+    known = {f["path"]: f for f in lineage.get("files", [])}
+    names = sorted(known) if known else _visible_files(base)
+    files = {}
+    for name in names:
+        if name in ADDED_ROOT_FILES or is_group_file(name, rewritten):
+            continue
+        source, target = base / name, partial / name
+        link_or_copy(source, target)
+        size = target.stat().st_size
+        record = known.get(name)
+        if record and record.get("size") == size and record.get("sha256"):
+            files[name] = {"size": size, "sha256": record["sha256"]}
+        else:
+            files[name] = {"size": size, "sha256": sha256_file(target)}
+    return files
+
+
+def _visible_files(directory: Path) -> list[str]:
+    names = []
+    for current, subdirs, found in os.walk(directory):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        base = Path(current).relative_to(directory)
+        names += [(base / f).as_posix() for f in found if not f.startswith(".")]
+    return sorted(names)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source.resolve(), target)
+    except OSError:          # other file system, or links not allowed: copy
+        shutil.copyfile(source, target)
+
+
+def file_record(path: Path) -> dict:
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _write_metrics(partial: Path, metrics):
+    """Write metrics.parquet sorted by component and tensor; returns the table (or None)."""
+    if metrics is None:
+        return None
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if isinstance(metrics, (str, os.PathLike)):
+        table = pq.read_table(metrics)
+    elif isinstance(metrics, pa.Table):
+        table = metrics
+    else:
+        table = pa.Table.from_pylist(list(metrics))
+    order = [(name, "ascending") for name in ("component", "tensor") if name in table.column_names]
+    if order:
+        table = table.sort_by(order)
+    pq.write_table(table.replace_schema_metadata(None), partial / METRICS_NAME)
+    return table
+
+
+# ---------------------------------------------------------------- placing
+
+
+def fresh_partial_dir(target: Path) -> Path:
+    """A new hidden work directory beside ``target``; stale ones of earlier crashed runs go."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}.hlwq-partial-"
+    for stale in target.parent.glob(f"{prefix}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    partial = target.parent / f"{prefix}{secrets.token_hex(4)}"
+    partial.mkdir()
+    return partial
+
+
+def fsync_tree(directory: Path) -> None:
+    for current, _, names in os.walk(directory):
+        for name in names:
+            fd = os.open(Path(current) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(current)
+
+
+def replace_directory(partial: Path, target: Path) -> None:
+    """Rename ``partial`` to ``target``; an existing target is moved aside first, then deleted."""
+    if target.exists() and not target.is_dir():
+        raise ArtifactError(f"{target}: exists and is not a directory; choose another output")
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.hlwq-old-{secrets.token_hex(4)}"
+        os.rename(target, old)
+    os.rename(partial, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- Prefect
+
+
+# A thin wrapper: results are not persisted (the artifact is the result; the summary is small).
+package_artifact_task = task(name="package", persist_result=False)(package_artifact)

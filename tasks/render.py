@@ -1,0 +1,191 @@
+"""One render as a Prefect task: pipeline from a per-process cache, MP4 + contact sheet, one catalog row.
+
+The pipeline is built once per worker process (the first render that needs it) and reused by
+every later render in that process; image-to-video renders share the text-to-video pipeline's
+modules. Which function builds it is a "module:function" string, so flows and deployments can
+pass it as a plain parameter (tests point it at a fixture; production uses the packed loader).
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import psutil
+import torch
+from prefect import task
+
+from quant.errors import InvalidOptionError
+from runtime.video import write_contact_sheet, write_mp4
+from tasks.catalog import RENDERED, file_sha256
+from tasks.prompts import RenderRequest
+
+DEFAULT_PIPELINE_FACTORY = "runtime.loader:load_pipeline"
+VIDEO_DIR, SHEET_DIR = "videos", "contact-sheets"
+
+_PIPELINES: dict[tuple, Any] = {}
+_PIPELINE_LOCK = threading.Lock()  # one render at a time per pipeline: schedulers keep state
+LOAD_COUNT = {"loads": 0}
+
+
+def resolve_device(device: str = "auto") -> tuple[str, torch.dtype]:
+    """'auto' -> CUDA in bfloat16 when present, else the CPU in float32."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InvalidOptionError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    return device, (torch.float32 if device == "cpu" else torch.bfloat16)
+
+
+def resolve_factory(spec: str) -> Callable[..., Any]:
+    module_name, _, attribute = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise InvalidOptionError(
+            f"pipeline factory {spec!r} cannot be imported ({exc}); expected 'module:function'"
+        ) from exc
+
+
+def cached_pipeline(artifact: str, image_to_video: bool, device: str, factory: str) -> Any:
+    """The process's pipeline for this artifact and device; built on first use only."""
+    device, dtype = resolve_device(device)
+    base_key = (factory, str(Path(artifact).resolve()), device)
+    key = (*base_key, image_to_video)
+    if key not in _PIPELINES:
+        if base_key + (False,) not in _PIPELINES:
+            _PIPELINES[base_key + (False,)] = resolve_factory(factory)(artifact, device=device, dtype=dtype)
+            LOAD_COUNT["loads"] += 1
+        if image_to_video:
+            _PIPELINES[key] = image_to_video_variant(_PIPELINES[base_key + (False,)])
+    return _PIPELINES[key]
+
+
+def image_to_video_variant(pipeline: Any) -> Any:
+    """The image-to-video pipeline over the same modules: no second load, no second copy."""
+    from diffusers import DiffusionPipeline, LTX2ImageToVideoPipeline
+
+    if isinstance(pipeline, DiffusionPipeline):
+        return LTX2ImageToVideoPipeline.from_pipe(pipeline)
+    return pipeline  # anything else must take `image=` itself
+
+
+def clear_pipeline_cache() -> None:
+    _PIPELINES.clear()
+    LOAD_COUNT["loads"] = 0
+
+
+class PeakMemory:
+    """Peak memory during a block: CUDA allocator peak on a GPU, sampled process RSS on the CPU."""
+
+    def __init__(self, device: str, interval_s: float = 0.01):
+        self.device, self.interval_s, self.peak_bytes = device, interval_s, 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._process = psutil.Process()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while True:
+            self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __exit__(self, *exc_info) -> None:
+        if self.device.startswith("cuda"):
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def audio_sample_rate(pipeline: Any) -> int:
+    """The waveform's rate is the vocoder's output rate (its input rate is the mel rate)."""
+    config = pipeline.vocoder.config
+    return int(getattr(config, "output_sampling_rate", None) or pipeline.audio_sampling_rate)
+
+
+def output_stem(request: RenderRequest, render_key: str) -> str:
+    return f"{request.id}-{render_key[:12]}"
+
+
+def render_request(
+    request: RenderRequest,
+    artifact: str,
+    artifact_id: str,
+    render_key: str,
+    output_dir: str,
+    device: str = "auto",
+    factory: str = DEFAULT_PIPELINE_FACTORY,
+) -> dict[str, Any]:
+    """Render one request to `<output_dir>/videos/<id>-<key>.mp4` plus its contact sheet; return its catalog row."""
+    pipeline = cached_pipeline(artifact, request.image_to_video, device, factory)
+    device_name, _ = resolve_device(device)
+    arguments = dict(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt or None,
+        width=request.width,
+        height=request.height,
+        num_frames=request.frames,
+        frame_rate=request.fps,
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance,
+        generator=torch.Generator(device=device_name).manual_seed(request.seed),
+        output_type="np",
+    )
+    if request.image_to_video:
+        from PIL import Image
+
+        arguments["image"] = Image.open(request.image).convert("RGB")
+    started = time.perf_counter()
+    with _PIPELINE_LOCK, PeakMemory(device_name) as peak, torch.inference_mode():
+        output = pipeline(**arguments)
+    render_seconds = time.perf_counter() - started
+
+    frames = np.asarray(output.frames[0])
+    audio = output.audio[0].float().cpu().numpy() if torch.is_tensor(output.audio) else np.asarray(output.audio[0])
+    stem = output_stem(request, render_key)
+    video_path = write_mp4(Path(output_dir) / VIDEO_DIR / f"{stem}.mp4", frames, request.fps,
+                           audio, audio_sample_rate(pipeline))
+    sheet_path = write_contact_sheet(Path(output_dir) / SHEET_DIR / f"{stem}.png", frames)
+    return {
+        **request.to_dict(),
+        "render_key": render_key,
+        "artifact_id": artifact_id,
+        "artifact": str(artifact),
+        "output_path": str(video_path.resolve()),
+        "contact_sheet": str(sheet_path.resolve()),
+        "sha256": file_sha256(video_path),
+        "duration_s": len(frames) / request.fps,
+        "render_seconds": render_seconds,
+        "peak_memory_bytes": int(peak.peak_bytes),
+        "status": RENDERED,
+        "error": None,
+        "rendered_at": datetime.now(timezone.utc).isoformat(),
+    }
+
+
+@task(name="render", task_run_name="render {request[id]}", retries=2, retry_delay_seconds=2,
+      persist_result=False)
+def render_task(
+    request: dict[str, Any],
+    artifact: str,
+    artifact_id: str,
+    render_key: str,
+    output_dir: str,
+    device: str = "auto",
+    factory: str = DEFAULT_PIPELINE_FACTORY,
+) -> dict[str, Any]:
+    return render_request(RenderRequest(**request), artifact, artifact_id, render_key, output_dir,
+                          device, factory)

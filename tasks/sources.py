@@ -1,0 +1,499 @@
+"""Checkpoint sources: a Hub repo (``owner/name[@revision]``), a local folder, a .safetensors file.
+
+``fetch_source`` makes a source's files local and records their lineage: repo, the commit
+the revision resolved to, and every file's name, size and sha256. Hub access goes through
+huggingface_hub: its cache (or a target folder), its resumable downloads (a broken transfer
+continues with a Range request), and its token lookup (argument, ``HF_TOKEN``, the user's
+login). Its errors become ``SourceError`` / ``AuthenticationError`` naming the repo, the
+revision and what to do.
+
+The Hub endpoint is ``HF_ENDPOINT`` read at call time (huggingface_hub reads it only when
+imported), so a test server or a mirror can be chosen per call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx2
+from huggingface_hub import HfApi, constants, get_token, hf_hub_url, snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import (
+    build_hf_headers,
+    filter_repo_objects,
+    get_session,
+    hf_raise_for_status,
+)
+from prefect import task
+
+from quant.errors import (
+    AuthenticationError,
+    CorruptCheckpointError,
+    InvalidOptionError,
+    SourceError,
+)
+from quant.safetensors_io import MAX_HEADER_BYTES, SafetensorsHeader, parse_header
+
+HUB_REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^@\s]+))?")
+HEADER_PREFETCH_BYTES = 1 << 20  # one ranged GET covers most headers, even LTX-2.3's config
+LIBRARY = "hlwq-pipeline"
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """Where a source's files are, and their lineage.
+
+    ``lineage`` keys: ``kind`` ("hub" | "local_dir" | "file"), ``source``, ``repo`` (Hub),
+    ``path`` (local), ``endpoint`` (Hub), ``revision`` (as asked), ``commit_sha`` (the Hub
+    commit it resolved to, or for local sources a sha256 over the files' paths, sizes and
+    hashes), ``commit_sha_kind`` ("hub-commit" | "content-sha256"), ``allow_patterns``,
+    ``ignore_patterns`` and ``files`` (``[{path, size, sha256}]``, paths relative to root).
+    """
+
+    root: Path  # the snapshot folder, target folder, or the local source's folder
+    files: list[Path]  # absolute paths of every file fetched (weights, configs, ...)
+    lineage: dict  # kind, source, repo, path, endpoint, revision, commit_sha, files, ...
+
+    def to_dict(self) -> dict:
+        """JSON-able form (what the Prefect task returns)."""
+        return {
+            "root": str(self.root),
+            "files": [str(p) for p in self.files],
+            "lineage": self.lineage,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FetchResult:
+        return cls(Path(data["root"]), [Path(p) for p in data["files"]], data["lineage"])
+
+
+@dataclass(frozen=True)
+class HubSource:
+    repo: str
+    revision: str  # as asked: branch, tag or commit sha
+
+
+# ---- public API -----------------------------------------------------------------------------
+
+
+def fetch_source(
+    source: str | os.PathLike,
+    revision: str | None = None,
+    allow_patterns: list[str] | str | None = None,
+    ignore_patterns: list[str] | str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_dir: str | os.PathLike | None = None,
+    token: str | None = None,
+) -> FetchResult:
+    """Make ``source`` local and record its lineage.
+
+    An existing path wins over a Hub id of the same spelling. Local sources are read in
+    place (``cache_dir``/``local_dir`` apply to the Hub only); their ``commit_sha`` is a
+    content hash (``commit_sha_kind`` says which kind of sha the lineage holds).
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        if revision is not None:
+            raise InvalidOptionError(
+                f"--revision {revision!r}: only a Hub source has revisions, "
+                f"but {str(source)!r} is a local path"
+            )
+        return _fetch_local(path, allow_patterns, ignore_patterns)
+    hub = parse_hub_source(str(source), revision)
+    return _fetch_hub(hub, allow_patterns, ignore_patterns, cache_dir, local_dir, token)
+
+
+def parse_hub_source(source: str, revision: str | None = None) -> HubSource:
+    """``owner/name[@revision]`` (plus an optional separate revision) -> HubSource."""
+    match = HUB_REPO_ID.fullmatch(source)
+    if match is None or _looks_like_path(source):
+        raise SourceError(
+            f"{source!r}: no such file or directory, and not a Hub repo id "
+            "(owner/name or owner/name@revision)"
+        )
+    repo, pinned = match["repo"], match["revision"]
+    if pinned and revision and pinned != revision:
+        raise InvalidOptionError(
+            f"{source!r} pins revision {pinned!r} but --revision says {revision!r}; "
+            "give one of them"
+        )
+    return HubSource(repo, pinned or revision or constants.DEFAULT_REVISION)
+
+
+def latest_revision(repo: str, revision: str = "main", token: str | None = None) -> str:
+    """The commit sha ``revision`` of a Hub repo points to now (asks the Hub, never the cache)."""
+    hub = parse_hub_source(repo, revision)
+    with _hub_errors(hub, token):
+        return _resolve_commit(_hub_api(token), hub)
+
+
+def list_remote_files(
+    repo: str,
+    revision: str | None = None,
+    token: str | None = None,
+    allow_patterns: list[str] | str | None = None,
+    ignore_patterns: list[str] | str | None = None,
+) -> tuple[str, dict[str, int]]:
+    """(commit sha, {path: size}) of a Hub repo's files, filtered by the patterns; no download."""
+    hub = parse_hub_source(repo, revision)
+    api = _hub_api(token)
+    with _hub_errors(hub, token):
+        sha = _resolve_commit(api, hub)
+        files = _remote_files(api, hub.repo, sha, allow_patterns, ignore_patterns)
+    return sha, {path: entry.size for path, entry in files.items()}
+
+
+def remote_safetensors_headers(
+    repo: str,
+    revision: str | None = None,
+    token: str | None = None,
+    allow_patterns: list[str] | str | None = None,
+    ignore_patterns: list[str] | str | None = None,
+) -> dict[str, SafetensorsHeader]:
+    """Every ``.safetensors`` header of a Hub repo, read with HTTP Range requests only.
+
+    Keys are paths in the repo; values are the same validated ``SafetensorsHeader`` that
+    ``quant.safetensors_io.read_header`` gives for a local file (absolute offsets), so a
+    plan of a Hub repo and of a local folder share one code path.
+    """
+    hub = parse_hub_source(repo, revision)
+    api = _hub_api(token)
+    with _hub_errors(hub, token):
+        sha = _resolve_commit(api, hub)
+        files = _remote_files(api, hub.repo, sha, allow_patterns, ignore_patterns)
+        _require_safetensors(
+            list(files), f"Hub repo {hub.repo}@{hub.revision}", allow_patterns, ignore_patterns
+        )
+        return {
+            path: _remote_header(api, hub.repo, sha, path, entry.size, token)
+            for path, entry in files.items()
+            if path.endswith(".safetensors")
+        }
+
+
+@task(name="fetch-source", task_run_name="fetch {source}", persist_result=False)
+def fetch_source_task(
+    source: str,
+    revision: str | None = None,
+    allow_patterns: list[str] | None = None,
+    ignore_patterns: list[str] | None = None,
+    cache_dir: str | None = None,
+    local_dir: str | None = None,
+) -> dict:
+    """Prefect task around ``fetch_source``; returns ``FetchResult.to_dict()``.
+
+    No token parameter on purpose: a token passed down from a flow would be stored with the
+    flow run's parameters. Workers take it from ``HF_TOKEN`` or the Hub login instead.
+    """
+    return fetch_source(
+        source, revision, allow_patterns, ignore_patterns, cache_dir, local_dir
+    ).to_dict()
+
+
+# ---- local sources ---------------------------------------------------------------------------
+
+
+def _fetch_local(path: Path, allow_patterns, ignore_patterns) -> FetchResult:
+    path = path.resolve()
+    if path.is_dir():
+        kind, root, names = "local_dir", path, _visible_files(path)
+    elif path.suffix == ".safetensors":
+        kind, root, names = "file", path.parent, [path.name]
+    else:
+        raise SourceError(
+            f"{path}: a single-file source must be a .safetensors file "
+            "(or give the folder that holds the checkpoint)"
+        )
+    names = sorted(
+        filter_repo_objects(names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+    )
+    _require_safetensors(names, str(path), allow_patterns, ignore_patterns)
+    records = _hash_files(root, names)
+    lineage = _lineage(
+        kind, str(path), _content_sha256(records), "content-sha256", records,
+        allow_patterns, ignore_patterns, path=str(path),
+    )
+    return FetchResult(root, [root / name for name in names], lineage)
+
+
+def _visible_files(directory: Path) -> list[str]:
+    """Files below ``directory`` as posix paths, skipping hidden entries (.cache, .git)."""
+    names = []
+    for current, subdirs, files in os.walk(directory):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        base = Path(current).relative_to(directory)
+        names += [(base / f).as_posix() for f in files if not f.startswith(".")]
+    return names
+
+
+# ---- Hub sources -----------------------------------------------------------------------------
+
+
+def _fetch_hub(
+    hub: HubSource, allow_patterns, ignore_patterns, cache_dir, local_dir, token
+) -> FetchResult:
+    api = _hub_api(token)
+    with _hub_errors(hub, token):
+        # Resolve first and download that exact commit: a branch that moves mid-fetch cannot
+        # mix two revisions, and the lineage names what was really fetched.
+        sha = _resolve_commit(api, hub)
+        remote = _remote_files(api, hub.repo, sha, allow_patterns, ignore_patterns)
+        _require_safetensors(
+            list(remote), f"Hub repo {hub.repo}@{hub.revision}", allow_patterns, ignore_patterns
+        )
+        root = Path(
+            snapshot_download(
+                hub.repo,
+                revision=sha,
+                allow_patterns=allow_patterns,
+                ignore_patterns=ignore_patterns,
+                cache_dir=cache_dir,
+                local_dir=local_dir,
+                token=token,
+                endpoint=api.endpoint,
+                library_name=LIBRARY,
+            )
+        )
+    names = sorted(remote)
+    records = _hash_files(root, names)
+    for record in records:
+        _check_against_hub(hub, sha, root, record, remote[record["path"]])
+    lineage = _lineage(
+        "hub", f"{hub.repo}@{hub.revision}", sha, "hub-commit", records,
+        allow_patterns, ignore_patterns,
+        repo=hub.repo, endpoint=api.endpoint, revision=hub.revision,
+    )
+    return FetchResult(root, [root / name for name in names], lineage)
+
+
+def _hub_api(token: str | None) -> HfApi:
+    endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    return HfApi(endpoint=endpoint, token=token, library_name=LIBRARY)
+
+
+def _resolve_commit(api: HfApi, hub: HubSource) -> str:
+    return api.model_info(hub.repo, revision=hub.revision).sha
+
+
+def _remote_files(
+    api: HfApi, repo: str, sha: str, allow_patterns, ignore_patterns
+) -> dict[str, RepoFile]:
+    entries = (
+        e for e in api.list_repo_tree(repo, recursive=True, revision=sha) if isinstance(e, RepoFile)
+    )
+    selected = filter_repo_objects(
+        entries,
+        allow_patterns=allow_patterns,
+        ignore_patterns=ignore_patterns,
+        key=lambda e: e.path,
+    )
+    return {entry.path: entry for entry in selected}
+
+
+def _check_against_hub(
+    hub: HubSource, sha: str, root: Path, record: dict, remote: RepoFile
+) -> None:
+    """The bytes on disk are the bytes the Hub lists (size always, sha256 for LFS files)."""
+    expected = remote.lfs.sha256 if remote.lfs else record["sha256"]
+    if record["size"] != remote.size or record["sha256"] != expected:
+        raise CorruptCheckpointError(
+            f"Hub repo {hub.repo}@{sha}: {record['path']} on disk ({record['size']:,} bytes, "
+            f"sha256 {record['sha256']}) differs from the Hub's ({remote.size:,} bytes, sha256 "
+            f"{expected}); delete {root / record['path']} and fetch again"
+        )
+
+
+def _remote_header(
+    api: HfApi, repo: str, sha: str, name: str, size: int, token
+) -> SafetensorsHeader:
+    """Parse one remote file's header from ranged GETs (never the tensor data)."""
+    label = f"{repo}@{sha}/{name}"
+    url = hf_hub_url(repo, name, revision=sha, endpoint=api.endpoint)
+    if size < 8:
+        raise CorruptCheckpointError(
+            f"{label}: file is {size} bytes, shorter than the 8-byte header length"
+        )
+    head = _get_range(url, token, 0, min(size, HEADER_PREFETCH_BYTES) - 1)
+    (header_len,) = struct.unpack("<Q", head[:8])
+    if header_len > size - 8:
+        raise CorruptCheckpointError(
+            f"{label}: header length {header_len:,} exceeds file size {size:,} bytes"
+        )
+    if header_len > MAX_HEADER_BYTES:
+        raise CorruptCheckpointError(
+            f"{label}: header length {header_len:,} exceeds the {MAX_HEADER_BYTES:,}-byte limit"
+        )
+    raw = head[8 : 8 + header_len]
+    if len(raw) < header_len:
+        raw += _get_range(url, token, len(head), 8 + header_len - 1)
+    return parse_header(raw, path=label, data_size=size - 8 - header_len)
+
+
+def _get_range(url: str, token: str | None, first: int, last: int) -> bytes:
+    # The session follows the Hub's redirect to its CDN and drops the token on the way, like
+    # huggingface_hub's own get_safetensors_metadata.
+    headers = {
+        **build_hf_headers(token=token, library_name=LIBRARY),
+        "Range": f"bytes={first}-{last}",
+    }
+    response = get_session().get(url, headers=headers)
+    hf_raise_for_status(response)
+    if response.status_code != 206 or len(response.content) != last - first + 1:
+        raise SourceError(
+            f"{url}: asked for bytes {first}-{last}, got HTTP {response.status_code} "
+            f"with {len(response.content):,} bytes; the server must support Range requests"
+        )
+    return response.content
+
+
+@contextlib.contextmanager
+def _hub_errors(hub: HubSource, token: str | None):
+    """Turn huggingface_hub's and the transport's errors into ours, naming repo and revision."""
+    where = f"Hub repo {hub.repo!r} (revision {hub.revision!r})"
+    try:
+        yield
+    except RevisionNotFoundError as exc:
+        raise SourceError(
+            f"{where}: the revision does not exist; give a branch, tag or full "
+            "commit sha the repo has"
+        ) from exc
+    except GatedRepoError as exc:
+        raise AuthenticationError(
+            f"{where}: the repo is gated; accept its conditions on the Hub "
+            "with the account whose token you use"
+        ) from exc
+    except RemoteEntryNotFoundError as exc:
+        raise SourceError(
+            f"{where}: a listed file is missing on the Hub ({exc.server_message or exc}); "
+            "fetch again, or pin another revision"
+        ) from exc
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status in (401, 403):
+            who = "with the token given" if token or get_token() else "without a token"
+            raise AuthenticationError(
+                f"{where}: the Hub refused access (HTTP {status}) {who}; for a private repo "
+                "set HF_TOKEN, pass a token or run `hf auth login`; also check the repo id, "
+                "since the Hub answers 401 for repos that do not exist"
+            ) from exc
+        if isinstance(exc, RepositoryNotFoundError):
+            raise SourceError(
+                f"{where}: the repo does not exist (HTTP {status}); check the repo id (owner/name)"
+            ) from exc
+        raise SourceError(
+            f"{where}: the Hub answered HTTP {status}; try again later (finished "
+            "files stay in the cache and are not fetched twice)"
+        ) from exc
+    except (httpx2.TransportError, LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
+        raise SourceError(
+            f"{where}: cannot reach the Hub ({type(exc).__name__}: {exc}); check the "
+            "network, HF_ENDPOINT and HF_HUB_OFFLINE"
+        ) from exc
+    except OSError as exc:
+        if "Consistency check failed" not in str(exc):
+            raise
+        raise SourceError(f"{where}: a download ended short ({exc}); fetch again") from exc
+
+
+# ---- shared helpers --------------------------------------------------------------------------
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", ".", "~")) or source.endswith(".safetensors")
+
+
+def _require_safetensors(names: list[str], where: str, allow_patterns, ignore_patterns) -> None:
+    if any(name.endswith(".safetensors") for name in names):
+        return
+    patterns = ""
+    if allow_patterns is not None or ignore_patterns is not None:
+        patterns = (
+            f" matching allow_patterns={allow_patterns!r}, ignore_patterns={ignore_patterns!r}"
+        )
+    raise SourceError(
+        f"{where}: no .safetensors file{patterns}; give a checkpoint folder, "
+        "a .safetensors file or a Hub repo that holds one"
+    )
+
+
+def _hash_files(root: Path, names: list[str]) -> list[dict]:
+    """[{path, size, sha256}] of ``names`` under ``root``; threads help (hashlib drops the GIL)."""
+
+    def record(name: str) -> dict:
+        with open(root / name, "rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+            return {"path": name, "size": os.fstat(handle.fileno()).st_size, "sha256": digest}
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        return list(pool.map(record, names))
+
+
+def _content_sha256(records: list[dict]) -> str:
+    """A commit-like identity for local files: sha256 over their paths, sizes and sha256s."""
+    lines = "".join(
+        f"{r['path']}\t{r['size']}\t{r['sha256']}\n"
+        for r in sorted(records, key=lambda r: r["path"])
+    )
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _lineage(
+    kind: str,
+    source: str,
+    commit_sha: str,
+    commit_sha_kind: str,
+    files: list[dict],
+    allow_patterns,
+    ignore_patterns,
+    *,
+    repo: str | None = None,
+    path: str | None = None,
+    endpoint: str | None = None,
+    revision: str | None = None,
+) -> dict:
+    """The lineage record; the same keys for every kind of source (see FetchResult)."""
+    return {
+        "kind": kind,
+        "source": source,
+        "repo": repo,
+        "path": path,
+        "endpoint": endpoint,
+        "revision": revision,
+        "commit_sha": commit_sha,
+        "commit_sha_kind": commit_sha_kind,
+        "allow_patterns": _pattern_list(allow_patterns),
+        "ignore_patterns": _pattern_list(ignore_patterns),
+        "files": files,
+    }
+
+
+def _pattern_list(patterns: list[str] | str | None) -> list[str] | None:
+    return [patterns] if isinstance(patterns, str) else None if patterns is None else list(patterns)
+
+
+__all__ = [
+    "FetchResult",
+    "HubSource",
+    "fetch_source",
+    "fetch_source_task",
+    "latest_revision",
+    "list_remote_files",
+    "parse_hub_source",
+    "remote_safetensors_headers",
+]

@@ -1,0 +1,137 @@
+"""Verification and safety: corrupt, missing, extra and escaping files; bad manifests; the CLI."""
+
+import json
+import os
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from artifact_helpers import make_diffusers_source, package_source
+from flows.commands.artifact import inspect, parse_byte_size, verify
+from quant.artifact import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    open_artifact,
+    read_manifest,
+    safe_relative_path,
+    verify_artifact,
+)
+from quant.errors import ArtifactError, InvalidOptionError, UnsafePathError
+
+SHARD = "transformer/diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    base = tmp_path_factory.mktemp("verify")
+    source = make_diffusers_source(base / "src")
+    (base / "staging").mkdir()
+    return package_source(source, base / "art", base / "staging")
+
+
+@pytest.fixture
+def art(pristine, tmp_path):
+    """A private copy (real copies, not hard links: tests modify files)."""
+    return shutil.copytree(pristine, tmp_path / "art")
+
+
+def _edit_manifest(art, edit):
+    manifest = json.loads((art / MANIFEST_NAME).read_text())
+    edit(manifest)
+    (art / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+def test_sound_artifact_verifies_and_cli_exits_zero(art):
+    assert verify_artifact(art) == []
+    result = CliRunner().invoke(verify, [str(art)])
+    assert result.exit_code == 0 and "sound" in result.output
+
+
+def test_flipped_byte_names_the_shard(art):
+    data = bytearray((art / SHARD).read_bytes())
+    data[-10] ^= 0x01
+    (art / SHARD).write_bytes(bytes(data))
+    problems = verify_artifact(art)
+    assert len(problems) == 1 and problems[0].startswith(f"{SHARD}: sha256")
+    result = CliRunner().invoke(verify, [str(art)])
+    assert result.exit_code == 1 and SHARD in result.output
+    with pytest.raises(ArtifactError, match="unsound"):
+        open_artifact(art)
+
+
+def test_deleted_shard_is_named_with_its_tensors(art):
+    (art / SHARD).unlink()
+    problems = verify_artifact(art)
+    assert problems[0] == f"{SHARD}: missing (listed in {MANIFEST_NAME})"
+    assert problems[1].startswith(f"{SHARD}: holds 6 tensor entries that cannot be checked")
+    assert len(problems) == 2
+
+
+def test_truncated_manifest_is_a_clear_parse_error(art):
+    raw = (art / MANIFEST_NAME).read_bytes()
+    (art / MANIFEST_NAME).write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ArtifactError, match=r"manifest.json: not valid JSON at line \d+ column \d+"):
+        read_manifest(art)
+    result = CliRunner().invoke(verify, [str(art)])
+    assert result.exit_code == 1 and "truncated or corrupt" in result.output
+
+
+def test_newer_format_version_is_refused_naming_it(art):
+    _edit_manifest(art, lambda m: m.update(format_version=FORMAT_VERSION + 1))
+    with pytest.raises(ArtifactError, match=f"reads format version {FORMAT_VERSION + 1}"):
+        open_artifact(art)
+
+
+@pytest.mark.parametrize("path", ["../outside.bin", "/etc/passwd", "a/./b", "a//b", "a\\..\\b"])
+def test_manifest_paths_outside_are_refused(art, path):
+    _edit_manifest(art, lambda m: m["files"].update({path: {"size": 1, "sha256": "0" * 64}}))
+    assert any(p.startswith(f"{path}: ") and "must be relative" in p for p in verify_artifact(art))
+    with pytest.raises(UnsafePathError):
+        open_artifact(art, verify=False)
+
+
+def test_symlink_leaving_the_artifact_is_refused(art, tmp_path):
+    (tmp_path / "secret").write_text("x")
+    os.symlink(tmp_path / "secret", art / "link.json")
+    _edit_manifest(art, lambda m: m["files"].update({"link.json": {"size": 1, "sha256": "0" * 64}}))
+    problems = verify_artifact(art)
+    assert any(p.startswith("link.json: ") and "outside the artifact" in p for p in problems)
+    with pytest.raises(UnsafePathError, match="outside the artifact"):
+        safe_relative_path(art, "link.json")
+
+
+def test_unlisted_file_is_reported(art):
+    (art / "vae" / "notes.txt").write_text("hello")
+    assert verify_artifact(art) == [f"vae/notes.txt: present but not listed in {MANIFEST_NAME}"]
+
+
+def test_tensor_entry_inconsistent_with_shard_names_the_tensor(art):
+    key = "transformer/transformer_blocks.0.attn1.to_q.weight"
+    _edit_manifest(art, lambda m: m["tensors"][key].update(bits=4))
+    problems = verify_artifact(art)
+    assert problems and all(p.startswith(f"tensor {key}: ") for p in problems)
+    assert any("to_q.weight.codes" in p and "U8 [64, 128]" in p for p in problems)
+
+
+def test_schema_problems_are_listed(art):
+    key = "transformer/proj_out.bias"
+    _edit_manifest(art, lambda m: m["tensors"][key].update(action="shrink", file="nope"))
+    (problem,) = verify_artifact(art)
+    assert f"tensor {key}: file 'nope' is not listed" in problem and "action 'shrink'" in problem
+
+
+def test_inspect_shows_sizes_and_quality(art):
+    result = CliRunner().invoke(inspect, [str(art)])
+    assert result.exit_code == 0, result.output
+    assert "| transformer | 6 | 3 |" in result.output and "relative MSE" in result.output
+    data = json.loads(CliRunner().invoke(inspect, [str(art), "--json"]).output)
+    assert data["quality"]["tensors"] == 3 and data["sizes"]["quantized_tensors"] == 3
+    assert 0.99 < data["quality"]["cosine"]["worst"] <= data["quality"]["cosine"]["median"] <= 1
+
+
+def test_parse_byte_size():
+    assert parse_byte_size("5GB") == 5 * 10**9 and parse_byte_size("2MiB") == 2 * 2**20
+    assert parse_byte_size("1000") == 1000
+    with pytest.raises(InvalidOptionError, match="--max-shard-size='5 parsecs'"):
+        parse_byte_size("5 parsecs")
