@@ -65,17 +65,20 @@ class DeploymentSettings:
 
 def build_deployments(settings: DeploymentSettings) -> list:
     """Runner deployments for `prefect.serve`."""
+    from prefect.types.entrypoint import EntrypointType
     from prefect.schedules import Cron, Interval
 
     from flows.quantize_flow import quantize_checkpoint
     from flows.render_flow import render_batch
     from flows.watch_flow import watch_upstream
 
+    module = EntrypointType.MODULE_PATH  # runs import the installed package, whatever the directory
     requantize = quantize_checkpoint.to_deployment(
         REQUANTIZE,
         description="Quantize a checkpoint (Hub id@revision, folder or file) into a packed HLWQ artifact. On demand.",
         parameters={"source": settings.watch_source, "bits": settings.bits, "policy": settings.policy},
         tags=TAGS,
+        entrypoint_type=module,
     )
     watch = watch_upstream.to_deployment(
         WATCH_UPSTREAM,
@@ -85,6 +88,7 @@ def build_deployments(settings: DeploymentSettings) -> list:
                     "bits": settings.bits, "policy": settings.policy,
                     "requantize_deployment": f"{quantize_checkpoint.name}/{REQUANTIZE}"},
         tags=TAGS,
+        entrypoint_type=module,
     )
     nightly = render_batch.to_deployment(
         NIGHTLY_RENDER,
@@ -93,5 +97,6 @@ def build_deployments(settings: DeploymentSettings) -> list:
         parameters={"artifact": settings.nightly_artifact, "prompt_file": settings.nightly_prompts,
                     "output_dir": settings.nightly_output},
         tags=TAGS,
+        entrypoint_type=module,
     )
     return [requantize, watch, nightly]

@@ -19,11 +19,13 @@ QUIET_DEFAULTS = {
     # A loaded 2-core machine can take longer than Prefect's 20 s default to boot the
     # temporary server.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    # Dask's per-connection INFO lines would drown the run's own log.
+    "DASK_LOGGING__DISTRIBUTED": "warning",
 }
 
 
 def configure_prefect() -> None:
-    """Set the environment Prefect reads at import; explicit user settings win."""
+    """Set the environment Prefect (and Dask) read at import; explicit user settings win."""
     for name, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(name, value)
     if not os.environ.get("PREFECT_API_URL"):

@@ -33,6 +33,7 @@ from prefect.artifacts import (
 from prefect_dask import DaskTaskRunner
 
 from quant.artifact import tensor_key
+from quant.atomic import atomic_path
 from quant.core import check_options
 from quant.errors import InvalidOptionError
 from quant.packed import MODES
@@ -42,16 +43,8 @@ from tasks.disk import disk_check_task
 from tasks.gates import tensor_gates_task
 from tasks.inventory import detect_layout, inventory_task
 from tasks.package import package_artifact_task
-from tasks.quantize import (
-    ON_NONFINITE,
-    RunProgress,
-    TensorJob,
-    code_version,
-    finished_row,
-    quantize_group,
-    row_path,
-    submit_units,
-)
+from tasks.quantize import ON_NONFINITE, TensorJob, code_version, finished_row, row_path
+from tasks.quantize_group import RunProgress, dask_client, quantize_group, submit_units
 from tasks.sources import FetchResult, fetch_source_task
 
 BLOCK_SIZE = 128
@@ -67,8 +60,6 @@ METRICS_SCHEMA = pa.schema([
     ("max_abs_err", pa.float64()), ("seconds", pa.float64()), ("worker", pa.string()),
 ])
 RUN_ONLY_COLUMNS = ("seconds", "worker")   # differ run to run: kept out of the artifact
-# Layouts as the inventory names them -> as the artifact format names them.
-ARTIFACT_LAYOUTS = {"diffusers": "diffusers", "ltx23-single": "single_file"}
 
 
 # ---- the Dask side ---------------------------------------------------------------------------
@@ -83,15 +74,9 @@ def default_workers() -> int:
 def dask_task_runner(workers: int | None = None, dask_address: str | None = None) -> DaskTaskRunner:
     """A LocalCluster of single-threaded worker processes, or the cluster at ``dask_address``."""
     if dask_address:
-        if workers:
-            raise InvalidOptionError("--workers sizes a local cluster; with --dask-address the "
-                                     "cluster's own workers are used")
         return DaskTaskRunner(address=dask_address)
-    count = workers or default_workers()
-    if count < 1:
-        raise InvalidOptionError(f"--workers {count}: must be at least 1")
     return DaskTaskRunner(cluster_kwargs={
-        "n_workers": count, "threads_per_worker": 1, "processes": True,
+        "n_workers": workers or default_workers(), "threads_per_worker": 1, "processes": True,
         # Each worker may use an equal share of the machine's memory; Dask pauses a
         # worker at 80 % of it and restarts it at 95 %.
         "memory_limit": "auto",
@@ -136,8 +121,6 @@ def quantize_tensors(inventory_path: str, source_base: str, file_ids: dict[str, 
     Returns the metrics rows and the stage's timing: wall time, the units' own
     seconds (busy) and what the Prefect task machinery cost (``prefect_task_s``).
     """
-    from tasks.quantize import dask_client
-
     logger = get_run_logger()
     started = time.perf_counter()
     jobs = plan_jobs(pq.read_table(inventory_path).to_pylist(), source_base, file_ids, staging_dir,
@@ -153,8 +136,10 @@ def quantize_tensors(inventory_path: str, source_base: str, file_ids: dict[str, 
     for job in jobs:
         groups.setdefault(group_of(job), []).append(job)
     # Every unit is queued at once (Dask runs them in this order), so workers never
-    # wait for the next group's task to start.
-    submit_units(client, [job for name in sorted(groups, key=natural_key) for job in groups[name]])
+    # wait for the next group's task to start. Holding the futures keeps their results
+    # until each group's task collects them (a dropped future is forgotten by Dask).
+    queued = submit_units(client, [job for name in sorted(groups, key=natural_key)
+                                   for job in groups[name]])
     rows, prefect_task_s = [], 0.0
     for name in sorted(groups, key=natural_key):
         called = time.perf_counter()
@@ -162,6 +147,7 @@ def quantize_tensors(inventory_path: str, source_base: str, file_ids: dict[str, 
         prefect_task_s += time.perf_counter() - called - result["body_s"]
         rows += result["rows"]
     wall_s = time.perf_counter() - started
+    del queued
     return {"rows": rows, "wall_s": wall_s, "workers": workers, "prefect_tasks": len(groups),
             "prefect_task_s": prefect_task_s,
             "busy_s": sum(row["seconds"] for row in rows if not row["skipped"])}
@@ -175,7 +161,13 @@ def default_staging(out: Path) -> Path:
     return out.with_name(f"{out.name}.staging")
 
 
-def check_settings(bits: int, mode: str, group_size: int | None, on_nonfinite: str) -> None:
+def check_settings(bits: int, mode: str, group_size: int | None, on_nonfinite: str,
+                   workers: int | None, dask_address: str | None) -> None:
+    if workers is not None and dask_address:
+        raise InvalidOptionError("--workers sizes a local cluster; with --dask-address the "
+                                 "cluster's own workers are used")
+    if workers is not None and workers < 1:
+        raise InvalidOptionError(f"--workers {workers}: must be at least 1")
     if mode not in MODES:
         raise InvalidOptionError(f"--mode {mode!r}: must be one of {', '.join(MODES)}")
     if on_nonfinite not in ON_NONFINITE:
@@ -198,7 +190,7 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
                         on_nonfinite: str = "fail") -> dict:
     """Quantize a checkpoint (Hub id, folder or .safetensors file) into a packed HLWQ artifact."""
     started = time.perf_counter()
-    check_settings(bits, mode, group_size, on_nonfinite)
+    check_settings(bits, mode, group_size, on_nonfinite, workers, dask_address)
     logger = get_run_logger()
     out_dir = Path(out).absolute()
     staging_dir = Path(staging).absolute() if staging else default_staging(out_dir)
@@ -230,7 +222,8 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
         stage = quantize_tensors.with_options(task_runner=dask_task_runner(workers, dask_address))(
             str(inventory_path), str(fetched.root), file_ids, str(staging_dir), settings, len(jobs))
         metrics = metrics_table(stage["rows"])
-        pq.write_table(metrics, staging_dir / "metrics.parquet")
+        with atomic_path(staging_dir / "metrics.parquet") as tmp:
+            pq.write_table(metrics, tmp)
         gate_report = tensor_gates_task(stage["rows"], gates_file, enforce=gates)
 
         final_rows = decided_rows(rows, stage["rows"])
@@ -240,7 +233,7 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
                   for job in jobs if (job.component, job.tensor) in quantized}
         packaged = package_artifact_task(
             str(inventory_root), final_rows, staged, str(out_dir), lineage=lineage,
-            layout=ARTIFACT_LAYOUTS.get(layout, "single_file"),
+            layout=layout,
             quantization={"bits": bits, "block_size": BLOCK_SIZE,
                           "group_size": group_size or BLOCK_SIZE, "mode": mode,
                           "policy": {"name": policy}, "code_version": settings["code_version"]},
@@ -331,32 +324,37 @@ def publish_artifacts(summary: dict, result_rows: list[dict]) -> None:
 
 
 def summary_markdown(summary: dict) -> str:
-    sizes = summary["sizes"]
-    lines = [f"# {summary['source']} at {summary['bits']} bits ({summary['mode']}, "
-             f"policy {summary['policy']})", "",
-             f"Artifact: `{summary['artifact']}` "
-             f"({'validated' if summary['validated'] else 'NOT validated'})", "",
-             "| component | tensors | quantized | original GB | packed GB | bits/weight |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for name, entry in sizes["components"].items():
+    sizes, quality, gates = summary["sizes"], summary["quality"], summary["gates"]
+    verdict = "validated" if summary["validated"] else "NOT validated"
+    lines = [
+        f"# {summary['source']} at {summary['bits']} bits "
+        + f"({summary['mode']}, policy {summary['policy']})",
+        "",
+        f"Artifact: `{summary['artifact']}` ({verdict})",
+        "",
+        "| component | tensors | quantized | original GB | packed GB | bits/weight |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    totals = {"tensors": sizes["total_tensors"], "quantized_tensors": sizes["quantized_tensors"],
+              "original_bytes": sizes["total_original_bytes"],
+              "packed_bytes": sizes["total_packed_bytes"], "bits_per_weight": sizes["bits_per_weight"]}
+    for name, entry in [*sizes["components"].items(), ("**total**", totals)]:
         lines.append(f"| {name} | {entry['tensors']} | {entry['quantized_tensors']} | "
                      f"{entry['original_bytes'] / 1e9:.3f} | {entry['packed_bytes'] / 1e9:.3f} | "
                      f"{entry['bits_per_weight']:.3f} |")
-    lines.append(f"| **total** | {sizes['total_tensors']} | {sizes['quantized_tensors']} | "
-                 f"{sizes['total_original_bytes'] / 1e9:.3f} | "
-                 f"{sizes['total_packed_bytes'] / 1e9:.3f} | {sizes['bits_per_weight']:.3f} |")
-    lines += ["", f"Speed: {summary['tensors'] - summary['skipped']} tensors "
-                  f"({summary['input_bytes'] / 1e9:.2f} GB) in {summary['quantize_wall_s']:.1f} s "
-                  f"on {summary['workers']} workers = {summary['gb_per_s']:.3f} GB/s; "
-                  f"{summary['skipped']} already staged; whole run {summary['wall_s']:.1f} s; "
-                  f"orchestration overhead {100 * summary['overhead_fraction']:.1f} %."]
-    quality = summary["quality"]
+    lines += ["", (
+        f"Speed: {summary['tensors'] - summary['skipped']} tensors "
+        f"({summary['input_bytes'] / 1e9:.2f} GB) in {summary['quantize_wall_s']:.1f} s on "
+        f"{summary['workers']} workers = {summary['gb_per_s']:.3f} GB/s; {summary['skipped']} "
+        f"already staged; whole run {summary['wall_s']:.1f} s; orchestration overhead "
+        f"{100 * summary['overhead_fraction']:.1f} %.")]
     if quality:
-        lines += ["", f"Quality: cosine min {quality['min_cosine']:.6f}, median "
-                      f"{quality['median_cosine']:.6f}; relative MSE mean "
-                      f"{quality['mean_rel_mse']:.3e}, max {quality['max_rel_mse']:.3e}; "
-                      f"tensor gates {'passed' if summary['gates']['passed'] else 'FAILED'}"
-                      f"{'' if summary['gates']['enforced'] else ' (not enforced: --no-gates)'}."]
+        enforced = "" if gates["enforced"] else " (not enforced: --no-gates)"
+        lines += ["", (
+            f"Quality: cosine min {quality['min_cosine']:.6f}, median "
+            f"{quality['median_cosine']:.6f}; relative MSE mean {quality['mean_rel_mse']:.3e}, "
+            f"max {quality['max_rel_mse']:.3e}; tensor gates "
+            f"{'passed' if gates['passed'] else 'FAILED'}{enforced}.")]
     if summary["kept_nonfinite"]:
         lines += ["", f"{summary['kept_nonfinite']} tensor(s) with NaN/Inf kept unquantized."]
     return "\n".join(lines)

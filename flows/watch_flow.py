@@ -18,7 +18,7 @@ from prefect.variables import Variable
 
 from tasks.sources import latest_revision
 
-REQUANTIZE_DEPLOYMENT = "quantize-checkpoint/requantize"
+REQUANTIZE_DEPLOYMENT = "quantize_checkpoint/requantize"
 RETRIGGER_STATES = {"FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -81,10 +81,10 @@ def watch_upstream(
             return {"triggered": False, "revision": revision, "flow_run_id": state["flow_run_id"]}
         logger.info("%s at %s: the earlier requantize run ended %s; triggering again", source, revision, previous)
     parameters = {"source": source, "revision": revision, "bits": bits, "policy": policy,
-                  "output": artifact_output(output_root, source, revision, bits)}
+                  "out": artifact_output(output_root, source, revision, bits)}
     flow_run_id = trigger_requantize(requantize_deployment, parameters)
     Variable.set(state_variable_name(source), {"source": source, "revision": revision,
                                                "flow_run_id": flow_run_id}, overwrite=True)
     logger.info("%s moved to %s: requantize run %s triggered (output %s)", source, revision,
-                flow_run_id, parameters["output"])
+                flow_run_id, parameters["out"])
     return {"triggered": True, "revision": revision, "flow_run_id": flow_run_id}

@@ -17,6 +17,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as handle:
@@ -34,6 +35,12 @@ def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:

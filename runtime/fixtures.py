@@ -11,11 +11,13 @@ scheduler, and the spatial latent upsampler.
   ``latent_upsampler/``) that ``LTX2Pipeline.from_pretrained`` loads;
 - ``single_file=True``: the official layout::
 
-      ltx-2.3-tiny.safetensors                  model.diffusion_model.* (transformer and the
-                                                embeddings connectors), text_embedding_projection.*,
-                                                vae.*, audio_vae.*, vocoder.*; JSON "config" metadata
-      ltx-2.3-spatial-upscaler-x2-tiny.safetensors   the latent upsampler, its config in metadata
-      text_encoder/  tokenizer/  scheduler/     what the official file does not carry
+      ltx-2.3-tiny.safetensors
+          model.diffusion_model.*       transformer, and the video/audio embeddings connectors
+          text_embedding_projection.*   the connectors' input projections
+          vae.*  audio_vae.*  vocoder.*
+          metadata "config"             JSON: each component's diffusers config
+      ltx-2.3-spatial-upscaler-x2-tiny.safetensors   latent upsampler, its config in metadata
+      text_encoder/  tokenizer/  scheduler/           what the official file does not carry
 
   read back by :func:`load_tiny_pipeline` (diffusers' own ``from_single_file`` cannot read
   LTX-2.3 files; see :mod:`runtime.ltx23_layout`).
@@ -42,8 +44,9 @@ import math
 import os
 import shutil
 import zlib
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -68,7 +71,7 @@ FIXTURE_VERSION = 1
 MARKER_FILE = "hlwq_fixture.json"
 SINGLE_FILE_NAME = "ltx-2.3-tiny.safetensors"
 UPSAMPLER_FILE_NAME = "ltx-2.3-spatial-upscaler-x2-tiny.safetensors"
-DEFAULT_SHARD_BYTES = 2 * 2**30
+DEFAULT_SHARD_BYTES = 2048 * 2**20  # 2 GiB
 
 HEAVY_TAIL_DOF = 5
 OUTLIER_GAIN = 8.0
@@ -111,7 +114,8 @@ def tensor_kind(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> str:
 
 
 def _generator(seed: int, key: str) -> torch.Generator:
-    return torch.Generator().manual_seed((seed << 32) ^ zlib.crc32(key.encode()))
+    # The CPU generator keeps only 32 bits of its seed, so seed and name share one 32-bit hash.
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{key}".encode()))
 
 
 def _student_t(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -135,9 +139,11 @@ def _column_gains(in_features: int, gen: torch.Generator) -> torch.Tensor:
 def _draw(kind: str, shape: tuple[int, ...], fan_in: int, gen: torch.Generator,
           gains: torch.Tensor | None) -> torch.Tensor:
     t = _student_t(shape, gen)
-    if kind in ("linear", "conv", "embedding", "table"):
+    if kind in ("linear", "embedding", "table"):
         t.mul_(1.0 / math.sqrt(fan_in))
         return t.mul_(gains) if gains is not None else t
+    if kind == "conv":  # PyTorch's default conv scale: long conv chains (VAE, vocoder) stay tame
+        return t.mul_(1.0 / math.sqrt(3 * fan_in))
     if kind == "norm":
         return t.mul_(0.1).add_(1.0)
     if kind == "norm_offset":
@@ -152,20 +158,20 @@ def _draw(kind: str, shape: tuple[int, ...], fan_in: int, gen: torch.Generator,
 
 def synthetic_chunks(spec: TensorSpec, seed: int) -> Iterator[torch.Tensor]:
     """The tensor's float32 values, in consecutive slices along dim 0 (bounded memory)."""
-    shape = spec.shape or (1,)
-    rows, row_shape = shape[0], shape[1:]
+    if not spec.shape:
+        raise InvalidOptionError(f"tensor {spec.name}: scalars have no synthetic rule")
+    rows, row_shape = spec.shape[0], spec.shape[1:]
     fan_in = max(1, math.prod(row_shape))
     gen = _generator(seed, spec.key)
-    gains = _column_gains(shape[1], gen) if spec.kind == "linear" and len(shape) == 2 else None
+    gains = _column_gains(row_shape[0], gen) if spec.kind == "linear" else None
     step = max(1, CHUNK_ELEMENTS // fan_in)
     for start in range(0, rows, step):
-        chunk = _draw(spec.kind, (min(step, rows - start), *row_shape), fan_in, gen, gains)
-        yield chunk if spec.shape else chunk.reshape(())
+        yield _draw(spec.kind, (min(step, rows - start), *row_shape), fan_in, gen, gains)
 
 
 def synthetic_tensor(spec: TensorSpec, seed: int) -> torch.Tensor:
-    chunks = list(synthetic_chunks(spec, seed))
-    return chunks[0] if not spec.shape else torch.cat(chunks)
+    """The whole tensor (the concatenated chunks, so the values equal the streamed ones)."""
+    return torch.cat(list(synthetic_chunks(spec, seed)))
 
 
 def _stft_buffers(vocoder) -> dict[str, torch.Tensor]:
@@ -271,9 +277,21 @@ def build_tiny_components(seed: int = 0, dtype: torch.dtype = torch.bfloat16) ->
     with torch.random.fork_rng():  # module init draws from the global RNG; spare the caller's
         models = {c: build_model(c, config) for c, config in configs.items()}
     for component, model in models.items():
-        fill_synthetic_(model, component, seed).to(dtype).eval()
+        _cast(fill_synthetic_(model, component, seed), dtype).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER)
     return {**models, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """model.to(dtype) without diffusers' warning about fp32-only modules (LTX-2 has none)."""
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        return model.to(dtype)
+    finally:
+        logging.set_verbosity(level)
 
 
 def make_tiny_ltx23(out_dir: str | os.PathLike, single_file: bool = False, seed: int = 0) -> Path:
@@ -410,7 +428,7 @@ def write_safetensors_stream(path: Path, header: bytes, specs: list[TensorSpec],
             written = 0
             for chunk in chunks_of(spec):
                 data = chunk.to(torch.bfloat16).contiguous().reshape(-1).view(torch.uint8)
-                handle.write(data.numpy().tobytes())
+                handle.write(data.numpy())
                 written += data.numel()
             if written != math.prod(spec.shape) * 2:
                 raise InvalidOptionError(f"{path}: tensor {spec.name} produced {written} bytes, "

@@ -20,7 +20,11 @@ Sources of the real numbers (nothing here is downloaded; every value is written 
 The *tiny* configs keep every architecture flag and every block count of the real ones and
 shrink only widths and depths, so key names and code paths are the real ones. Widths are
 chosen so each of the 28 quantized linears of a transformer block has ``in_features`` a
-multiple of 128 (video 2 heads x 128, audio 2 heads x 64: the real head sizes).
+multiple of 128 (video 2 heads x 128, audio 2 heads x 64: the real head sizes). Video and
+audio keep equal head counts, as the real model must (its cross-modal RoPE assumes it).
+LTX-2.3's connectors project the text encoder's stacked hidden states per modality
+(``per_modality_projections``), so their widths equal the transformer's cross-attention
+widths (256 / 128 here), and the text encoder's hidden size is only ``caption_channels``.
 
 Official single-file names (``model.diffusion_model.*``, ``text_embedding_projection.*``,
 ``vae.*``, ``audio_vae.*``, ``vocoder.*``) map to (component, diffusers name) with
@@ -167,6 +171,15 @@ REAL_CONFIGS: dict[str, dict[str, Any]] = {
     "latent_upsampler": LTX23_LATENT_UPSAMPLER, "text_encoder": GEMMA3_12B_TEXT_ENCODER,
 }
 
+# The 28 large linear weights of every transformer block: what the ltx23 bit policy quantizes.
+BLOCK_ATTENTIONS = ("attn1", "attn2", "audio_attn1", "audio_attn2", "audio_to_video_attn",
+                    "video_to_audio_attn")
+BLOCK_LINEARS = tuple(f"{attn}.{proj}" for attn in BLOCK_ATTENTIONS
+                      for proj in ("to_q", "to_k", "to_v", "to_out.0")) + (
+    "ff.net.0.proj", "ff.net.2", "audio_ff.net.0.proj", "audio_ff.net.2")
+_BLOCK_LINEAR_NAMES = "|".join(re.escape(name) for name in BLOCK_LINEARS)
+BLOCK_LINEAR_PATTERN = re.compile(rf"^transformer_blocks\.\d+\.(?:{_BLOCK_LINEAR_NAMES})\.weight$")
+
 # --------------------------------------------------------------------------- tiny configs
 
 TINY_TEXT_HIDDEN = 64
@@ -295,7 +308,7 @@ _VOCODER_RENAMES = (
 _VAE_STAGES = 4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _renamer(pairs: tuple[tuple[str, str], ...], reverse: bool):
     table = {new if reverse else old: old if reverse else new for old, new in pairs}
     words = "|".join(re.escape(key) for key in sorted(table, key=len, reverse=True))

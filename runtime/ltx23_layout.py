@@ -36,10 +36,12 @@ component plus ``_class_name``; Lightricks' own files hold ltx-core's config the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -64,7 +66,8 @@ TORCH_TO_SAFETENSORS = {torch.bfloat16: "BF16", torch.float16: "F16", torch.floa
 
 def model_class(component: str):
     """The diffusers/transformers class of a component (imported on first use)."""
-    library, name = UPSAMPLER_CLASS if component == "latent_upsampler" else PIPELINE_CLASSES[component]
+    classes = {**PIPELINE_CLASSES, "latent_upsampler": UPSAMPLER_CLASS}
+    library, name = classes[component]
     if library == "transformers":
         import transformers
         return getattr(transformers, name)
@@ -76,7 +79,7 @@ def model_class(component: str):
 def build_model(component: str, config: dict[str, Any], device: str | torch.device = "cpu"):
     """Instantiate one component from its config (on ``device``; "meta" allocates nothing)."""
     cls = model_class(component)
-    with torch.device(device):
+    with torch.device(device) if str(device) != "cpu" else contextlib.nullcontext():
         if component == "text_encoder":
             from transformers import Gemma3Config
             return cls(Gemma3Config(**config))
@@ -106,34 +109,36 @@ def ltx23_22b_package_rows(components: Iterable[str] = PACKAGE_COMPONENTS) -> li
 
 # --------------------------------------------------------------------------- single file
 
+def _config_of(model) -> dict[str, Any]:
+    return {"_class_name": type(model).__name__, **dict(model.config)}
+
+
+def _save_with_config(path, tensors: dict, config: dict, model_version: str) -> Path:
+    from safetensors.torch import save_file
+
+    metadata = {CONFIG_METADATA_KEY: json.dumps(config, sort_keys=True),
+                "model_version": model_version}
+    with atomic_path(path) as tmp:
+        save_file({name: t.detach().contiguous() for name, t in tensors.items()}, tmp,
+                  metadata=metadata)
+    return Path(path)
+
+
 def save_single_file(path: str | os.PathLike, models: dict[str, torch.nn.Module],
                      model_version: str) -> Path:
     """Write transformer, connectors, VAEs and vocoder as one official-layout file (atomic)."""
-    from safetensors.torch import save_file
-
-    tensors, configs = {}, {}
-    for component in SINGLE_FILE_COMPONENTS:
-        model = models[component]
-        configs[component] = {"_class_name": type(model).__name__, **dict(model.config)}
-        for name, tensor in checkpoint_tensors(model):
-            tensors[diffusers_to_official_key(component, name)] = tensor.detach().contiguous()
-    metadata = {CONFIG_METADATA_KEY: json.dumps(configs, sort_keys=True),
-                "model_version": model_version}
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-    return Path(path)
+    tensors = {diffusers_to_official_key(component, name): tensor
+               for component in SINGLE_FILE_COMPONENTS
+               for name, tensor in checkpoint_tensors(models[component])}
+    configs = {component: _config_of(models[component]) for component in SINGLE_FILE_COMPONENTS}
+    return _save_with_config(path, tensors, configs, model_version)
 
 
-def save_component_file(path: str | os.PathLike, model: torch.nn.Module, model_version: str) -> Path:
+def save_component_file(path: str | os.PathLike, model: torch.nn.Module,
+                        model_version: str) -> Path:
     """Write one model (e.g. the latent upsampler) as a file with its config in the metadata."""
-    from safetensors.torch import save_file
-
-    config = {"_class_name": type(model).__name__, **dict(model.config)}
-    tensors = {name: t.detach().contiguous() for name, t in checkpoint_tensors(model)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={CONFIG_METADATA_KEY: json.dumps(config, sort_keys=True),
-                                          "model_version": model_version})
-    return Path(path)
+    return _save_with_config(path, dict(checkpoint_tensors(model)), _config_of(model),
+                             model_version)
 
 
 def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -155,18 +160,23 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
                                      f"({exc})") from exc
 
 
-def split_official_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+def split_official_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
     """Group official single-file tensors by component, under their diffusers names."""
-    grouped: dict[str, dict[str, torch.Tensor]] = {c: {} for c in SINGLE_FILE_COMPONENTS}
+    grouped: dict[str, dict] = {c: {} for c in SINGLE_FILE_COMPONENTS}
     for name, tensor in tensors.items():
         component, diffusers_name = official_to_diffusers_key(name)
         grouped[component][diffusers_name] = tensor
     return grouped
 
 
-def _load_strict(component: str, config: dict[str, Any], state_dict: dict, path: Path):
+def _load_strict(component: str, config: dict[str, Any], state_dict: dict, path: Path,
+                 dtype: torch.dtype):
+    from accelerate import init_empty_weights
+
     config = {k: v for k, v in config.items() if not k.startswith("_")}
-    model = build_model(component, config, device="meta")
+    with init_empty_weights():  # parameters on meta; buffers computed at init stay real
+        model = build_model(component, config)
+    state_dict = {name: tensor.to(dtype) for name, tensor in state_dict.items()}
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as exc:
@@ -175,7 +185,8 @@ def _load_strict(component: str, config: dict[str, Any], state_dict: dict, path:
     return model.eval()
 
 
-def load_single_file(path: str | os.PathLike) -> dict[str, torch.nn.Module]:
+def load_single_file(path: str | os.PathLike,
+                     dtype: torch.dtype = torch.float32) -> dict[str, torch.nn.Module]:
     """Read an official-layout file into diffusers models (transformer, connectors, ...)."""
     path = Path(path)
     tensors, configs = _read_file(path)
@@ -183,11 +194,14 @@ def load_single_file(path: str | os.PathLike) -> dict[str, torch.nn.Module]:
     missing = [c for c in SINGLE_FILE_COMPONENTS if c not in configs]
     if missing:
         raise CorruptCheckpointError(f"{path}: metadata config lacks components {missing}")
-    return {c: _load_strict(c, configs[c], grouped[c], path) for c in SINGLE_FILE_COMPONENTS}
+    return {c: _load_strict(c, configs[c], grouped[c], path, dtype)
+            for c in SINGLE_FILE_COMPONENTS}
 
 
-def find_single_file(directory: Path) -> Path | None:
-    files = [p for p in sorted(directory.glob(SINGLE_FILE_GLOB)) if UPSAMPLER_FILE_MARK not in p.name]
+def find_single_file(directory: Path, upsampler: bool = False) -> Path | None:
+    """The ltx-2.3 single file (or, with ``upsampler``, the upscaler file) of a folder."""
+    files = [p for p in sorted(directory.glob(SINGLE_FILE_GLOB))
+             if (UPSAMPLER_FILE_MARK in p.name) == upsampler]
     return files[0] if files else None
 
 
@@ -207,11 +221,11 @@ def load_ltx23_pipeline(path: str | os.PathLike, dtype: torch.dtype = torch.floa
         raise SourceError(f"{path}: not a directory (expected a diffusers folder or a folder "
                           "holding an ltx-2.3 single file)")
     if (path / "model_index.json").is_file():
-        return LTX2Pipeline.from_pretrained(path, torch_dtype=dtype)
+        return LTX2Pipeline.from_pretrained(path, dtype=dtype)
     single = find_single_file(path)
     if single is None:
         raise SourceError(f"{path}: neither model_index.json nor a {SINGLE_FILE_GLOB} file")
-    models = {name: model.to(dtype) for name, model in load_single_file(single).items()}
+    models = load_single_file(single, dtype)
     return LTX2Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler"),
         text_encoder=Gemma3ForConditionalGeneration.from_pretrained(path / "text_encoder",
@@ -227,10 +241,10 @@ def load_latent_upsampler(path: str | os.PathLike, dtype: torch.dtype = torch.fl
 
     path = Path(path)
     if (path / "latent_upsampler").is_dir():
-        return LTX2LatentUpsamplerModel.from_pretrained(path / "latent_upsampler",
-                                                        torch_dtype=dtype)
-    files = [p for p in sorted(path.glob(SINGLE_FILE_GLOB)) if UPSAMPLER_FILE_MARK in p.name]
-    if not files:
-        raise SourceError(f"{path}: no latent_upsampler/ folder and no *{UPSAMPLER_FILE_MARK}* file")
-    tensors, config = _read_file(files[0])
-    return _load_strict("latent_upsampler", config, tensors, files[0]).to(dtype)
+        return LTX2LatentUpsamplerModel.from_pretrained(path / "latent_upsampler", dtype=dtype)
+    found = find_single_file(path, upsampler=True)
+    if found is None:
+        raise SourceError(f"{path}: no latent_upsampler/ folder and no "
+                          f"*{UPSAMPLER_FILE_MARK}* file")
+    tensors, config = _read_file(found)
+    return _load_strict("latent_upsampler", config, tensors, found, dtype)

@@ -94,7 +94,7 @@ class PackedLinear(nn.Module):
 
     def _decoded_weight(self, dtype: torch.dtype, device: torch.device, keep: bool) -> torch.Tensor:
         """``R`` scaled for :func:`rotate_activations`; in the shared buffer unless it must outlive the call."""
-        key = (id(self), dtype, device)
+        key = (self, dtype, device)     # the module itself: ids of freed modules get reused
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             return hit
         shape = (self.out_features, self.in_padded)
@@ -181,11 +181,12 @@ _local = threading.local()
 def workspace(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A per-thread scratch tensor of ``shape``, grown to the largest layer and reused."""
     buffers = _local.__dict__.setdefault("buffers", {})
+    key = (dtype, device, torch.is_inference_mode_enabled())   # inference tensors stay inside it
     numel = shape[0] * shape[1]
-    flat = buffers.get((dtype, device))
+    flat = buffers.get(key)
     if flat is None or flat.numel() < numel:
-        buffers.pop((dtype, device), None)   # free the old one before growing
-        flat = buffers[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+        buffers.pop(key, None)   # free the old one before growing
+        flat = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
     return flat[:numel].view(shape)
 
 

@@ -59,7 +59,10 @@ def cached_pipeline(artifact: str, image_to_video: bool, device: str, factory: s
     key = (*base_key, image_to_video)
     if key not in _PIPELINES:
         if base_key + (False,) not in _PIPELINES:
-            _PIPELINES[base_key + (False,)] = resolve_factory(factory)(artifact, device=device, dtype=dtype)
+            pipeline = resolve_factory(factory)(artifact, device=device, dtype=dtype)
+            if hasattr(pipeline, "set_progress_bar_config"):
+                pipeline.set_progress_bar_config(disable=True)  # Prefect logs carry the progress
+            _PIPELINES[base_key + (False,)] = pipeline
             LOAD_COUNT["loads"] += 1
         if image_to_video:
             _PIPELINES[key] = image_to_video_variant(_PIPELINES[base_key + (False,)])

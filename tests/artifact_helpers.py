@@ -90,15 +90,17 @@ def write_policy(directory: Path) -> Path:
 
 
 def quantize_source(root: Path, staging: Path, bits: int = 5, group_size: int | None = None,
-                    mode: str = "refined"):
+                    mode: str = "reference", policy: str | None = None):
     """Fetch, inventory and quantize ``root`` the way the flow does, without Prefect.
 
+    ``reference`` mode by default: it is the fast encoder (the refined search costs
+    about a second per small tensor on a loaded machine) and the format is the same.
     Returns (fetch result, inventory table, staged mapping, metrics rows)."""
     from tasks.inventory import build_inventory
     from tasks.sources import fetch_source
 
     fetched = fetch_source(str(root))
-    policy = load_policy(write_policy(staging.parent), bits=bits)
+    policy = load_policy(policy or write_policy(staging.parent), bits=bits)
     inventory = build_inventory(fetched.root, policy, 128, group_size)
     staged, metrics = {}, []
     for row in inventory.to_pylist():
@@ -117,13 +119,14 @@ def quantize_source(root: Path, staging: Path, bits: int = 5, group_size: int | 
     return fetched, inventory, staged, metrics
 
 
-def package_source(root: Path, out: Path, staging: Path, remove_staged: bool = False, **options):
+def package_source(root: Path, out: Path, staging: Path, remove_staged: bool = False,
+                   mode: str = "reference", policy: str | None = None, **options):
     from tasks.package import package_artifact
 
-    fetched, inventory, staged, metrics = quantize_source(root, staging)
+    fetched, inventory, staged, metrics = quantize_source(root, staging, mode=mode, policy=policy)
     package_artifact(fetched.root, inventory, staged, out, lineage=fetched.lineage,
                      quantization={"bits": 5, "block_size": 128, "group_size": 128,
-                                   "mode": "refined", "policy": "test-transformer",
+                                   "mode": mode, "policy": "test-transformer",
                                    "code_version": "test"},
                      metrics=metrics, validation={"validated": True},
                      remove_staged=remove_staged, **options)

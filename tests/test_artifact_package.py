@@ -28,7 +28,7 @@ def diffusers_artifact(tmp_path_factory):
     base = tmp_path_factory.mktemp("diffusers")
     source = make_diffusers_source(base / "src")
     (base / "staging").mkdir()
-    return source, package_source(source, base / "art", base / "staging")
+    return source, package_source(source, base / "art", base / "staging", mode="refined")
 
 
 def test_diffusers_artifact_layout_and_manifest(diffusers_artifact):
@@ -68,7 +68,7 @@ def test_kept_tensors_bit_exact_and_packed_tensors_as_staged(diffusers_artifact,
                 assert kept.dtype == expected.dtype
                 assert torch.equal(kept.view(torch.uint8), expected.view(torch.uint8))
     # the packed parts are exactly what staging held
-    fetched, inventory, staged, _ = quantize_source(source, tmp_path / "staging")
+    fetched, inventory, staged, _ = quantize_source(source, tmp_path / "staging", mode="refined")
     for key, path in staged.items():
         name, staged_packed = read_staged(path)
         packed = artifact.load_packed(key)

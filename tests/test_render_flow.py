@@ -73,17 +73,14 @@ def run_batch(artifact, prompts, out, **options):
 
 
 def read_artifacts(flow_run_id):
+    """The run's artifacts by key, straight from the REST API."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter,
-                                                TaskRunFilter)
 
+    query = {"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "limit": 200, "offset": 0,
+             "sort": "CREATED_DESC"}
     with get_client(sync_client=True) as client:
-        # Every field given: this server answers 422 to the nulls the client sends for missing ones.
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])),
-            flow_run_filter=FlowRunFilter(), task_run_filter=TaskRunFilter(), limit=200, offset=0,
-            sort="CREATED_DESC")
-    return {artifact.key: artifact for artifact in found}
+        found = client.request("POST", "/artifacts/filter", json=query).json()
+    return {artifact["key"]: artifact for artifact in found}
 
 
 def test_batch_renders_records_failures_skips_done_work_and_publishes_artifacts(tmp_path, fake_artifact):
@@ -126,14 +123,14 @@ def test_batch_renders_records_failures_skips_done_work_and_publishes_artifacts(
     artifacts = read_artifacts(state.state_details.flow_run_id)
     assert {"render-summary", "render-table", "render-contact-sheets", "contact-sheet-calm",
             "contact-sheet-i2v"} <= set(artifacts)
-    assert "1 failed" in artifacts["render-summary"].data and "row 3 (bad)" in artifacts["render-summary"].data
-    table = artifacts["render-table"].data
+    assert "1 failed" in artifacts["render-summary"]["data"] and "row 3 (bad)" in artifacts["render-summary"]["data"]
+    table = artifacts["render-table"]["data"]
     table = json.loads(table) if isinstance(table, str) else table
     assert {row["id"]: row["status"] for row in table} == {"calm": "rendered", "flaky": "rendered",
                                                            "i2v": "rendered", "boom": "failed"}
     assert all(row["video"].startswith("file://") for row in table if row["status"] == "rendered")
-    assert artifacts["contact-sheet-calm"].data.startswith("file://")
-    assert "data:image/jpeg;base64," in artifacts["render-contact-sheets"].data
+    assert artifacts["contact-sheet-calm"]["data"].startswith("file://")
+    assert "data:image/jpeg;base64," in artifacts["render-contact-sheets"]["data"]
 
     # Rerun: done renders are skipped, the failed one is tried again and catalogued again.
     calm_before = (out / catalog["calm"]["output_path"]).read_bytes()
@@ -171,3 +168,37 @@ def test_missing_manifest_and_unimportable_factory_are_named(tmp_path):
         run_batch(tmp_path, prompts, tmp_path / "out").result()
     with pytest.raises(InvalidOptionError, match="cannot be imported"):
         render_module.resolve_factory("no_such_module_xyz:load")
+
+
+def tiny_fixture_factory(artifact, device, dtype):
+    """The real diffusers LTX-2.3 pipeline of the tiny fixture (unquantized)."""
+    from runtime.fixtures import load_tiny_pipeline
+
+    pipeline = load_tiny_pipeline(artifact, dtype=dtype)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def test_real_tiny_pipeline_writes_video_with_its_audio(tmp_path):
+    """Text- and image-to-video through diffusers' LTX-2 pipelines: frames, audio and its rate."""
+    from runtime.fixtures import make_tiny_ltx23
+
+    render_module.clear_pipeline_cache()
+    model = make_tiny_ltx23(tmp_path / "tiny")
+    (model / "manifest.json").write_text("{}")  # stands in for an artifact's manifest
+    Image.new("RGB", (32, 32), (0, 200, 0)).save(tmp_path / "start.png")
+    size = {"width": 32, "height": 32, "frames": 9, "fps": 24, "steps": 2, "guidance": 1.0}
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"id": "t2v", "prompt": "a red fox", **size},
+                                                   {"id": "i2v", "prompt": "a green field", **size,
+                                                    "image": "start.png"}])
+    from flows.render_flow import render_batch
+
+    state = render_batch(str(model), str(prompts), str(tmp_path / "out"), device="cpu", retries=0,
+                         pipeline_factory=f"{__name__}:tiny_fixture_factory", return_state=True)
+    assert state.is_completed(), state.message
+    assert render_module.LOAD_COUNT["loads"] == 1  # image-to-video reuses the loaded modules
+    for row in read_catalog(tmp_path / "out").to_pylist():
+        info = probe_mp4(row["output_path"])
+        assert (info.frames, info.width, info.height, info.fps) == (9, 32, 32, 24.0)
+        assert (info.audio_codec, info.audio_channels, info.audio_sample_rate) == ("aac", 2, 48000)
+        assert info.audio_samples >= 0.3 * 48000  # the vocoder's 9/24 s of sound

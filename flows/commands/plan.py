@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from quant.errors import InvalidOptionError
+from tasks.budget import SCOPE_HELP, SCOPES
 
 AUTO_POLICY = "auto"
 PACKAGE_LAYOUTS = ("ltx23-22b",)
@@ -37,9 +38,14 @@ COUNT_UNITS = (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3))
                                                "Repeatable.")
 @click.option("--overrides", type=click.Path(dir_okay=False),
               help="TOML/YAML file with include, exclude and per-pattern bits.")
+@click.option("--target-size", help="Choose bits per tensor (2..8) so the --target-scope fits "
+                                    "SIZE (e.g. 15GB, 14.5GiB, 800MB) with the least expected "
+                                    "damage.")
+@click.option("--target-scope", type=click.Choice(SCOPES), default="package", show_default=True,
+              help=f"What --target-size counts. {SCOPE_HELP}.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(source, package_layout, policy_name, bits, block_size, revision, include, exclude,
-         overrides, as_json):
+         overrides, target_size, target_scope, as_json):
     """Per-component tensors, parameters, original and packed bytes of SOURCE
     (a Hub repo id, a folder or a .safetensors file)."""
     from quant.core import check_options
@@ -50,7 +56,7 @@ def plan(source, package_layout, policy_name, bits, block_size, revision, includ
     check_options(bits, block_size, None, "refined")
     if (source is None) == (package_layout is None):
         raise click.UsageError("give exactly one of SOURCE or --layout")
-    label, layout, headers, package_rows = _planned_source(source, package_layout, revision)
+    label, layout, headers, package_rows, base = _planned_source(source, package_layout, revision)
     if policy_name == AUTO_POLICY:
         policy_name = default_policy_for(layout)
     policy = load_policy(policy_name, bits=bits, include=include, exclude=exclude,
@@ -59,9 +65,14 @@ def plan(source, package_layout, policy_name, bits, block_size, revision, includ
         rows = apply_policy(package_rows, policy)
     else:
         rows = rows_from_headers(headers, layout, policy, block_size)
+    budget = None
+    if target_size is not None:
+        rows, budget = _budget(rows, target_size, target_scope, base, block_size)
     sizes = size_table(rows, block_size)
     report = {"source": label, "layout": layout, "policy": policy.name, "bits": bits,
               "block_size": block_size, **sizes}
+    if budget is not None:
+        report["budget"] = budget
     click.echo(json.dumps(report, indent=2) if as_json else format_plan(report))
 
 
@@ -74,7 +85,7 @@ def _planned_source(source, package_layout, revision):
             raise InvalidOptionError(f"--revision {revision!r}: --layout reads no checkpoint")
         from runtime.ltx23_layout import ltx23_22b_package_rows
 
-        return package_layout, package_layout, None, ltx23_22b_package_rows()
+        return package_layout, package_layout, None, ltx23_22b_package_rows(), None
     path = Path(source).expanduser()
     if path.exists():   # an existing path wins over a Hub id of the same spelling
         if revision:
@@ -83,6 +94,7 @@ def _planned_source(source, package_layout, revision):
         headers = inventory.local_headers(path)
         layout = inventory.layout_of(headers, inventory.has_model_index(path), path)
         label = str(path)
+        base = path if path.is_dir() else path.parent
     else:   # headers by HTTP Range requests; nothing is downloaded
         from tasks.sources import list_remote_files, parse_hub_source, remote_safetensors_headers
 
@@ -91,7 +103,21 @@ def _planned_source(source, package_layout, revision):
         headers = remote_safetensors_headers(hub.repo, commit)   # that commit, even if the branch moves
         layout = inventory.layout_of(headers, inventory.MODEL_INDEX in files, hub.repo)
         label = f"{hub.repo}@{hub.revision} (commit {commit})"
-    return label, layout, headers, None
+        base = None
+    return label, layout, headers, None, base
+
+
+def _budget(rows, target_size, scope, base, block_size):
+    """Allocate bits for the target size: damage measured on the checkpoint's own rows when
+    it is local, on synthetic heavy-tailed rows of each tensor's width otherwise."""
+    from quant.budget import parse_size
+    from tasks.budget import file_sampler, plan_budget, synthetic_sampler
+
+    target = parse_size(target_size)
+    if base is None:
+        return plan_budget(rows, target, scope, synthetic_sampler, "synthetic",
+                           block_size=block_size)
+    return plan_budget(rows, target, scope, file_sampler(base), "measured", block_size=block_size)
 
 
 def apply_policy(rows, policy) -> list[dict]:
@@ -117,7 +143,44 @@ def format_plan(report: dict) -> str:
     quantized = (f"quantized: {report['quantized_tensors']:,} tensors, "
                  f"{format_count(report['quantized_params'])} params -> "
                  f"{format_bytes(report['quantized_packed_bytes'])} packed")
-    return "\n".join([title, "", *_aligned([header, *rows, total]), "", quantized])
+    lines = [title, "", *_aligned([header, *rows, total]), "", quantized]
+    if "budget" in report:
+        lines += ["", *format_budget(report["budget"])]
+    return "\n".join(lines)
+
+
+def format_budget(budget: dict) -> list[str]:
+    """The allocation: sizes, predicted error, and bits per module type and per block."""
+    samples = {"measured": "sampled rows of the checkpoint's own tensors",
+               "synthetic": "synthetic Student-t(5) rows with outlier columns of each "
+                            "tensor's width (no weights read)"}
+    uniform = budget["best_uniform"]
+    lines = [
+        f"Size budget {format_bytes(budget['target_bytes'])} for scope {budget['scope']}: "
+        f"{format_bytes(budget['total_bytes'])} = {format_bytes(budget['kept_bytes'])} kept + "
+        f"{format_bytes(budget['quantized_bytes'])} quantized",
+        f"  {budget['quantized_tensors']:,} tensors, {format_count(budget['quantized_params'])} "
+        f"params at {budget['mean_bits']:.3f} bits on average "
+        f"({budget['bits_per_weight']:.3f} bits/weight stored, scales included)",
+        f"  predicted error {budget['predicted_error']:.4g} ({budget['error_unit']}; "
+        f"damage from {samples.get(budget['damage_source'], budget['damage_source'])})",
+        ("  best uniform width that fits: none" if uniform is None else
+         f"  best uniform width that fits: {uniform['bits']}-bit, "
+         f"{format_bytes(uniform['total_bytes'])}, predicted error "
+         f"{uniform['predicted_error']:.4g}"),
+    ]
+    widths = sorted({int(w) for entry in budget["modules"].values() for w in entry["widths"]})
+    counts = {w: sum(e["widths"].get(str(w), 0) for e in budget["modules"].values()) for w in widths}
+    total = ("total", f"{budget['quantized_tensors']:,}", format_count(budget["quantized_params"]),
+             format_bytes(budget["quantized_bytes"]), f"{budget['mean_bits']:.2f}",
+             *(str(counts[w]) for w in widths))
+    for title, table in (("module", budget["modules"]), ("block", budget["blocks"])):
+        header = (title, "tensors", "params", "packed", "mean bits", *(f"{w}-bit" for w in widths))
+        body = [(name, f"{e['tensors']:,}", format_count(e["params"]), format_bytes(e["packed_bytes"]),
+                 f"{e['mean_bits']:.2f}", *(str(e["widths"].get(str(w), "")) for w in widths))
+                for name, e in table.items()]
+        lines += ["", *_aligned([header, *body, total])]
+    return lines
 
 
 def _table_row(name: str, entry: dict) -> tuple[str, ...]:

@@ -175,6 +175,16 @@ def _log_tail(path: Path, lines: int = 20) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def use_local_server(home: str | os.PathLike | None = None) -> str | None:
+    """Without PREFECT_API_URL, point this process at the local server when one runs (call before
+    Prefect is imported). Returns the API URL chosen, if any."""
+    if not os.environ.get("PREFECT_API_URL"):
+        local = read_server(home)
+        if local:
+            os.environ["PREFECT_API_URL"] = local.api_url
+    return os.environ.get("PREFECT_API_URL")
+
+
 def running_api_url(home: str | os.PathLike | None = None) -> str | None:
     """The API this process would use, if it answers: PREFECT_API_URL, else the local server."""
     url = os.environ.get("PREFECT_API_URL")
@@ -246,10 +256,7 @@ def serve(limit: int | None, home: str | None, **options) -> None:
     from flows.prefect_env import configure_prefect
 
     settings = DeploymentSettings.from_env(**options).absolute_paths()
-    if not os.environ.get("PREFECT_API_URL"):
-        local = read_server(home)
-        if local:
-            os.environ["PREFECT_API_URL"] = local.api_url
+    use_local_server(home)
     configure_prefect()
     from prefect import serve as prefect_serve
     from prefect.settings import get_current_settings

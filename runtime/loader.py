@@ -1,0 +1,231 @@
+"""load_pipeline: an LTX-2.3 diffusers pipeline straight from an HLWQ artifact.
+
+Every component that holds quantized tensors (the transformer, under the
+``ltx23`` policy) is built on the meta device from its config, its quantized
+linears are replaced by :class:`PackedLinear` and the artifact's tensors are
+assigned as they are: the packed parts untouched, kept tensors cast to the
+compute dtype. No full-precision copy of a quantized weight ever exists.
+The other components load with ``from_pretrained`` from the artifact's folders.
+
+Two artifact layouts (docs/FORMAT.md): a diffusers folder, and the official
+single file, whose ``model.diffusion_model.*`` / ``vae.*`` / ... names map to
+diffusers names with :mod:`runtime.ltx23_config` and whose components are all
+built from the file's ``config`` metadata (or, for Lightricks' own files, the
+real LTX-2.3 configs); ``text_encoder/``, ``tokenizer/`` and ``scheduler/``
+sit beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quant.artifact import Artifact, TensorRecord, open_artifact
+from quant.errors import ArtifactError, InvalidOptionError
+from runtime.ltx23_config import (
+    SINGLE_FILE_COMPONENTS,
+    TRANSFORMER_PREFIX,
+    official_to_diffusers_key,
+    real_config,
+)
+from runtime.ltx23_layout import CONFIG_METADATA_KEY, build_model, model_class
+from runtime.packed_linear import PackedLinear
+
+WEIGHT_SUFFIX = ".weight"
+
+
+def load_pipeline(artifact: str | os.PathLike, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32, offload: bool = False, verify: bool = True,
+                  image_to_video: bool = False):
+    """``LTX2Pipeline`` (or ``LTX2ImageToVideoPipeline``) whose quantized linears stay packed.
+
+    ``verify`` checks the manifest, every file's hash and every tensor entry first.
+    ``offload`` uses diffusers' model CPU offload onto ``device`` (an accelerator)
+    instead of moving the whole pipeline there. A manifest that does not match
+    the model config raises ArtifactError naming the tensor.
+    """
+    device = torch.device(device)
+    if offload and device.type == "cpu":
+        raise InvalidOptionError("offload=True moves each model to an accelerator in turn; "
+                                 f"device={device} is the CPU (use offload=False)")
+    art = open_artifact(artifact, verify=verify)
+    official = _uses_official_names(art)
+    pipeline = (_single_file_pipeline if official else _diffusers_pipeline)(
+        art, dtype, _pipeline_class(image_to_video))
+    if offload:
+        pipeline.enable_model_cpu_offload(device=device)
+    else:
+        pipeline.to(device)
+    return pipeline
+
+
+def _pipeline_class(image_to_video: bool):
+    from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
+
+    return LTX2ImageToVideoPipeline if image_to_video else LTX2Pipeline
+
+
+def _uses_official_names(art: Artifact) -> bool:
+    return any(e.name.startswith(TRANSFORMER_PREFIX) for e in art.tensor_entries.values())
+
+
+# ---------------------------------------------------------------- layouts
+
+
+def _diffusers_pipeline(art: Artifact, dtype: torch.dtype, pipeline_class):
+    index_path = art.path / "model_index.json"
+    if not index_path.is_file():
+        raise ArtifactError(f"{art.path}: no model_index.json; a diffusers-layout artifact needs one")
+    index = json.loads(index_path.read_text())
+    packed = {}
+    for component in sorted({e.component for e in art.tensor_entries.values() if e.quantized}):
+        entries = art.component_entries(component)
+        model = _empty_component(art.path / component, component, index.get(component))
+        packed[component] = load_packed_model(model, art, entries, dtype, component)
+    return pipeline_class.from_pretrained(art.path, torch_dtype=dtype, **packed)
+
+
+def _single_file_pipeline(art: Artifact, dtype: torch.dtype, pipeline_class):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
+
+    by_component: dict[str, dict[str, TensorRecord]] = {c: {} for c in SINGLE_FILE_COMPONENTS}
+    for entry in art.tensor_entries.values():
+        if "/" in entry.file:      # text_encoder/ and the like load with from_pretrained
+            continue
+        try:
+            component, name = official_to_diffusers_key(entry.name)
+        except InvalidOptionError:  # side files at the root, e.g. the latent upscaler
+            continue
+        by_component[component][name] = entry
+    configs = _single_file_configs(art, by_component["transformer"])
+    models = {}
+    for component in SINGLE_FILE_COMPONENTS:
+        model = _meta_model(lambda c=component: build_model(c, configs[c]))
+        models[component] = load_packed_model(model, art, by_component[component], dtype, component)
+    root = art.path
+    return pipeline_class(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
+        text_encoder=Gemma3ForConditionalGeneration.from_pretrained(root / "text_encoder",
+                                                                    dtype=dtype),
+        tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
+        **models)
+
+
+def _single_file_configs(art: Artifact, transformer_entries: dict[str, TensorRecord]) -> dict:
+    """Per-component diffusers configs from the file's metadata; the real LTX-2.3 ones otherwise."""
+    from safetensors import safe_open
+
+    if not transformer_entries:
+        raise ArtifactError(f"{art.path}: the single file holds no transformer tensors")
+    shard = art.file_path(next(iter(transformer_entries.values())).file)
+    with safe_open(str(shard), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    try:
+        stored = json.loads(metadata.get(CONFIG_METADATA_KEY, "{}"))
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{shard}: metadata {CONFIG_METADATA_KEY!r} is not JSON ({exc})") from None
+    configs = {}
+    for component in SINGLE_FILE_COMPONENTS:
+        config = stored.get(component) if isinstance(stored, dict) else None
+        if not (isinstance(config, dict) and "_class_name" in config):
+            config = real_config(component)     # Lightricks' files carry ltx-core configs
+        configs[component] = {k: v for k, v in config.items() if not k.startswith("_")}
+    return configs
+
+
+def _empty_component(folder: Path, component: str, library_class) -> nn.Module:
+    """A component built on the meta device from ``folder``'s config (nothing allocated)."""
+    if not (isinstance(library_class, list) and len(library_class) == 2):
+        raise ArtifactError(f"model_index.json: component {component!r} holds quantized tensors "
+                            "but has no [library, class] entry")
+    library, name = library_class
+    if library == "transformers":
+        import transformers
+
+        cls = getattr(transformers, name)
+        config = transformers.AutoConfig.from_pretrained(folder)
+        return _meta_model(lambda: cls(config))
+    import diffusers
+
+    cls = getattr(diffusers, name, None) or model_class(component)
+    return _meta_model(lambda: cls.from_config(cls.load_config(folder)))
+
+
+def _meta_model(build) -> nn.Module:
+    """Parameters on the meta device; buffers computed at init (e.g. STFT bases) stay real."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return build().eval()
+
+
+# ---------------------------------------------------------------- assembly
+
+
+def load_packed_model(model: nn.Module, art: Artifact, entries: dict[str, TensorRecord],
+                      dtype: torch.dtype, component: str) -> nn.Module:
+    """Swap quantized linears for PackedLinear and assign every tensor from the artifact.
+
+    ``entries`` maps the model's own tensor names to manifest entries. Raises
+    ArtifactError naming the tensor when an entry does not fit the model (no
+    such linear, wrong shape) or a model tensor has no entry.
+    """
+    state = {}
+    for name, entry in entries.items():
+        if entry.quantized:
+            module_name = _quantized_module_name(model, name, entry, component)
+            packed = art.load_packed(entry.key)
+            _check_shape(entry, name, packed.shape, tuple(model.get_submodule(module_name).weight.shape))
+            bias = model.get_submodule(module_name).bias is not None
+            layer = PackedLinear(packed.shape[1], packed.shape[0], bits=packed.bits,
+                                 block_size=packed.block_size, group_size=packed.group_size,
+                                 mode=packed.mode, bias=bias, device="meta")
+            model.set_submodule(module_name, layer)
+            state.update({f"{module_name}.codes": packed.codes, f"{module_name}.scales": packed.scales,
+                          f"{module_name}.codebook": packed.codebook})
+        else:
+            state[name] = entry
+    expected = dict(model.state_dict(keep_vars=True))
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ArtifactError(f"component {component!r}: tensor {missing[0]!r} of the model config "
+                            f"has no entry in the manifest ({len(missing)} missing)")
+    unknown = sorted(set(state) - set(expected))
+    if unknown:
+        raise ArtifactError(f"component {component!r}: manifest tensor {unknown[0]!r} is not a "
+                            "tensor of the model config")
+    for name, value in state.items():
+        if isinstance(value, TensorRecord):
+            _check_shape(value, name, value.shape, tuple(expected[name].shape))
+            state[name] = _compute_dtype(art.load_kept(value.key), dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model.eval()
+
+
+def _quantized_module_name(model: nn.Module, name: str, entry: TensorRecord, component: str) -> str:
+    module_name = name[:-len(WEIGHT_SUFFIX)] if name.endswith(WEIGHT_SUFFIX) else None
+    try:
+        module = model.get_submodule(module_name) if module_name else None
+    except AttributeError:
+        module = None
+    if not isinstance(module, nn.Linear):
+        raise ArtifactError(f"tensor {entry.key}: quantized in the manifest, but {name!r} is not "
+                            f"the weight of a linear layer of {component!r}")
+    return module_name
+
+
+def _check_shape(entry: TensorRecord, name: str, found, expected) -> None:
+    if tuple(found) != tuple(expected):
+        raise ArtifactError(f"tensor {entry.key}: shape {list(found)} in the manifest, the model "
+                            f"config needs {list(expected)} for {name!r}")
+
+
+def _compute_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
