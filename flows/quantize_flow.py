@@ -46,6 +46,7 @@ from tasks.package import package_artifact_task
 from tasks.quantize import ON_NONFINITE, TensorJob, code_version, finished_row, row_path
 from tasks.quantize_group import RunProgress, dask_client, quantize_group, submit_units
 from tasks.sources import FetchResult, fetch_source_task
+from tasks.validate_output import output_gates_skip_reason, output_gates_task
 
 BLOCK_SIZE = 128
 WORKER_MEMORY_BYTES = 3 << 30        # one worker quantizing LTX-2.3's largest linear (16384 x 4096)
@@ -187,8 +188,13 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
                         workers: int | None = None, dask_address: str | None = None,
                         revision: str | None = None, staging: str | None = None,
                         gates: bool = True, gates_file: str | None = None,
-                        on_nonfinite: str = "fail") -> dict:
-    """Quantize a checkpoint (Hub id, folder or .safetensors file) into a packed HLWQ artifact."""
+                        on_nonfinite: str = "fail", output_suite: str | None = None) -> dict:
+    """Quantize a checkpoint (Hub id, folder or .safetensors file) into a packed HLWQ artifact.
+
+    After packaging, the output gates render ``output_suite`` (default: the versioned suite
+    of tasks/validate_output.py) with the source and the artifact; only then is the artifact
+    marked validated. Sources that are not whole pipelines skip them (recorded in the manifest).
+    """
     started = time.perf_counter()
     check_settings(bits, mode, group_size, on_nonfinite, workers, dask_address)
     logger = get_run_logger()
@@ -231,6 +237,7 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
                      if row["action"] == "quantize"}
         staged = {tensor_key(job.component, job.tensor): str(staged_path(staging_dir, job.key))
                   for job in jobs if (job.component, job.tensor) in quantized}
+        skip_output = output_gates_skip_reason(fetched.root, gates)
         packaged = package_artifact_task(
             str(inventory_root), final_rows, staged, str(out_dir), lineage=lineage,
             layout=layout,
@@ -238,12 +245,25 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
                           "group_size": group_size or BLOCK_SIZE, "mode": mode,
                           "policy": {"name": policy}, "code_version": settings["code_version"]},
             metrics=metrics.drop_columns(list(RUN_ONLY_COLUMNS)),
-            validation={"validated": gates and gate_report["passed"], "tensor_gates": gate_report})
+            # Not validated yet when output gates are to run: they mark it (record_output_gates).
+            validation={"validated": gates and gate_report["passed"] and skip_output is not None,
+                        "tensor_gates": gate_report,
+                        "output_gates": {"skipped": skip_output} if skip_output else None})
         for job in jobs:
             row_path(job).unlink(missing_ok=True)   # their staged results are in the artifact now
+        output_report = None
+        if skip_output is None:
+            # Raises GateFailedError naming prompts and blocks; the artifact stays unvalidated.
+            output_report = output_gates_task(str(fetched.root), str(out_dir), output_suite,
+                                              gates_file=gates_file,
+                                              work_dir=str(staging_dir / "output-renders"))
+        else:
+            logger.info("output gates skipped: %s", skip_output)
 
     summary = run_summary(source, out_dir, staging_dir, settings, final_rows, stage, packaged,
                           gate_report, gates, time.perf_counter() - started)
+    summary["output_gates"] = ({"passed": output_report["passed"], "report": output_report["report"]}
+                               if output_report else {"skipped": skip_output})
     publish_artifacts(summary, stage["rows"])
     return summary
 

@@ -147,6 +147,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         raise ArtifactError(f"{directory}: not a directory")
     if not path.is_file():
         raise ArtifactError(f"{path}: missing; {directory} is not a complete HLWQ artifact")
+    safe_relative_path(directory, MANIFEST_NAME)      # a symlink out of the artifact is refused
     return parse_manifest(path.read_bytes(), path)
 
 
@@ -334,7 +335,7 @@ class Artifact:
         self.tensor_entries: dict[str, TensorRecord] = {
             key: TensorRecord.from_json(key, entry)
             for key, entry in sorted(manifest["tensors"].items())}
-        self._handles: dict[str, object] = {}
+        self._headers: dict[str, dict] = {}     # file -> stored name -> TensorEntry
 
     @property
     def layout(self) -> str:
@@ -365,9 +366,8 @@ class Artifact:
         entry = self.entry(key)
         if not entry.quantized:
             raise ArtifactError(f"tensor {key}: is kept, not quantized; use load_kept")
-        handle = self._handle(entry.file)
         names = packed_part_names(entry.name)
-        parts = {part: self._get(handle, entry, name) for part, name in names.items()}
+        parts = {part: self._get(entry, name) for part, name in names.items()}
         return PackedTensor(codes=parts["codes"], scales=parts["scales"],
                             codebook=parts["codebook"], shape=tuple(entry.shape), bits=entry.bits,
                             block_size=entry.block_size, group_size=entry.group_size,
@@ -377,39 +377,41 @@ class Artifact:
         entry = self.entry(key)
         if entry.quantized:
             raise ArtifactError(f"tensor {key}: is quantized; use load_packed")
-        return self._get(self._handle(entry.file), entry, entry.name)
+        return self._get(entry, entry.name)
 
-    def _get(self, handle, entry: TensorRecord, stored_name: str):
-        from safetensors import SafetensorError
+    def _get(self, entry: TensorRecord, stored_name: str):
+        """Read one stored tensor by its byte range into fresh memory (no mmap, no pickle)."""
+        from quant.safetensors_io import read_tensor
 
-        from quant.safetensors_io import torch_dtype
-
-        try:
-            tensor = handle.get_tensor(stored_name)
-        except (SafetensorError, OSError) as exc:
-            raise ArtifactError(f"tensor {entry.key}: cannot read {stored_name!r} from "
-                                f"{entry.file}: {exc}") from None
+        found = self._header(entry.file).get(stored_name)
         dtype, shape = entry.stored_specs()[stored_name]
-        if tensor.dtype != torch_dtype(dtype) or tuple(tensor.shape) != tuple(shape):
+        if found is None:
+            raise ArtifactError(f"tensor {entry.key}: {stored_name!r} is missing from {entry.file}")
+        if (found.dtype, tuple(found.shape)) != (dtype, tuple(shape)):
             raise ArtifactError(f"tensor {entry.key}: {stored_name!r} in {entry.file} is "
-                                f"{tensor.dtype} {list(tensor.shape)}, manifest implies "
+                                f"{found.dtype} {list(found.shape)}, manifest implies "
                                 f"{dtype} {list(shape)}")
-        return tensor
+        return read_tensor(self.file_path(entry.file), found)
 
-    def _handle(self, relative: str):
-        if relative not in self._handles:
-            from safetensors import safe_open
+    def _header(self, relative: str) -> dict:
+        if relative not in self._headers:
+            from quant.safetensors_io import read_header
 
-            self._handles[relative] = safe_open(str(self.file_path(relative)), framework="pt")
-        return self._handles[relative]
+            try:
+                self._headers[relative] = read_header(self.file_path(relative)).tensors
+            except (CorruptCheckpointError, SourceError) as exc:
+                raise ArtifactError(f"{relative}: {exc}") from None
+        return self._headers[relative]
 
 
-def open_artifact(directory: str | os.PathLike, verify: bool = True) -> Artifact:
-    """Open an artifact; with ``verify`` every file's hash and every tensor entry is checked
-    first and any problem raises ArtifactError listing them all."""
+def open_artifact(directory: str | os.PathLike, verify: bool = True,
+                  hashes: bool = True) -> Artifact:
+    """Open an artifact; with ``verify`` every file (size, and sha256 unless ``hashes`` is
+    false) and every tensor entry is checked first, and any problem raises ArtifactError
+    listing them. Without ``verify`` only the manifest and its paths are checked."""
     directory = Path(directory)
     if verify:
-        problems = verify_artifact(directory)
+        problems = verify_artifact(directory, hashes=hashes)
         if problems:
             raise ArtifactError(f"{directory}: artifact is unsound ({len(problems)} problem(s); "
                                 "run `hlwq verify` for the list):\n" + "\n".join(problems[:20]))

@@ -1,37 +1,54 @@
-"""HLWQ quantize / dequantize: one encoder API with two modes, one decoder.
+"""HLWQ quantize / dequantize: one encoder with two modes, one decoder.
 
-Both modes write the same format (see quant/packed.py). Per rotation block of
-``B`` weights ``w`` the rotated coordinates are ``y = w @ H`` (orthonormal, so
-errors in ``y`` equal errors in ``w``); a group of rotated coordinates with
-scale ``s`` decodes to ``y_hat = (s / sqrt(B)) * codebook[code]``.
+Both modes write the same format (quant/packed.py). Per rotation block the
+weights are rotated by the orthonormal Walsh-Hadamard matrix; each group of
+rotated values gets one fp16 scale and one codebook level per value.
 
-- ``reference``: ``s = ||w||`` and codes = nearest level of ``y * sqrt(B) / s``,
-  the reference encoder's choice.
-- ``refined``: per group, try the reference choice and a few clipping scales
-  ``k * rms(y)``; for each, take the nearest codes, refit the scale by least
-  squares, and keep the candidate with the smallest error after fp16 rounding
-  of the scale. The reference choice is a candidate, so no group is worse.
+- ``reference``: scale = the block's L2 norm, codes = nearest level of the
+  normalised rotated values: the reference (polarquant 0.6.0) encoder's output.
+- ``refined`` (default): per group, a few clipping-aware candidate scales, each
+  with its nearest codes and a least-squares refit, then Lloyd steps; the best
+  is scored exactly against the reference choice and the better one is kept,
+  so no group is worse than the reference's. Optionally (``refine_codebook``)
+  Lloyd rounds fit the codebook to this tensor's own rotated coordinates.
+
+The numerics run in fused numba kernels (quant/kernels.py).
 """
 
 from __future__ import annotations
 
-import math
+import functools
 
+import numba
+import numpy as np
 import torch
 
-from quant.codebook import check_bits, lloyd_max_codebook, midpoints
+from quant import kernels
+from quant.codebook import check_bits, lloyd_max_codebook
 from quant.errors import InvalidOptionError, InvalidTensorError, NonFiniteTensorError
-from quant.hadamard import check_power_of_two, fwht
+from quant.hadamard import check_power_of_two
 from quant.packed import MODES, PackedTensor
-from quant.packing import pack_codes, unpack_codes
+from quant.packing import packed_row_bytes
 
 MIN_BLOCK, MAX_BLOCK = 32, 256
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-FP16_MAX = float(torch.finfo(torch.float16).max)
-NORM_FLOOR = 1e-10                      # the reference clamps block norms here
-CLIP_FACTORS = tuple(0.45 + 0.05 * i for i in range(17))   # k in 0.45..1.25
-CODEBOOK_ROUNDS = 4                     # Lloyd rounds for refine_codebook
-_ROWS_PER_CHUNK_ELEMENTS = 1 << 20
+FP16_MAX = 65504.0
+CODEBOOK_ROUNDS = 6          # at most this many Lloyd rounds for refine_codebook
+MIN_LEVEL_GAP = 1e-3         # keeps a refined codebook strictly increasing
+
+# Scale candidates per bit width: (anchor, factor) with anchor rms or absmax/largest
+# level, then Lloyd steps. Few bits clip little (rms-anchored); many bits want the
+# block's largest value near the outermost level (absmax-anchored).
+_RMS, _ABSMAX = kernels.ANCHOR_RMS, kernels.ANCHOR_ABSMAX
+SEARCH = {
+    2: ([(_RMS, 0.9), (_RMS, 1.0), (_RMS, 1.1)], 2),
+    3: ([(_RMS, 0.85), (_RMS, 0.95), (_RMS, 1.05), (_RMS, 1.15)], 2),
+    4: ([(_ABSMAX, f) for f in (0.9, 0.95, 1.0, 1.05, 1.1)], 2),
+    5: ([(_ABSMAX, f) for f in (0.95, 1.0, 1.05)], 2),
+    6: ([(_ABSMAX, f) for f in (0.95, 1.03, 1.11)], 2),
+    7: ([(_ABSMAX, f) for f in (1.0, 1.08, 1.16)], 2),
+    8: ([(_ABSMAX, f) for f in (1.05, 1.15, 1.25)], 2),
+}
 
 
 def _label(name: str | None) -> str:
@@ -40,6 +57,13 @@ def _label(name: str | None) -> str:
 
 def validate_weight(weight: torch.Tensor, name: str | None = None) -> None:
     """Raise a typed error unless ``weight`` is a non-empty, finite 2-D float tensor."""
+    check_structure(weight, name)
+    if not bool(torch.isfinite(weight).all()):
+        raise_non_finite(weight, name)
+
+
+def check_structure(weight: torch.Tensor, name: str | None = None) -> None:
+    """Rank, size and dtype checks (``validate_weight`` without the finiteness scan)."""
     label = _label(name)
     if not isinstance(weight, torch.Tensor):
         raise InvalidTensorError(f"{label}: expected a torch.Tensor, got {type(weight).__name__}")
@@ -50,143 +74,144 @@ def validate_weight(weight: torch.Tensor, name: str | None = None) -> None:
     if weight.dtype not in FLOAT_DTYPES:
         raise InvalidTensorError(f"{label}: dtype {weight.dtype} cannot be quantized; "
                                  "expected float32, float16 or bfloat16")
+
+
+def raise_non_finite(weight: torch.Tensor, name: str | None = None) -> None:
+    """Raise NonFiniteTensorError saying how many NaN/Inf values there are and where."""
     bad = ~torch.isfinite(weight)
-    count = int(bad.sum())
-    if count:
-        row, col = (int(i) for i in bad.nonzero()[0])
-        raise NonFiniteTensorError(f"{label}: {count} NaN/Inf value(s), first at row {row}, "
-                                   f"column {col}")
+    row, col = (int(i) for i in bad.nonzero()[0])
+    raise NonFiniteTensorError(f"{_label(name)}: {int(bad.sum())} NaN/Inf value(s), first at "
+                               f"row {row}, column {col}; a weight must be finite to quantize")
 
 
 def check_options(bits: int, block_size: int, group_size: int | None, mode: str,
-                  refine_codebook: bool = False) -> int:
+                  refine_codebook: bool = False, name: str | None = None) -> int:
     """Validate the encoder options; return the effective group size."""
-    check_bits(bits)
-    check_power_of_two(block_size, "block_size", MIN_BLOCK, MAX_BLOCK)
+    try:
+        check_bits(bits)
+        check_power_of_two(block_size, "block_size", MIN_BLOCK, MAX_BLOCK)
+    except InvalidOptionError as error:
+        raise InvalidOptionError(f"{_label(name)}: {error}") from None
     if mode not in MODES:
-        raise InvalidOptionError(f"mode={mode!r}: must be one of {', '.join(MODES)}")
+        raise InvalidOptionError(f"{_label(name)}: mode={mode!r}: must be one of "
+                                 f"{', '.join(MODES)}")
     group = block_size if group_size is None else group_size
-    if not isinstance(group, int) or group < 1 or block_size % group:
-        raise InvalidOptionError(f"group_size={group_size!r}: must be a positive divisor of "
-                                 f"block_size={block_size}")
+    if (not isinstance(group, int) or isinstance(group, bool) or group < 8 or group % 8
+            or block_size % group):
+        raise InvalidOptionError(f"{_label(name)}: group_size={group_size!r}: must divide "
+                                 f"block_size={block_size} and be a multiple of 8")
     if mode == "reference" and (group != block_size or refine_codebook):
-        raise InvalidOptionError("mode='reference' has one L2-norm scale per block and the "
-                                 "standard codebook: use mode='refined' for group_size or "
-                                 "refine_codebook")
+        raise InvalidOptionError(f"{_label(name)}: mode='reference' has one L2-norm scale per "
+                                 "block and the standard codebook; use mode='refined' for "
+                                 "group_size or refine_codebook")
     return group
 
 
 def quantize_tensor(weight: torch.Tensor, bits: int = 5, block_size: int = 128,
                     mode: str = "refined", group_size: int | None = None,
                     refine_codebook: bool = False, name: str | None = None) -> PackedTensor:
-    """Quantize a 2-D float weight ``(out, in)`` to HLWQ codes + fp16 scales."""
-    group = check_options(bits, block_size, group_size, mode, refine_codebook)
-    validate_weight(weight, name)
+    """Quantize a 2-D float weight ``(out, in)`` to HLWQ codes and fp16 scales."""
+    group = check_options(bits, block_size, group_size, mode, refine_codebook, name)
+    check_structure(weight, name)
+    source = _kernel_source(weight)
     codebook = lloyd_max_codebook(bits)
-    rotated, norms = _rotate_blocks(weight, block_size)
-    if mode == "reference":
-        codes = _nearest(rotated * (math.sqrt(block_size) / norms.unsqueeze(-1)), codebook)
-        scales = norms
-    else:
-        codes, scales, _ = _search_scales(rotated, norms, codebook, group)
-        if refine_codebook:
-            codebook, codes, scales = _refine_codebook(rotated, norms, codebook, codes, scales,
-                                                       group)
-    out_features = weight.shape[0]
-    scales16 = _to_fp16_scales(scales.reshape(out_features, -1), name)
+    encoded = _encode(source, weight.shape, bits, block_size, group, mode, codebook)
+    if encoded is None:                       # the kernel met NaN/Inf: find and name them
+        raise_non_finite(weight, name)
+    if refine_codebook:
+        codebook, encoded = _refine_codebook(source, weight.shape, bits, block_size, group,
+                                             codebook, encoded)
+    packed, scales, _ = encoded
     return PackedTensor(
-        codes=pack_codes(codes.reshape(out_features, -1), bits),
-        scales=scales16, codebook=codebook, shape=tuple(weight.shape), bits=bits,
-        block_size=block_size, group_size=group, mode=mode)
+        codes=torch.from_numpy(packed), scales=_to_fp16_scales(scales, name),
+        codebook=codebook, shape=tuple(weight.shape), bits=bits, block_size=block_size,
+        group_size=group, mode=mode)
 
 
 def dequantize(packed: PackedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rebuild the ``(out, in)`` weight from a :class:`PackedTensor`."""
-    out_features, in_features = packed.shape
-    block = packed.block_size
-    codes = unpack_codes(packed.codes, packed.bits, packed.in_padded)
-    levels = packed.codebook.float()[codes.long()]
-    scales = packed.scales.float().repeat_interleave(packed.group_size, dim=1)
-    rotated = (levels * scales * (1.0 / math.sqrt(block))).view(out_features, -1, block)
-    return fwht(rotated).reshape(out_features, -1)[:, :in_features].to(dtype)
+    rows, in_features = packed.shape
+    bf16 = dtype == torch.bfloat16
+    out = np.empty((rows, in_features), np.uint16 if bf16 else np.float32)
+    kernels.decode(_numpy(packed.codes, np.uint8), _numpy(packed.scales.float(), np.float32),
+                   np.ascontiguousarray(packed.codebook.float().numpy()), packed.bits,
+                   packed.block_size, packed.group_size, in_features, out)
+    result = torch.from_numpy(out)
+    return result.view(torch.bfloat16) if bf16 else result.to(dtype)
 
 
-def _rotate_blocks(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad, cut into blocks, rotate: ``(out, blocks, B)`` coordinates and block norms."""
-    out_features, in_features = weight.shape
-    padded = -(-in_features // block) * block
-    w = torch.nn.functional.pad(weight.float(), (0, padded - in_features))
-    blocks = w.view(out_features, -1, block)
-    norms = torch.linalg.vector_norm(blocks, dim=-1).clamp_min(NORM_FLOOR)
-    return fwht(blocks), norms
+def _numpy(t: torch.Tensor, dtype) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().cpu().numpy()).view(dtype)
 
 
-def _nearest(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest level (ties to the lower one), as uint8."""
-    return torch.bucketize(values, midpoints(codebook)).to(torch.uint8)
+def _kernel_source(weight: torch.Tensor) -> np.ndarray:
+    """The weight as the encoder reads it: bf16 or fp32 bit patterns (no copy if possible)."""
+    weight = weight.detach().cpu()
+    if weight.dtype == torch.bfloat16:
+        return weight.contiguous().view(torch.int16).numpy().view(np.uint16)
+    return weight.float().contiguous().numpy().view(np.uint32)
 
 
-def _group_error(y: torch.Tensor, yy: torch.Tensor, levels: torch.Tensor,
-                 scale: torch.Tensor) -> torch.Tensor:
-    """Squared error of ``scale * levels`` against ``y`` per group (last axis summed)."""
-    return yy - 2 * scale * (y * levels).sum(-1) + scale * scale * (levels * levels).sum(-1)
+@functools.lru_cache(maxsize=None)
+def _search_arrays(bits: int):
+    candidates, lloyd_steps = SEARCH[bits]
+    anchors = np.array([a for a, _ in candidates], np.int32)
+    factors = np.array([f for _, f in candidates], np.float32)
+    return anchors, factors, lloyd_steps
 
 
-def _fp16_round(x: torch.Tensor) -> torch.Tensor:
-    return x.clamp(max=FP16_MAX).half().float()
+@functools.lru_cache(maxsize=32)
+def _table(codebook_bytes: bytes) -> kernels.NearestTable:
+    return kernels.NearestTable(np.frombuffer(codebook_bytes, np.float32))
 
 
-def _search_scales(rotated: torch.Tensor, norms: torch.Tensor, codebook: torch.Tensor,
-                   group: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Per group best (codes, stored scale) over the candidates; returns the total error too."""
-    out_features, n_blocks, block = rotated.shape
-    root_b = math.sqrt(block)
-    y = rotated.view(out_features, n_blocks, block // group, group)
-    yy = (y * y).sum(-1)
-    # The reference candidate: block norm scale, unrefit.
-    ref_scale = _fp16_round(norms).unsqueeze(-1).expand_as(yy) / root_b
-    best_codes = _nearest(y / (norms / root_b)[..., None, None], codebook)
-    best_scale = ref_scale.clone()
-    best_err = _group_error(y, yy, codebook[best_codes.long()], ref_scale)
-    rms = (yy / group).sqrt().clamp_min(NORM_FLOOR)
-    for k in CLIP_FACTORS:
-        codes = _nearest(y / (k * rms).unsqueeze(-1), codebook)
-        levels = codebook[codes.long()]
-        fitted = (y * levels).sum(-1) / (levels * levels).sum(-1)
-        scale = _fp16_round(fitted * root_b) / root_b
-        err = _group_error(y, yy, levels, scale)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_codes = torch.where(better.unsqueeze(-1), codes, best_codes)
-    return best_codes, best_scale * root_b, float(best_err.double().sum())
+def _encode(source, shape, bits, block, group, mode, codebook):
+    """Run the encoder kernel: (packed codes, float32 scales, total squared error), or
+    None when the weight holds NaN/Inf."""
+    rows, in_features = shape
+    in_padded = -(-in_features // block) * block
+    packed = np.empty((rows, packed_row_bytes(in_padded, bits)), np.uint8)
+    scales = np.empty((rows, in_padded // group), np.float32)
+    tile_error = np.zeros(-(-rows * (in_padded // block) // kernels.LANES))
+    table = _table(codebook.numpy().tobytes())
+    anchors, factors, lloyd_steps = _search_arrays(bits)
+    non_finite = kernels.encode(
+        source, in_features, block, group, bits, mode == "refined", anchors, factors,
+        lloyd_steps, table.levels, table.approx, table.origin, table.inv_width, table.first,
+        table.threshold, packed, scales, tile_error)
+    if non_finite:
+        return None
+    return packed, scales, float(tile_error.sum())
 
 
-def _refine_codebook(rotated, norms, codebook, codes, scales, group):
-    """Lloyd rounds on this tensor's own coordinates; keep a codebook only if it lowers error."""
-    out_features, n_blocks, block = rotated.shape
-    y = rotated.view(-1, group)
-    best = (codebook, codes, scales)
-    best_err = _search_scales(rotated, norms, codebook, group)[2]
+def _refine_codebook(source, shape, bits, block, group, codebook, encoded):
+    """Lloyd rounds on this tensor's rotated coordinates; keep the codebook that lowers error."""
+    best_codebook, best = codebook, encoded
     for _ in range(CODEBOOK_ROUNDS):
-        t = (scales.reshape(-1, 1) / math.sqrt(block)).expand_as(y).reshape(-1)
-        idx = codes.reshape(-1).long()
-        levels = codebook.numel()
-        num = torch.zeros(levels, dtype=torch.float64).index_add_(0, idx, (t * y.reshape(-1)).double())
-        den = torch.zeros(levels, dtype=torch.float64).index_add_(0, idx, (t * t).double())
-        codebook = torch.where(den > 0, num / den.clamp_min(1e-300), codebook.double())
-        codebook = codebook.float().sort().values
-        codes, scales, err = _search_scales(rotated, norms, codebook, group)
-        if err < best_err:
-            best, best_err = (codebook, codes, scales), err
-    return best
+        packed, scales, _ = best
+        sums = kernels.level_sums(source, shape[1], block, group, bits, packed, scales,
+                                  1 << bits, max(1, numba.get_num_threads() * 4)).sum(0)
+        fitted = np.where(sums[1] > 0, sums[0] / np.maximum(sums[1], 1e-300),
+                          best_codebook.double().numpy())
+        candidate = torch.from_numpy(_strictly_increasing(np.sort(fitted))).float()
+        trial = _encode(source, shape, bits, block, group, "refined", candidate)
+        if not trial[2] < best[2]:
+            break
+        best_codebook, best = candidate, trial
+    return best_codebook, best
 
 
-def _to_fp16_scales(scales: torch.Tensor, name: str | None) -> torch.Tensor:
-    too_big = scales > FP16_MAX
+def _strictly_increasing(levels: np.ndarray) -> np.ndarray:
+    for i in range(1, levels.size):
+        levels[i] = max(levels[i], levels[i - 1] + MIN_LEVEL_GAP)
+    return levels
+
+
+def _to_fp16_scales(scales: np.ndarray, name: str | None) -> torch.Tensor:
+    too_big = ~np.isfinite(scales) | (scales > FP16_MAX)
     if too_big.any():
-        row, col = (int(i) for i in too_big.nonzero()[0])
-        raise InvalidTensorError(f"{_label(name)}: scale {float(scales[row, col]):.4g} at row "
-                                 f"{row}, group {col} exceeds the fp16 range ({FP16_MAX:g}); "
-                                 "such weights cannot be stored with fp16 scales")
-    return scales.half()
+        row, col = np.argwhere(too_big)[0]
+        raise InvalidTensorError(f"{_label(name)}: the block scale at row {row}, group {col} "
+                                 f"exceeds the fp16 range ({FP16_MAX:g}); weights this large "
+                                 "cannot be stored with fp16 scales")
+    return torch.from_numpy(scales).half()

@@ -25,6 +25,10 @@ from quant.errors import InvalidTensorError
 from quant.packed import PackedTensor
 from quant.packing import unpack_codes
 
+# Below this many values one thread is faster: a parallel launch costs more than the work,
+# and on a busy machine a worker thread that is not scheduled stalls the whole pass.
+SERIAL_BELOW = 1 << 20
+
 
 @numba.njit(inline="always")
 def _decode_octet(code_row, scale_row, levels, bits, group_shift, octet, values):
@@ -77,11 +81,16 @@ def decode_rotated_into(packed: PackedTensor, out: torch.Tensor,
         scales = packed.scales.to(torch.float32).numpy()  # one value per group: small
         levels = scaled_levels(packed, factor).numpy()
         shift = packed.group_size.bit_length() - 1
-        if out.dtype == torch.float32:
-            _decode_f32(codes, scales, levels, packed.bits, shift, out.numpy())
-        else:
-            _decode_bf16(codes, scales, levels, packed.bits, shift,
-                         out.view(torch.int16).numpy().view(np.uint16))
+        threads = numba.get_num_threads()
+        numba.set_num_threads(1 if out.numel() < SERIAL_BELOW else threads)
+        try:
+            if out.dtype == torch.float32:
+                _decode_f32(codes, scales, levels, packed.bits, shift, out.numpy())
+            else:
+                _decode_bf16(codes, scales, levels, packed.bits, shift,
+                             out.view(torch.int16).numpy().view(np.uint16))
+        finally:
+            numba.set_num_threads(threads)
         return out
     return out.copy_(decode_rotated(packed, factor))
 

@@ -1,26 +1,34 @@
 """Fused numba kernels for the HLWQ encoder and decoder.
 
-Work is cut into tiles of ``LANES`` rotation blocks (consecutive in row-major
-block order, so any shape fills the tiles) held transposed: ``tile[j, lane]``
-is value ``j`` of block ``lane``. Every step then runs the same operation on
-``LANES`` blocks at once, which the compiler turns into SIMD: the load (bf16
-bits or fp32), the L2 norm, the Walsh-Hadamard butterflies, the per-group
-scale search, the nearest-level lookup and the packing. Tiles run in parallel.
+Work is cut into tiles of ``LANES`` rotation blocks, consecutive in row-major
+block order (so any shape fills the tiles), and tiles run in parallel. Per tile:
+
+1. load the blocks (bf16 bit patterns or fp32) and their L2 norms;
+2. rotate: the Walsh-Hadamard butterflies run on a transposed copy
+   (``tile[j, lane]``) so every butterfly is one SIMD operation across lanes;
+   two buffers alternate because in-place updates defeat the vectoriser;
+3. per group of rotated values: reference codes, or a scale search (below);
+4. pack the codes.
 
 Everything works in the *unnormalised* Hadamard domain ``u = w @ (sqrt(B) H)``
-where a stored scale ``s`` reconstructs ``u_hat = s * level`` directly; the
-reference's scale ``||w||`` is then ``rms(u)`` and errors in ``u`` are ``B``
-times errors in ``w``.
+where a stored scale ``s`` reconstructs ``u_hat = s * level`` directly: the
+reference's scale ``||w||`` is ``rms(u)`` and errors in ``u`` are ``B`` times
+errors in ``w``.
 
 Nearest level: a uniform lookup table over the midpoints whose cells are at
 most half the smallest midpoint gap, so a cell holds at most one midpoint and
-``code = first[cell] + (z > threshold[cell])`` is exact and branch free.
+``code = first[cell] + (z > threshold[cell])`` is exact and branch free. The
+search uses a one-lookup approximation (the level nearest the cell's centre),
+which only differs for values within a cell of a midpoint, where both levels
+are almost equally good.
 
-Scale search (refined mode), per group and per lane: the reference scale plus a
-golden-section search for ``k`` in ``scale = k * rms(u)``; each candidate takes
-the nearest codes at that scale and refits the scale by least squares; the
-error is measured after rounding the scale to fp16. Last, one Lloyd step: the
-codes at the best refitted scale, refitted again. The smallest error wins.
+Scale search (refined mode), per group: candidate scales ``factor * anchor``
+where the anchor is the group's rms or its absmax divided by the largest
+level; each candidate takes the nearest codes and refits the scale by least
+squares; then Lloyd steps (codes at the best refitted scale, refit again).
+The winner and the reference choice (``||w||``, its codes) are then scored
+exactly, with the scale rounded to fp16, and the better one is kept, so no
+group ends up worse than the reference encoder's.
 """
 
 from __future__ import annotations
@@ -31,15 +39,16 @@ import numba
 import numpy as np
 from numba import prange
 
-LANES = 16
+LANES = 32
 NORM_FLOOR = 1e-10
-GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
-_FASTMATH = {"reassoc", "nsz", "contract"}   # no nnan/ninf: the tables use +inf
-_jit = numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
+ANCHOR_RMS, ANCHOR_ABSMAX = 0, 1
+_FASTMATH = {"reassoc", "nsz", "contract"}   # no nnan/ninf: the tables hold +inf
+_U = np.uint64                               # unsigned indices: no negative-index wrap checks
+_inline = numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
 
 
 class NearestTable:
-    """Lookup table for the nearest level of a sorted codebook (see module docstring)."""
+    """Lookup tables for the nearest level of a sorted codebook (see module docstring)."""
 
     def __init__(self, codebook: np.ndarray):
         levels = np.ascontiguousarray(codebook, dtype=np.float32)
@@ -47,41 +56,33 @@ class NearestTable:
         width = float(np.min(np.diff(mids))) / 2 if mids.size > 1 else 1.0
         if not width > 0:
             raise ValueError("codebook levels must be strictly increasing")
-        cells = int(math.ceil((float(mids[-1]) - float(mids[0])) / width)) + 2
-        starts = float(mids[0]) + width * np.arange(cells, dtype=np.float64)
+        origin = float(mids[0]) - width   # cell 0 holds everything below the first midpoint
+        cells = int(math.ceil((float(mids[-1]) - origin) / width)) + 2
+        starts = origin + width * np.arange(cells, dtype=np.float64)
         first = np.searchsorted(mids.astype(np.float64), starts - 0.01 * width, side="left")
+        centre = np.searchsorted(mids.astype(np.float64), starts + 0.5 * width, side="left")
         self.levels = levels
-        self.origin = np.float32(mids[0])
+        self.origin = np.float32(origin)
         self.inv_width = np.float32(1.0 / width)
-        self.first = first.astype(np.int32)
+        self.first = first.astype(np.uint32)
         self.threshold = np.append(mids, np.float32(np.inf))[first].astype(np.float32)
+        self.approx = levels[centre]
 
 
-@_jit
-def _nearest(z, origin, inv_width, first, threshold):
-    f = min(max((z - origin) * inv_width, np.float32(0.0)), np.float32(first.size - 1))
-    cell = np.int32(f)
-    return first[cell] + np.int32(z > threshold[cell])
+@_inline
+def _index(i):
+    """A table index the compiler knows is non-negative and 31-bit (cheap SIMD gathers)."""
+    return np.uint32(i) & np.uint32(0x7FFFFFFF)
 
 
-@_jit
-def _fwht_tile(t, n):
-    """Unnormalised Walsh-Hadamard butterflies down the rows of a transposed tile."""
-    half = 1
-    while half < n:
-        for i in range(0, n, 2 * half):
-            for j in range(i, i + half):
-                a = (j) * LANES
-                b = (j + half) * LANES
-                for k in range(LANES):
-                    x = t[a + k]
-                    y = t[b + k]
-                    t[a + k] = x + y
-                    t[b + k] = x - y
-        half *= 2
+@_inline
+def _cell(z, origin, inv_width, top):
+    f = (z - origin) * inv_width
+    f = f if f < top else top                 # NaN -> top: never an out-of-range index
+    return _index(f if f > np.float32(0.0) else np.float32(0.0))
 
 
-@_jit
+@_inline
 def _fp16_round(x):
     """The fp16 value nearest to a non-negative float (ties to even), as float64."""
     if x <= 0.0:
@@ -92,204 +93,318 @@ def _fp16_round(x):
     return np.rint(math.ldexp(x, -step)) * math.ldexp(1.0, step)
 
 
-@_jit
-def _block_of(tile, lane, n_blocks):
-    flat = tile * LANES + lane
-    return flat // n_blocks, flat % n_blocks
+# ---------------------------------------------------------------- rotation
+@_inline
+def _radix8(src, dst, n, h, lanes):
+    """Three butterfly stages (strides h, 2h, 4h) from src to dst, on rows i + r*h."""
+    s = _U(h * lanes)
+    for start in range(0, n, 8 * h):
+        for i in range(start, start + h):
+            o = _U(i * lanes)
+            for q in range(_U(lanes)):
+                x0 = src[o + q]
+                x1 = src[o + s + q]
+                x2 = src[o + _U(2) * s + q]
+                x3 = src[o + _U(3) * s + q]
+                x4 = src[o + _U(4) * s + q]
+                x5 = src[o + _U(5) * s + q]
+                x6 = src[o + _U(6) * s + q]
+                x7 = src[o + _U(7) * s + q]
+                a0 = x0 + x1
+                a1 = x0 - x1
+                a2 = x2 + x3
+                a3 = x2 - x3
+                a4 = x4 + x5
+                a5 = x4 - x5
+                a6 = x6 + x7
+                a7 = x6 - x7
+                b0 = a0 + a2
+                b2 = a0 - a2
+                b1 = a1 + a3
+                b3 = a1 - a3
+                b4 = a4 + a6
+                b6 = a4 - a6
+                b5 = a5 + a7
+                b7 = a5 - a7
+                dst[o + q] = b0 + b4
+                dst[o + _U(4) * s + q] = b0 - b4
+                dst[o + s + q] = b1 + b5
+                dst[o + _U(5) * s + q] = b1 - b5
+                dst[o + _U(2) * s + q] = b2 + b6
+                dst[o + _U(6) * s + q] = b2 - b6
+                dst[o + _U(3) * s + q] = b3 + b7
+                dst[o + _U(7) * s + q] = b3 - b7
 
 
-@_jit
-def _load_tile(src, tile, n_tiles_blocks, n_blocks, block, in_features, bits32):
-    """Transposed copy of one tile as fp32 bit patterns (bf16 is the top half of fp32)."""
+@_inline
+def _radix4(src, dst, n, h, lanes):
+    s = _U(h * lanes)
+    for start in range(0, n, 4 * h):
+        for i in range(start, start + h):
+            o = _U(i * lanes)
+            for q in range(_U(lanes)):
+                x0 = src[o + q]
+                x1 = src[o + s + q]
+                x2 = src[o + _U(2) * s + q]
+                x3 = src[o + _U(3) * s + q]
+                a0 = x0 + x1
+                a1 = x0 - x1
+                a2 = x2 + x3
+                a3 = x2 - x3
+                dst[o + q] = a0 + a2
+                dst[o + _U(2) * s + q] = a0 - a2
+                dst[o + s + q] = a1 + a3
+                dst[o + _U(3) * s + q] = a1 - a3
+
+
+@_inline
+def _radix2(src, dst, n, h, lanes):
+    s = _U(h * lanes)
+    for start in range(0, n, 2 * h):
+        for i in range(start, start + h):
+            o = _U(i * lanes)
+            for q in range(_U(lanes)):
+                x0 = src[o + q]
+                x1 = src[o + s + q]
+                dst[o + q] = x0 + x1
+                dst[o + s + q] = x0 - x1
+
+
+@_inline
+def _fwht_transposed(a, b, n, lanes):
+    """Unnormalised Walsh-Hadamard transform of each lane of ``a`` (rows of ``lanes``).
+
+    Uses ``b`` as the second buffer; returns the buffer holding the result."""
+    h = 1
+    src, dst = a, b
+    while h < n:
+        if h * 8 <= n:
+            _radix8(src, dst, n, h, lanes)
+            h *= 8
+        elif h * 4 <= n:
+            _radix4(src, dst, n, h, lanes)
+            h *= 4
+        else:
+            _radix2(src, dst, n, h, lanes)
+            h *= 2
+        src, dst = dst, src
+    return src
+
+
+@_inline
+def _untranspose(t, u, block):
+    for k in range(LANES):
+        for j in range(block):
+            u[k * block + j] = t[j * LANES + k]
+
+
+@_inline
+def _rotate(u, t1, t2, block):
+    """Rotate the natural-layout tile ``u`` (lane-major) in place via the transposed buffers."""
+    for k in range(LANES):
+        for j in range(block):
+            t1[j * LANES + k] = u[k * block + j]
+    r = _fwht_transposed(t1, t2, block, LANES)
+    for k in range(LANES):
+        for j in range(block):
+            u[k * block + j] = r[j * LANES + k]
+
+
+# ---------------------------------------------------------------- load / pack
+@_inline
+def _load_tile(src, tile, total, n_blocks, block, in_features, u_bits, norm):
+    """Natural-layout copy of a tile as fp32 bits (bf16 is the top half of fp32), and norms."""
     shift = 16 if src.itemsize == 2 else 0
+    u = u_bits.view(np.float32)
     for lane in range(LANES):
-        if tile * LANES + lane >= n_tiles_blocks:
-            for j in range(block):
-                bits32[j * LANES + lane] = 0
-            continue
-        row, blk = _block_of(tile, lane, n_blocks)
-        col0 = blk * block
-        stop = min(block, in_features - col0)
-        for j in range(stop):
-            bits32[j * LANES + lane] = np.uint32(src[row, col0 + j]) << shift
+        flat = tile * LANES + lane
+        base = lane * block
+        stop = 0
+        if flat < total:
+            row = flat // n_blocks
+            col0 = (flat % n_blocks) * block
+            stop = min(block, in_features - col0)
+            for j in range(stop):
+                u_bits[base + j] = np.uint32(src[row, col0 + j]) << shift
         for j in range(stop, block):
-            bits32[j * LANES + lane] = 0
+            u_bits[base + j] = 0
+        sq = 0.0
+        for j in range(block):
+            sq += np.float64(u[base + j]) * u[base + j]
+        norm[lane] = np.float32(max(math.sqrt(sq), NORM_FLOOR))
 
 
-@_jit
-def _evaluate(t, lo, hi, inv_t, levels, origin, inv_width, first, threshold, uu, err, scale):
-    """Per lane: codes at scale 1/inv_t, least-squares refit, error with the fp16 scale."""
-    uc = np.zeros(LANES)
-    cc = np.zeros(LANES)
-    for j in range(lo, hi):
-        base = j * LANES
-        for k in range(LANES):
-            lev = levels[_nearest(t[base + k] * inv_t[k], origin, inv_width, first, threshold)]
-            uc[k] += t[base + k] * lev
-            cc[k] += lev * lev
-    for k in range(LANES):
-        s = _fp16_round(max(uc[k] / cc[k], 0.0))
-        scale[k] = s
-        err[k] = uu[k] - 2.0 * s * uc[k] + s * s * cc[k]
+@_inline
+def _load_transposed(src, tile, total, n_blocks, block, in_features, t, norm):
+    """Transposed copy of a tile (``t[j * LANES + lane]``) as fp32, and the block norms.
 
-
-@_jit
-def _error_at(t, lo, hi, inv_t, s16, levels, origin, inv_width, first, threshold, uu, err):
-    """Per lane: error of the codes at scale 1/inv_t kept with the given fp16 scale."""
-    uc = np.zeros(LANES)
-    cc = np.zeros(LANES)
-    for j in range(lo, hi):
-        base = j * LANES
-        for k in range(LANES):
-            lev = levels[_nearest(t[base + k] * inv_t[k], origin, inv_width, first, threshold)]
-            uc[k] += t[base + k] * lev
-            cc[k] += lev * lev
-    for k in range(LANES):
-        err[k] = uu[k] - 2.0 * s16[k] * uc[k] + s16[k] * s16[k] * cc[k]
-
-
-@_jit
-def _keep_better(err, scale, inv_t, best_err, best_scale, best_inv_t):
-    for k in range(LANES):
-        if err[k] < best_err[k]:
-            best_err[k] = err[k]
-            best_scale[k] = scale[k]
-            best_inv_t[k] = inv_t[k]
-
-
-@_jit
-def _search_group(t, lo, hi, rms, search, levels, origin, inv_width, first, threshold,
-                  uu, best_err, best_scale, best_inv_t):
-    """Golden-section search of k in [search[0], search[1]] (search[2] evaluations), then
-    one Lloyd step from the best refitted scale; improves the best_* arrays in place."""
-    err = np.empty(LANES)
-    scale = np.empty(LANES)
-    inv_t = np.empty(LANES, np.float32)
-    lo_k = np.full(LANES, search[0])
-    hi_k = np.full(LANES, search[1])
-    x1 = hi_k - GOLDEN * (hi_k - lo_k)
-    x2 = lo_k + GOLDEN * (hi_k - lo_k)
-    e1 = np.empty(LANES)
-    e2 = np.empty(LANES)
-    for which in range(2):
-        x = x1 if which == 0 else x2
-        for k in range(LANES):
-            inv_t[k] = np.float32(1.0 / (x[k] * rms[k]))
-        _evaluate(t, lo, hi, inv_t, levels, origin, inv_width, first, threshold, uu, err, scale)
-        _keep_better(err, scale, inv_t, best_err, best_scale, best_inv_t)
-        (e1 if which == 0 else e2)[:] = err
-    for _ in range(int(search[2]) - 2):
-        for k in range(LANES):   # shrink towards the better point, place the next probe
-            if e1[k] <= e2[k]:
-                hi_k[k] = x2[k]
-                x2[k] = x1[k]
-                e2[k] = e1[k]
-                x1[k] = hi_k[k] - GOLDEN * (hi_k[k] - lo_k[k])
-                inv_t[k] = np.float32(1.0 / (x1[k] * rms[k]))
-            else:
-                lo_k[k] = x1[k]
-                x1[k] = x2[k]
-                e1[k] = e2[k]
-                x2[k] = lo_k[k] + GOLDEN * (hi_k[k] - lo_k[k])
-                inv_t[k] = np.float32(1.0 / (x2[k] * rms[k]))
-        _evaluate(t, lo, hi, inv_t, levels, origin, inv_width, first, threshold, uu, err, scale)
-        _keep_better(err, scale, inv_t, best_err, best_scale, best_inv_t)
-        for k in range(LANES):
-            if e1[k] <= e2[k] and inv_t[k] == np.float32(1.0 / (x1[k] * rms[k])):
-                e1[k] = err[k]
-            else:
-                e2[k] = err[k]
-    for k in range(LANES):   # Lloyd step: codes at the refitted scale
-        inv_t[k] = np.float32(1.0 / max(best_scale[k], NORM_FLOOR))
-    _evaluate(t, lo, hi, inv_t, levels, origin, inv_width, first, threshold, uu, err, scale)
-    _keep_better(err, scale, inv_t, best_err, best_scale, best_inv_t)
-
-
-@_jit
-def _store_codes_and_pack(t, codes, inv_t_col, group, block, bits, levels_unused,
-                          origin, inv_width, first, threshold, tile, n_tiles_blocks,
-                          n_blocks, packed):
-    for j in range(block):
-        base = j * LANES
-        col = (j // group) * LANES
-        for k in range(LANES):
-            codes[base + k] = _nearest(t[base + k] * inv_t_col[col + k], origin, inv_width,
-                                       first, threshold)
+    ``src`` holds bf16 bit patterns (uint16, the top half of an fp32) or fp32 bits.
+    NaN/Inf values are loaded as 0 and counted; the count is returned."""
+    shift = 16 if src.itemsize == 2 else 0
+    exponent = np.uint32(0x7F800000)
+    non_finite = 0
     for lane in range(LANES):
-        if tile * LANES + lane >= n_tiles_blocks:
+        flat = tile * LANES + lane
+        stop = 0
+        sq = 0.0
+        if flat < total:
+            row = flat // n_blocks
+            col0 = (flat % n_blocks) * block
+            stop = min(block, in_features - col0)
+            for j in range(stop):
+                bits = np.uint32(np.uint32(src[row, col0 + j]) << np.uint32(shift))
+                bad = (bits & exponent) == exponent
+                non_finite += bad
+                x = np.float32(0.0) if bad else bits.view(np.float32)
+                t[j * LANES + lane] = x
+                sq += np.float64(x) * x
+        for j in range(stop, block):
+            t[j * LANES + lane] = 0.0
+        norm[lane] = np.float32(max(math.sqrt(sq), NORM_FLOOR))
+    return non_finite
+
+
+@_inline
+def _pack(codes, lane, block, bits, packed, row, byte0):
+    for i in range(0, block, 8):
+        word = _U(0)
+        for q in range(8):
+            word |= _U(codes[lane * block + i + q]) << _U(q * bits)
+        out = byte0 + (i // 8) * bits
+        for q in range(bits):
+            packed[row, out + q] = np.uint8((word >> _U(8 * q)) & _U(0xFF))
+
+
+# ---------------------------------------------------------------- passes over one group
+@_inline
+def _approx_fit(u, lo, hi, inv_t, approx, origin, inv_width, top):
+    """Least-squares fit at scale 1/inv_t with approximate nearest levels: (uc, cc)."""
+    uc = np.float32(0.0)
+    cc = np.float32(0.0)
+    for j in range(lo, hi):
+        lev = approx[_cell(u[j] * inv_t, origin, inv_width, top)]
+        uc += u[j] * lev
+        cc += lev * lev
+    return np.float64(uc), np.float64(cc)
+
+
+@_inline
+def _exact_codes(u, lo, hi, inv_t, codes, levels, origin, inv_width, first, threshold, top):
+    """Nearest codes at scale 1/inv_t written to ``codes``; returns (uc, cc) in float64."""
+    uc = 0.0
+    cc = 0.0
+    for j in range(lo, hi):
+        z = u[j] * inv_t
+        cell = _cell(z, origin, inv_width, top)
+        code = _index(first[cell] + np.uint32(z > threshold[cell]))
+        codes[j] = code
+        lev = levels[code]
+        uc += np.float64(u[j]) * lev
+        cc += np.float64(lev) * lev
+    return uc, cc
+
+
+@_inline
+def _nearest_codes(u, lo, hi, inv_t, codes, origin, inv_width, first, threshold, top):
+    """Nearest codes at scale 1/inv_t written to ``codes`` (the reference encoder)."""
+    for j in range(lo, hi):
+        z = u[j] * inv_t
+        cell = _cell(z, origin, inv_width, top)
+        codes[j] = first[cell] + np.uint32(z > threshold[cell])
+
+
+@_inline
+def _search(u, lo, hi, norm, levels, anchors, factors, lloyd_steps, approx, origin, inv_width,
+            top):
+    """Best candidate scale (1/inv_t to take codes at) by approximate least-squares error."""
+    n = hi - lo
+    uu = np.float32(0.0)
+    amax = np.float32(0.0)
+    for j in range(lo, hi):
+        uu += u[j] * u[j]
+        amax = max(amax, abs(u[j]))
+    rms = max(math.sqrt(uu / n), NORM_FLOOR)
+    by_absmax = max(amax / levels[levels.size - 1], NORM_FLOOR)
+    best_err = np.inf
+    best_inv_t = np.float32(1.0 / norm)
+    best_fit = norm
+    for c in range(factors.size):
+        anchor = rms if anchors[c] == ANCHOR_RMS else by_absmax
+        inv_t = np.float32(1.0 / (factors[c] * anchor))
+        uc, cc = _approx_fit(u, lo, hi, inv_t, approx, origin, inv_width, top)
+        err = -uc * uc / cc
+        if err < best_err:
+            best_err, best_inv_t, best_fit = err, inv_t, max(uc / cc, NORM_FLOOR)
+    for _ in range(lloyd_steps):
+        inv_t = np.float32(1.0 / best_fit)
+        uc, cc = _approx_fit(u, lo, hi, inv_t, approx, origin, inv_width, top)
+        err = -uc * uc / cc
+        if not err < best_err:
             break
-        row, blk = _block_of(tile, lane, n_blocks)
-        byte0 = blk * block * bits // 8
-        for i in range(0, block, 8):
-            word = np.uint64(0)
-            for q in range(8):
-                word |= np.uint64(codes[(i + q) * LANES + lane]) << np.uint64(q * bits)
-            out = byte0 + (i // 8) * bits
-            for q in range(bits):
-                packed[row, out + q] = np.uint8((word >> np.uint64(8 * q)) & np.uint64(0xFF))
+        best_err, best_inv_t, best_fit = err, inv_t, max(uc / cc, NORM_FLOOR)
+    return best_inv_t
 
 
+# ---------------------------------------------------------------- kernels
 @numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def encode(src, in_features, block, group, bits, refined, search,
-           levels, origin, inv_width, first, threshold, packed, scales, tile_error):
-    """Quantize ``src`` (uint16 bf16 bits or uint32 fp32 bits, shape (rows, in)).
+def encode(src, in_features, block, group, bits, refined, anchors, factors, lloyd_steps,
+           levels, approx, origin, inv_width, first, threshold, packed, scales, tile_error):
+    """Quantize ``src`` (uint16 bf16 bits or uint32 fp32 bits, shape (rows, in_features)).
 
     Writes packed codes, float32 scales (fp16-representable) and the squared
-    weight-domain error of each tile. ``search`` = (k_low, k_high, evaluations).
+    weight-domain error of each tile; returns the number of NaN/Inf inputs
+    (their tiles are garbage: the caller raises).
     """
+    non_finite = 0
     rows = src.shape[0]
     n_blocks = packed.shape[1] * 8 // (bits * block)
     total = rows * n_blocks
-    n_tiles = -(-total // LANES)
     groups = block // group
-    for tile in prange(n_tiles):
-        bits32 = np.empty(block * LANES, np.uint32)
-        t = bits32.view(np.float32)
+    top = np.float32(first.size - 1)
+    for tile in prange(-(-total // LANES)):
+        u = np.empty(block * LANES, np.float32)
+        t1 = np.empty(block * LANES, np.float32)
+        t2 = np.empty(block * LANES, np.float32)
         codes = np.empty(block * LANES, np.uint8)
-        inv_t_col = np.empty(groups * LANES, np.float32)
-        _load_tile(src, tile, total, n_blocks, block, in_features, bits32)
-        norm = np.zeros(LANES)
-        for j in range(block):
-            for k in range(LANES):
-                norm[k] += np.float64(t[j * LANES + k]) * t[j * LANES + k]
-        inv_norm = np.empty(LANES, np.float32)
-        ref_scale = np.empty(LANES)
-        for k in range(LANES):
-            n32 = np.float32(max(math.sqrt(norm[k]), NORM_FLOOR))
-            inv_norm[k] = np.float32(1.0) / n32
-            ref_scale[k] = _fp16_round(n32)
-        _fwht_tile(t, block)
+        alt_codes = np.empty(group, np.uint8)
+        norm = np.empty(LANES, np.float32)
+        non_finite += _load_transposed(src, tile, total, n_blocks, block, in_features, t1, norm)
+        _untranspose(_fwht_transposed(t1, t2, block, LANES), u, block)
         error = 0.0
-        uu = np.zeros(LANES)
-        best_err = np.empty(LANES)
-        best_scale = np.empty(LANES)
-        best_inv_t = np.empty(LANES, np.float32)
-        rms = np.empty(LANES)
-        for g in range(groups):
-            lo = g * group
-            hi = lo + group
-            uu[:] = 0.0
-            for j in range(lo, hi):
-                for k in range(LANES):
-                    uu[k] += np.float64(t[j * LANES + k]) * t[j * LANES + k]
-            best_scale[:] = ref_scale
-            best_inv_t[:] = inv_norm
-            _error_at(t, lo, hi, inv_norm, ref_scale, levels, origin, inv_width, first,
-                      threshold, uu, best_err)
-            if refined:
-                for k in range(LANES):
-                    rms[k] = max(math.sqrt(uu[k] / group), NORM_FLOOR)
-                _search_group(t, lo, hi, rms, search, levels, origin, inv_width, first,
-                              threshold, uu, best_err, best_scale, best_inv_t)
-            for k in range(LANES):
-                inv_t_col[g * LANES + k] = best_inv_t[k]
-                if tile * LANES + k < total:
-                    row, blk = _block_of(tile, k, n_blocks)
-                    scales[row, blk * groups + g] = best_scale[k]
-                    error += best_err[k]
-        _store_codes_and_pack(t, codes, inv_t_col, group, block, bits, levels, origin,
-                              inv_width, first, threshold, tile, total, n_blocks, packed)
+        for lane in range(min(LANES, total - tile * LANES)):
+            flat = tile * LANES + lane
+            row = flat // n_blocks
+            blk = flat % n_blocks
+            inv_norm = np.float32(1.0) / norm[lane]
+            ref_scale = _fp16_round(norm[lane])
+            for g in range(groups):
+                lo = lane * block + g * group
+                hi = lo + group
+                best_scale = ref_scale
+                if not refined:
+                    _nearest_codes(u, lo, hi, inv_norm, codes, origin, inv_width, first,
+                                   threshold, top)
+                else:
+                    uu = 0.0
+                    for j in range(lo, hi):
+                        uu += np.float64(u[j]) * u[j]
+                    uc, cc = _exact_codes(u, lo, hi, inv_norm, codes, levels, origin, inv_width,
+                                          first, threshold, top)
+                    best_err = uu - 2.0 * ref_scale * uc + ref_scale * ref_scale * cc
+                    inv_t = _search(u, lo, hi, norm[lane], levels, anchors, factors, lloyd_steps,
+                                    approx, origin, inv_width, top)
+                    uc, cc = _exact_codes(u[lo:hi], 0, group, inv_t, alt_codes, levels, origin,
+                                          inv_width, first, threshold, top)
+                    scale = _fp16_round(max(uc / cc, 0.0))
+                    err = uu - 2.0 * scale * uc + scale * scale * cc
+                    if err < best_err:
+                        best_err, best_scale = err, scale
+                        codes[lo:hi] = alt_codes
+                    error += max(best_err, 0.0)
+                scales[row, blk * groups + g] = best_scale
+            _pack(codes, lane, block, bits, packed, row, blk * block * bits // 8)
         tile_error[tile] = error / block
+    return non_finite
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -298,38 +413,80 @@ def decode(packed, scales, levels, bits, block, group, in_features, out):
     rows = packed.shape[0]
     n_blocks = packed.shape[1] * 8 // (bits * block)
     total = rows * n_blocks
-    n_tiles = -(-total // LANES)
     groups = block // group
-    mask = np.uint64((1 << bits) - 1)
+    mask = _U((1 << bits) - 1)
     inv_block = np.float32(1.0 / block)
-    for tile in prange(n_tiles):
-        t = np.zeros(block * LANES, np.float32)
-        for lane in range(LANES):
-            if tile * LANES + lane >= total:
-                break
-            row, blk = _block_of(tile, lane, n_blocks)
+    for tile in prange(-(-total // LANES)):
+        t1 = np.zeros(block * LANES, np.float32)
+        t2 = np.empty(block * LANES, np.float32)
+        lanes = min(LANES, total - tile * LANES)
+        for lane in range(lanes):
+            flat = tile * LANES + lane
+            row = flat // n_blocks
+            blk = flat % n_blocks
             byte0 = blk * block * bits // 8
             for i in range(0, block, 8):
-                word = np.uint64(0)
+                word = _U(0)
                 for q in range(bits):
-                    word |= np.uint64(packed[row, byte0 + (i // 8) * bits + q]) << np.uint64(8 * q)
+                    word |= _U(packed[row, byte0 + (i // 8) * bits + q]) << _U(8 * q)
                 for q in range(8):
-                    t[(i + q) * LANES + lane] = levels[(word >> np.uint64(q * bits)) & mask]
+                    t1[(i + q) * LANES + lane] = levels[(word >> _U(q * bits)) & mask]
             for g in range(groups):
                 s = np.float32(scales[row, blk * groups + g]) * inv_block
                 for j in range(g * group, (g + 1) * group):
-                    t[j * LANES + lane] *= s
-        _fwht_tile(t, block)
-        bits32 = t.view(np.uint32)
-        for lane in range(LANES):
-            if tile * LANES + lane >= total:
-                break
-            row, blk = _block_of(tile, lane, n_blocks)
-            col0 = blk * block
+                    t1[j * LANES + lane] *= s
+        r = _fwht_transposed(t1, t2, block, LANES)
+        r_bits = r.view(np.uint32)
+        for lane in range(lanes):
+            flat = tile * LANES + lane
+            row = flat // n_blocks
+            col0 = (flat % n_blocks) * block
             stop = min(block, in_features - col0)
-            for j in range(stop):
-                if out.itemsize == 2:   # fp32 -> bf16 bits, round to nearest even
-                    b = bits32[j * LANES + lane]
+            if out.itemsize == 2:   # fp32 -> bf16 bits, round to nearest even
+                for j in range(stop):
+                    b = r_bits[j * LANES + lane]
                     out[row, col0 + j] = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-                else:
-                    out[row, col0 + j] = t[j * LANES + lane]
+            else:
+                for j in range(stop):
+                    out[row, col0 + j] = r[j * LANES + lane]
+
+
+@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def level_sums(src, in_features, block, group, bits, packed, scales, n_levels, chunks):
+    """Per level ``i``: sums of ``s * u`` and ``s * s`` over the values coded ``i``.
+
+    The least-squares codebook for fixed codes and scales is their ratio (one
+    Lloyd update on this tensor's own rotated coordinates). Returns (chunks, 2, L).
+    """
+    rows = src.shape[0]
+    n_blocks = packed.shape[1] * 8 // (bits * block)
+    total = rows * n_blocks
+    n_tiles = -(-total // LANES)
+    groups = block // group
+    mask = _U((1 << bits) - 1)
+    sums = np.zeros((chunks, 2, n_levels))
+    for chunk in prange(chunks):
+        u_bits = np.empty(block * LANES, np.uint32)
+        u = u_bits.view(np.float32)
+        t1 = np.empty(block * LANES, np.float32)
+        t2 = np.empty(block * LANES, np.float32)
+        norm = np.empty(LANES, np.float32)
+        for tile in range(chunk, n_tiles, chunks):
+            _load_tile(src, tile, total, n_blocks, block, in_features, u_bits, norm)
+            _rotate(u, t1, t2, block)
+            for lane in range(min(LANES, total - tile * LANES)):
+                flat = tile * LANES + lane
+                row = flat // n_blocks
+                blk = flat % n_blocks
+                byte0 = blk * block * bits // 8
+                for i in range(0, block, 8):
+                    word = _U(0)
+                    for q in range(bits):
+                        word |= _U(packed[row, byte0 + (i // 8) * bits + q]) << _U(8 * q)
+                    for q in range(8):
+                        j = i + q
+                        s = np.float64(scales[row, blk * groups + j // group])
+                        code = (word >> _U(q * bits)) & mask
+                        sums[chunk, 0, code] += s * u[lane * block + j]
+                        sums[chunk, 1, code] += s * s
+    return sums

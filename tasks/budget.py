@@ -59,7 +59,7 @@ SCOPE_HELP = ("package: every tensor the plan lists; checkpoint: all but the tex
               "(what the LTX-2.3 checkpoint files hold; Gemma 3 is a separate download); "
               "transformer: the transformer alone")
 SENSITIVITIES = ("params", "activations")
-SAMPLE_WEIGHTS = 1 << 18      # values quantized per tensor and width: ~2,000 blocks of 128
+SAMPLE_WEIGHTS = 1 << 16      # values quantized per tensor and width: ~500 blocks of 128
 MIN_SAMPLE_ROWS = 8
 EDGE_FRACTION = 1 / 8         # "params" prior: the first and last eighth of the blocks ...
 EDGE_WEIGHT = 2.0             # ... count twice

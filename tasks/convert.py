@@ -47,6 +47,7 @@ from quant.sizes import original_nbytes, packed_nbytes
 from quant.staging import staged_key, write_staged
 from tasks.export import carry_other_files, group_metadata, rewritten_groups
 from tasks.package import (
+    check_output_dir,
     file_record,
     fresh_partial_dir,
     fsync_tree,
@@ -82,6 +83,8 @@ def polar_module_name(tensor_name: str) -> str:
 def to_polarquant(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify: bool = True) -> dict:
     """Write ``artifact_dir`` in polarquant's layout (one polar_config.json per directory)."""
+    target = Path(out_dir)
+    check_output_dir(target)
     artifact = open_artifact(artifact_dir, verify=verify)
     groups = rewritten_groups(artifact)
     for entries in groups.values():
@@ -91,7 +94,6 @@ def to_polarquant(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, *
                     f"tensor {entry.key}: group_size {entry.group_size} < block_size "
                     f"{entry.block_size}; polarquant stores one scale per block, so this "
                     "artifact cannot be converted")
-    target = Path(out_dir)
     partial = fresh_partial_dir(target)
     try:
         files = carry_other_files(artifact, partial, groups)
@@ -218,6 +220,7 @@ def from_polarquant(polar_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     from tasks.inventory import component_of, has_model_index, layout_of, local_headers
 
     root = Path(polar_dir)
+    check_output_dir(Path(out_dir))
     configs = _polar_configs(root)
     if not configs:
         raise ArtifactError(f"{root}: no {POLAR_CONFIG}; not a polarquant checkpoint")

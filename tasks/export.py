@@ -11,6 +11,7 @@ model. The official single-file layout comes back as one file per checkpoint
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from prefect import task
@@ -36,6 +37,7 @@ from quant.shard_writer import (
 )
 from tasks.package import (
     ADDED_ROOT_FILES,
+    check_output_dir,
     file_record,
     fresh_partial_dir,
     fsync_tree,
@@ -52,9 +54,10 @@ SINGLE_FILE_LAYOUTS = ("ltx23-single",)
 def export_dequantized(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify: bool = True) -> dict:
     """Write the dequantized checkpoint to ``out_dir`` (temp dir + rename); return a summary."""
+    target = Path(out_dir)
+    check_output_dir(target)
     artifact = open_artifact(artifact_dir, verify=verify)
     groups = rewritten_groups(artifact)
-    target = Path(out_dir)
     partial = fresh_partial_dir(target)
     try:
         files = carry_other_files(artifact, partial, groups)
@@ -63,8 +66,6 @@ def export_dequantized(artifact_dir: str | os.PathLike, out_dir: str | os.PathLi
         fsync_tree(partial)
         replace_directory(partial, target)
     except BaseException:
-        import shutil
-
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return {"path": str(target), "files": len(files),

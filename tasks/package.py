@@ -86,11 +86,12 @@ def package_artifact(source_root: str | os.PathLike, inventory, staged: Mapping[
     if max_shard_bytes < 1:
         raise InvalidOptionError(f"max_shard_bytes={max_shard_bytes}: must be positive")
     root = Path(source_root)
+    target = Path(out_dir)
+    check_output_dir(target, replace_artifact=True)
     rows = _inventory_rows(inventory, root)
     _check_all_staged(rows, staged)
     lineage = lineage or {}
     layout = layout or _layout_of(inventory, root)
-    target = Path(out_dir)
     partial = fresh_partial_dir(target)
     try:
         files, entries = _assemble(partial, root, rows, staged, lineage, max_shard_bytes)
@@ -379,6 +380,20 @@ def _write_metrics(partial: Path, metrics):
 # ---------------------------------------------------------------- placing
 
 
+def check_output_dir(target: Path, replace_artifact: bool = False) -> None:
+    """Refuse to overwrite anything but an empty directory or, when asked, an HLWQ artifact."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise ArtifactError(f"{target}: exists and is not a directory; choose another output")
+    if replace_artifact and (target / MANIFEST_NAME).is_file():
+        return
+    if any(target.iterdir()):
+        what = "an HLWQ artifact" if replace_artifact else "empty"
+        raise ArtifactError(f"{target}: exists and is not {what}; refusing to replace it "
+                            "(choose a new directory or delete it)")
+
+
 def fresh_partial_dir(target: Path) -> Path:
     """A new hidden work directory beside ``target``; stale ones of earlier crashed runs go."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -402,9 +417,8 @@ def fsync_tree(directory: Path) -> None:
 
 
 def replace_directory(partial: Path, target: Path) -> None:
-    """Rename ``partial`` to ``target``; an existing target is moved aside first, then deleted."""
-    if target.exists() and not target.is_dir():
-        raise ArtifactError(f"{target}: exists and is not a directory; choose another output")
+    """Rename ``partial`` to ``target``; an existing target (checked by ``check_output_dir``)
+    is moved aside first, then deleted."""
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.hlwq-old-{secrets.token_hex(4)}"

@@ -1,9 +1,9 @@
 """The unit of quantization work: one tensor, run on a Dask worker.
 
-A unit (``quantize_unit``) opens the source file
-itself, reads only its tensor's bytes, quantizes, writes the packed result to
-staging atomically and returns one small metrics row. Nothing large passes
-through the scheduler or Prefect.
+A unit (``quantize_unit``) opens the source file itself, reads only its
+tensor's bytes, quantizes, writes the packed result to staging atomically and
+returns one small metrics row. Nothing large passes through the scheduler or
+Prefect.
 
 Each unit also leaves ``<staging>/<key>.json`` (its metrics row) after its
 staged tensor, so a rerun skips it and still reports its metrics. The key is a
@@ -20,6 +20,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import quant
@@ -32,9 +33,6 @@ from quant.sizes import original_nbytes, packed_nbytes
 from quant.staging import is_staged, write_staged
 
 ON_NONFINITE = ("fail", "keep")
-# The modules whose code decides a staged result's bytes: editing any of them
-# changes the code version, so stale staged results are never reused.
-RESULT_MODULES = ("codebook", "core", "hadamard", "packed", "packing", "staging")
 METRIC_KEYS = ("cosine", "rel_mse", "sqnr_db", "max_abs_err")
 
 
@@ -58,13 +56,11 @@ class TensorJob:
 
 
 def code_version() -> str:
-    """Package version plus a hash of the numerics' source code."""
+    """Package version plus a hash of quant/'s source: any edit to the numerics (or the
+    format) changes it, so staged results of other code are never reused."""
     digest = hashlib.sha256()
-    package = Path(quant.__file__).parent
-    for module in RESULT_MODULES:
-        digest.update((package / f"{module}.py").read_bytes())
-    from importlib.metadata import PackageNotFoundError, version
-
+    for path in sorted(Path(quant.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     try:
         release = version("hlwq-pipeline")
     except PackageNotFoundError:

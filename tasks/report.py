@@ -25,6 +25,7 @@ import matplotlib
 matplotlib.use("Agg")   # no display: files only
 
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
@@ -34,6 +35,7 @@ from runtime.video import contact_sheet, to_uint8_frames  # noqa: E402
 SHEET_DIR, PLOT_DIR = "sheets", "plots"
 REPORT_NAME = "report.html"
 DIFF_GAIN = 10          # the difference panel shows |packed - source| x this
+SHEET_FRAME_SIDE = 192  # frames in a sheet are shrunk to this longer side (real renders are large)
 LABEL_HEIGHT = 14
 TABLE_METRICS = (("psnr_mean", "PSNR mean dB", "{:.2f}"), ("psnr_min", "PSNR worst frame dB", "{:.2f}"),
                  ("ssim_mean", "SSIM mean", "{:.4f}"), ("ssim_min", "SSIM worst frame", "{:.4f}"),
@@ -60,15 +62,25 @@ def _labelled(image: Image.Image, label: str) -> Image.Image:
     return canvas
 
 
+def _shrunk(frames: np.ndarray, side: int = SHEET_FRAME_SIDE) -> np.ndarray:
+    """uint8 frames with their longer side at most ``side`` (area-averaged)."""
+    height, width = frames.shape[1:3]
+    scale = side / max(height, width)
+    if scale >= 1:
+        return frames
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.stack([np.asarray(Image.fromarray(f).resize(size, Image.Resampling.BOX))
+                     for f in frames])
+
+
 def comparison_sheet(source_frames, candidate_frames, gain: int = DIFF_GAIN) -> Image.Image:
     """Three contact sheets side by side: source, packed, and |packed - source| x gain."""
     source = to_uint8_frames(np.asarray(source_frames))
     packed = to_uint8_frames(np.asarray(candidate_frames))
     difference = np.abs(packed.astype(np.int16) - source.astype(np.int16)) * gain
-    panels = [_labelled(contact_sheet(source), "source"),
-              _labelled(contact_sheet(packed), "packed"),
-              _labelled(contact_sheet(np.clip(difference, 0, 255).astype(np.uint8)),
-                        f"|difference| x{gain}")]
+    difference = np.clip(difference, 0, 255).astype(np.uint8)
+    panels = [_labelled(contact_sheet(_shrunk(frames)), label) for frames, label in
+              ((source, "source"), (packed, "packed"), (difference, f"|difference| x{gain}"))]
     sheet = Image.new("RGB", (sum(p.width for p in panels) + 4 * (len(panels) - 1),
                               max(p.height for p in panels)), (255, 255, 255))
     x = 0
@@ -124,38 +136,47 @@ def plot_prompts(results: dict, path: Path) -> Path:
             left.axvline(gates[name]["threshold"], color="red", linestyle=style, label=name)
     left.set(yticks=y, yticklabels=ids, xlabel="PSNR (dB), higher is better")
     left.invert_yaxis()
-    left.legend(fontsize=8)
+    left.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2)
     right.barh(y, [p["ssim_mean"] for p in prompts], 0.6, color="tab:green")
     if "min_ssim_mean" in gates:
         right.axvline(gates["min_ssim_mean"]["threshold"], color="red", linestyle="--",
                       label="min_ssim_mean")
-        right.legend(fontsize=8)
+        right.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0))
     right.set(yticks=y, yticklabels=[], xlabel="SSIM mean, higher is better", xlim=(0, 1))
     right.invert_yaxis()
-    figure.suptitle("Video quality per prompt (packed vs source)")
+    figure.suptitle("Video quality per prompt (packed vs source)", y=1.06)
     return _save(figure, path)
 
 
 def plot_blocks(results: dict, metrics_rows: list[dict] | None, path: Path) -> Path:
-    """Error per transformer block: first-step activations per prompt, and the weights' errors."""
+    """Error per transformer block: first-step activations over the prompts (median and range
+    per stream), and the quantized weights' errors per block."""
     panels = 2 if metrics_rows else 1
     figure, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
     activations = axes[0][0]
-    for pid, entry in results["prompts"].items():
-        for stream, style in (("video", "-"), ("audio", "--")):
-            rows = sorted((r for r in entry["blocks"] if r["stream"] == stream),
-                          key=lambda r: r["block"])
-            if rows:
-                activations.plot([r["block"] for r in rows], _positive(r["rel_err"] for r in rows),
-                                 style, marker="o", markersize=3, label=f"{pid} ({stream})")
+    for stream, color in (("video", "tab:blue"), ("audio", "tab:orange")):
+        by_block: dict[int, list[float]] = {}
+        for entry in results["prompts"].values():
+            for row in entry["blocks"]:
+                if row["stream"] == stream:
+                    by_block.setdefault(row["block"], []).append(row["rel_err"])
+        blocks = sorted(by_block)
+        if not blocks:
+            continue
+        values = [_positive(by_block[b]) for b in blocks]
+        activations.fill_between(blocks, [min(v) for v in values], [max(v) for v in values],
+                                 color=color, alpha=0.2)
+        activations.plot(blocks, [float(np.median(v)) for v in values], color=color, marker="o",
+                         markersize=3, label=f"{stream}: median over prompts (band: min-max)")
     threshold = results["gates"].get("max_block_rel_err", {}).get("threshold")
     if threshold:
         activations.axhline(threshold, color="red", linestyle=":", label="max_block_rel_err")
     activations.set(yscale="log", xlabel="block", ylabel="relative error of the block output",
                     title="Activations, first denoising step (cumulative)")
-    activations.legend(fontsize=6, ncol=2)
+    activations.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    activations.legend(fontsize=8)
     if metrics_rows:
-        by_block: dict[int, list[float]] = {}
+        by_block = {}
         for row in metrics_rows:
             index = block_index(row["tensor"])
             if index is not None:
@@ -165,6 +186,7 @@ def plot_blocks(results: dict, metrics_rows: list[dict] | None, path: Path) -> P
         if blocks:
             weights.boxplot([_positive(by_block[b]) for b in blocks], positions=blocks,
                             widths=0.6)
+            weights.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         weights.set(yscale="log", xlabel="block", ylabel="relative MSE per tensor",
                     title="Quantized weights per block (metrics.parquet)")
     figure.tight_layout()

@@ -235,6 +235,13 @@ def renderable_source(root: str | os.PathLike) -> str | None:
     return None
 
 
+def output_gates_skip_reason(source_root: str | os.PathLike, gates: bool = True) -> str | None:
+    """Why a requantization run skips the output gates (None: it runs them)."""
+    if not gates:
+        return "gates not enforced (--no-gates)"
+    return renderable_source(source_root)
+
+
 # --------------------------------------------------------------------------- rendering
 
 
@@ -319,8 +326,8 @@ def model_fingerprint(path: str | os.PathLike) -> str:
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
         stat = file.stat()
         relative = file.relative_to(root).as_posix()
-        if relative.startswith(f"{REPORT_DIR}/") or relative == MANIFEST_NAME:
-            continue     # the report and the verdict change; the weights do not
+        if relative.startswith(f"{REPORT_DIR}/") or relative in (MANIFEST_NAME, MODEL_CARD_NAME):
+            continue     # the report, the verdict and the card change; the weights do not
         digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
@@ -384,7 +391,7 @@ def run_output_gates(source_root: str | os.PathLike, candidate: str | os.PathLik
 
 def _compare_and_report(source_root, candidate, suite, requests, gates, source_paths,
                         candidate_paths, report_dir: Path, device: str) -> dict:
-    from tasks.report import SHEET_DIR, write_comparison_sheet, write_report
+    from tasks.report import REPORT_NAME, SHEET_DIR, write_comparison_sheet, write_report
 
     partial = fresh_partial_dir(report_dir)
     try:
@@ -398,13 +405,9 @@ def _compare_and_report(source_root, candidate, suite, requests, gates, source_p
                                    **compare_renderings(source, packed)}
             write_comparison_sheet(partial / SHEET_DIR / f"{request.id}.png", source["frames"],
                                    packed["frames"])
-        verdict = apply_output_gates(prompts, gates)
-        results = {
-            "source": str(source_root), "artifact": str(candidate), "device": device,
-            "suite": suite_identity(suite), "prompts": prompts,
-            "latent_rel_err": max(p["latent_rel_err"] for p in prompts.values()),
-            **verdict, "report": str(report_dir / "report.html"),
-        }
+        results = gate_results(prompts, gates, source=str(source_root), artifact=str(candidate),
+                               device=device, suite=suite_identity(suite),
+                               report=str(report_dir / REPORT_NAME))
         write_report(partial, results, metrics_path(candidate))
         atomic_write_text(partial / RESULTS_NAME, json.dumps(results, indent=2, sort_keys=True))
         replace_directory(partial, report_dir)
@@ -412,6 +415,14 @@ def _compare_and_report(source_root, candidate, suite, requests, gates, source_p
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return results
+
+
+def gate_results(prompts: dict[str, dict], gates: dict[str, OutputGate], **identity) -> dict:
+    """The whole result: ``identity`` (source, artifact, device, suite, report), the prompts,
+    the worst latent error and the gates' verdicts."""
+    verdict = apply_output_gates(prompts, gates)
+    return {**identity, "prompts": prompts,
+            "latent_rel_err": max(p["latent_rel_err"] for p in prompts.values()), **verdict}
 
 
 def metrics_path(candidate: str | os.PathLike) -> Path | None:

@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
+from artifact_helpers import all_files, make_diffusers_source, quantize_source
 from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from artifact_helpers import all_files, make_diffusers_source, quantize_source
 from flows.commands.artifact import convert
 from quant.artifact import open_artifact, verify_artifact
 from quant.core import dequantize
@@ -40,7 +40,7 @@ def polarquant_dequantized(model_dir) -> dict[str, torch.Tensor]:
     weights = []
     for shard in sorted(model_dir.glob("*.safetensors")):
         with safe_open(shard, "pt") as handle:
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                 tensor = handle.get_tensor(name)
                 module = name.rsplit(".", 1)[0]
                 meta = config["layers"].get(module, {})

@@ -5,9 +5,6 @@ import os
 
 import pytest
 import torch
-from click.testing import CliRunner
-from safetensors import safe_open
-
 from artifact_helpers import (
     SINGLE_FILE_CONFIG,
     SINGLE_FILE_NAME,
@@ -15,6 +12,9 @@ from artifact_helpers import (
     make_single_file_source,
     package_source,
 )
+from click.testing import CliRunner
+from safetensors import safe_open
+
 from flows.commands.artifact import export_dequantized as export_command
 from quant.artifact import open_artifact
 from quant.core import dequantize

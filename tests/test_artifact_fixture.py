@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from artifact_helpers import POLICY_TOML, package_source
+
 from quant.artifact import open_artifact, verify_artifact
 from quant.core import dequantize
 from quant.safetensors_io import read_header, read_tensor

@@ -5,8 +5,6 @@ import os
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from artifact_helpers import (
     SINGLE_FILE_CONFIG,
     SINGLE_FILE_NAME,
@@ -16,6 +14,8 @@ from artifact_helpers import (
     package_source,
     quantize_source,
 )
+from safetensors import safe_open
+
 from quant.artifact import MANIFEST_NAME, open_artifact, verify_artifact
 from quant.errors import ArtifactError
 from quant.safetensors_io import read_header
@@ -56,8 +56,7 @@ def test_kept_tensors_bit_exact_and_packed_tensors_as_staged(diffusers_artifact,
     source, art = diffusers_artifact
     artifact = open_artifact(art)
     with safe_open(source / "transformer/diffusion_pytorch_model.safetensors", "pt") as original:
-        for key, entry in artifact.component_entries("transformer").items():
-            record = artifact.tensor_entries[f"transformer/{key}"]
+        for key, record in artifact.component_entries("transformer").items():
             if record.quantized:
                 packed = artifact.load_packed(record.key)
                 assert packed.shape == tuple(original.get_tensor(key).shape)
@@ -68,9 +67,9 @@ def test_kept_tensors_bit_exact_and_packed_tensors_as_staged(diffusers_artifact,
                 assert kept.dtype == expected.dtype
                 assert torch.equal(kept.view(torch.uint8), expected.view(torch.uint8))
     # the packed parts are exactly what staging held
-    fetched, inventory, staged, _ = quantize_source(source, tmp_path / "staging", mode="refined")
+    staged = quantize_source(source, tmp_path / "staging", mode="refined")[2]
     for key, path in staged.items():
-        name, staged_packed = read_staged(path)
+        _, staged_packed = read_staged(path)
         packed = artifact.load_packed(key)
         for part in ("codes", "scales", "codebook"):
             assert torch.equal(getattr(packed, part), getattr(staged_packed, part))
@@ -80,8 +79,8 @@ def test_two_packagings_are_byte_identical(tmp_path):
     source = make_diffusers_source(tmp_path / "src")
     (tmp_path / "staging").mkdir()
     fetched, inventory, staged, metrics = quantize_source(source, tmp_path / "staging")
-    options = dict(lineage=fetched.lineage, quantization={"bits": 5}, metrics=metrics,
-                   remove_staged=False)
+    options = {"lineage": fetched.lineage, "quantization": {"bits": 5}, "metrics": metrics,
+               "remove_staged": False}
     package_artifact(fetched.root, inventory, staged, tmp_path / "a", **options)
     package_artifact(fetched.root, inventory, staged, tmp_path / "b", max_shard_bytes=5 * 10**9,
                      **options)
@@ -93,7 +92,7 @@ def test_small_shards_get_an_index_and_verify(tmp_path):
     (tmp_path / "staging").mkdir()
     art = package_source(source, tmp_path / "art", tmp_path / "staging", max_shard_bytes=12_000)
     shards = sorted(p.name for p in (art / "transformer").glob("*.safetensors"))
-    assert len(shards) > 1 and shards[0].endswith("-00001-of-%05d.safetensors" % len(shards))
+    assert len(shards) > 1 and shards[0].endswith(f"-00001-of-{len(shards):05d}.safetensors")
     index = json.loads((art / "transformer/diffusion_pytorch_model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)
     assert verify_artifact(art) == []
@@ -133,7 +132,7 @@ def test_crash_leaves_no_complete_looking_directory_and_keeps_the_old_one(tmp_pa
     source = make_diffusers_source(tmp_path / "src")
     (tmp_path / "staging").mkdir()
     fetched, inventory, staged, _ = quantize_source(source, tmp_path / "staging")
-    options = dict(lineage=fetched.lineage, remove_staged=False)
+    options = {"lineage": fetched.lineage, "remove_staged": False}
     package_artifact(fetched.root, inventory, staged, tmp_path / "art", **options)
     before = all_files(tmp_path / "art")
 
@@ -164,3 +163,15 @@ def test_staged_roundtrip_and_corrupt_staged_file(tmp_path):
     assert not is_staged(tmp_path, key) and load_staged_if_valid(path) is None
     with pytest.raises(CorruptCheckpointError):
         read_staged(path)
+
+
+def test_packaging_replaces_an_artifact_but_not_other_directories(tmp_path):
+    source = make_diffusers_source(tmp_path / "src")
+    (tmp_path / "staging").mkdir()
+    fetched, inventory, staged, _ = quantize_source(source, tmp_path / "staging")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="other: exists and is not an HLWQ artifact"):
+        package_artifact(fetched.root, inventory, staged, tmp_path / "other",
+                         lineage=fetched.lineage)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"

@@ -5,9 +5,9 @@ import os
 import shutil
 
 import pytest
+from artifact_helpers import make_diffusers_source, package_source
 from click.testing import CliRunner
 
-from artifact_helpers import make_diffusers_source, package_source
 from flows.commands.artifact import inspect, parse_byte_size, verify
 from quant.artifact import (
     FORMAT_VERSION,
@@ -135,3 +135,23 @@ def test_parse_byte_size():
     assert parse_byte_size("1000") == 1000
     with pytest.raises(InvalidOptionError, match="--max-shard-size='5 parsecs'"):
         parse_byte_size("5 parsecs")
+
+
+def test_manifest_symlinked_from_outside_is_refused(art, tmp_path):
+    outside = tmp_path / "elsewhere.json"
+    outside.write_bytes((art / MANIFEST_NAME).read_bytes())
+    (art / MANIFEST_NAME).unlink()
+    os.symlink(outside, art / MANIFEST_NAME)
+    with pytest.raises(UnsafePathError, match="outside the artifact"):
+        read_manifest(art)
+
+
+def test_outputs_never_replace_unrelated_directories(art, tmp_path):
+    from tasks.export import export_dequantized
+
+    keep = tmp_path / "precious"
+    keep.mkdir()
+    (keep / "thesis.txt").write_text("years of work")
+    with pytest.raises(ArtifactError, match="precious: exists and is not empty"):
+        export_dequantized(art, keep)
+    assert (keep / "thesis.txt").read_text() == "years of work"

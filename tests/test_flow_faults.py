@@ -15,8 +15,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from flow_support import REPO, cli_env, hlwq_command, run_cli, tree_bytes, write_diffusers_checkpoint
+from flow_support import (
+    REPO,
+    cli_env,
+    hlwq_command,
+    run_cli,
+    tree_bytes,
+    write_diffusers_checkpoint,
+)
 
 pytestmark = pytest.mark.slow
 LAYERS = 4
@@ -39,17 +45,19 @@ def reference(checkpoint, tmp_path_factory):
 
 
 def quantize(checkpoint: Path, out: Path, prefect_home: Path) -> dict:
-    result = run_cli(["quantize", str(checkpoint), "--out", str(out), "--workers", "2", "--json"], prefect_home)
+    result = run_cli(["quantize", str(checkpoint), "--out", str(out), "--workers", "2", "--json"],
+                     prefect_home)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout[result.stdout.index("{"):])
 
 
 def start_quantize(checkpoint: Path, out: Path, prefect_home: Path) -> subprocess.Popen:
     """The CLI in its own session (so everything it started can be cleaned up), logging to a file."""
-    log = open(out.parent / "run.log", "w")   # a pipe could fill up and stall the run
-    return subprocess.Popen(hlwq_command("quantize", str(checkpoint), "--out", str(out), "--workers", "2"),
-                            cwd=REPO, env=cli_env(prefect_home), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with open(out.parent / "run.log", "w") as log:   # a pipe could fill up and stall the run
+        return subprocess.Popen(
+            hlwq_command("quantize", str(checkpoint), "--out", str(out), "--workers", "2"),
+            cwd=REPO, env=cli_env(prefect_home), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
 
 
 def finished_units(staging: Path) -> list[Path]:

@@ -14,25 +14,21 @@ from collections import namedtuple
 import pyarrow.parquet as pq
 import pytest
 import torch
+from flow_support import write_diffusers_checkpoint, write_generic_file
 from safetensors.torch import load_file, save_file
 
-from flows.prefect_env import configure_prefect
-
-configure_prefect()
-
-from flow_support import write_diffusers_checkpoint, write_generic_file  # noqa: E402
-from flows.quantize_flow import group_of, plan_jobs, run_quantize  # noqa: E402
-from quant.artifact import open_artifact, read_manifest, verify_artifact  # noqa: E402
-from quant.core import quantize_tensor  # noqa: E402
-from quant.errors import (  # noqa: E402
+from flows.quantize_flow import group_of, plan_jobs, run_quantize
+from quant.artifact import open_artifact, read_manifest, verify_artifact
+from quant.core import quantize_tensor
+from quant.errors import (
     GateFailedError,
     InsufficientDiskError,
     InvalidOptionError,
     NonFiniteTensorError,
 )
-from tasks.disk import DiskEstimate, check_disk, estimate_disk  # noqa: E402
-from tasks.gates import check_tensor_gates, load_gate_config, tensor_gates  # noqa: E402
-from tasks.quantize import TensorJob  # noqa: E402
+from tasks.disk import DiskEstimate, check_disk, estimate_disk
+from tasks.gates import check_tensor_gates, load_gate_config, tensor_gates
+from tasks.quantize import TensorJob
 
 TRANSFORMER_FILE = "transformer/diffusion_pytorch_model.safetensors"
 QUANTIZED_PER_LAYER = 10          # 8 attention projections + 2 feed-forward linears

@@ -138,8 +138,9 @@ def format_plan(report: dict) -> str:
         "params": report["total_params"], "original_bytes": report["total_original_bytes"],
         "packed_bytes": report["total_packed_bytes"], "bits_per_weight": report["bits_per_weight"],
     })
+    bits = "bits chosen for the size budget" if "budget" in report else f"{report['bits']}-bit"
     title = (f"Plan for {report['source']}: layout {report['layout']}, policy {report['policy']}, "
-             f"{report['bits']}-bit, block {report['block_size']}")
+             f"{bits}, block {report['block_size']}")
     quantized = (f"quantized: {report['quantized_tensors']:,} tensors, "
                  f"{format_count(report['quantized_params'])} params -> "
                  f"{format_bytes(report['quantized_packed_bytes'])} packed")

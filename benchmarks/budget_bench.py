@@ -1,0 +1,411 @@
+"""`hlwq bench budget`: budgeted mixed precision against the best uniform width that fits.
+
+Three parts, one JSON (benchmarks/results/budget.json):
+
+- ``tiny``: the tiny LTX-2.3 fixture. Damage is measured on its own transformer weights;
+  sensitivity either ``params`` or ``activations`` (first denoising step of calibration
+  prompts of the suite, disjoint from the evaluation prompts). For each budget, the
+  allocations and the best uniform width that fits are rendered on the evaluation prompts
+  with the same seeds as the source (tasks/validate_output.py's renders and metrics:
+  final-latent relative error, video PSNR, ...; the default ``[output]`` gates decide
+  pass/fail), plus the relative error of the transformer's first-step output. A sweep of
+  smaller budgets finds the smallest size at which the default gates still pass.
+- ``real_width``: the real-width transformer fixture (``--real-width-layers`` blocks,
+  synthetic inputs); error of one transformer forward, calibration and evaluation inputs
+  drawn with different seeds.
+- ``ltx23_22b``: the real LTX-2.3 layout on the meta device (damage from synthetic
+  heavy-tailed rows; no weights exist here): uniform Q5 and the 15 GB targets per scope.
+
+Quantized weights are set to their HLWQ reconstruction (quant.core quantize + dequantize,
+the numerics the packed runtime decodes) in the loaded model, so each configuration costs
+one quantization pass and no artifact on disk.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from quant.atomic import atomic_write_text
+from quant.budget import parse_size
+from quant.core import dequantize, quantize_tensor
+from quant.errors import BudgetError
+from quant.sizes import size_table
+
+RESULTS = Path(__file__).with_name("results") / "budget.json"
+EVAL_PROMPTS = ("face-old-man-laughs", "sound-drummer")
+CALIBRATION_PROMPTS = ("motion-cat-table", "face-woman-speaks", "text-neon-sign")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "python": sys.version.split()[0],
+            "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+            "processor": platform.processor() or platform.machine()}
+
+
+class WeightSetter:
+    """Sets named weights of a model to their reconstruction at given widths, and back."""
+
+    def __init__(self, model: torch.nn.Module, names, cache: bool = True):
+        self.model = model
+        self.originals = {name: model.get_parameter(name).detach().clone() for name in names}
+        self.cache = {} if cache else None
+
+    @torch.no_grad()
+    def apply(self, bits: dict[str, int]) -> None:
+        for name, original in self.originals.items():
+            width = bits[name]
+            key = (name, width)
+            weight = self.cache.get(key) if self.cache is not None else None
+            if weight is None:
+                weight = dequantize(quantize_tensor(original.float(), width, name=name))
+                if self.cache is not None:
+                    self.cache[key] = weight
+            self.model.get_parameter(name).copy_(weight)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for name, original in self.originals.items():
+            self.model.get_parameter(name).copy_(original)
+
+
+def output_rel_err(reference: list, candidate: list) -> float:
+    ref = torch.cat([t.double().reshape(-1) for out in reference for t in out])
+    new = torch.cat([t.double().reshape(-1) for out in candidate for t in out])
+    return math.sqrt(float((new - ref).square().sum()) / float(ref.square().sum()))
+
+
+def configurations(rows, scope, budgets: dict[str, int], damages: dict[str, dict]) -> list[dict]:
+    """For each budget: the best uniform width that fits and one allocation per damage model."""
+    from quant.artifact import tensor_key
+    from quant.budget import best_uniform_bits, tensor_options
+    from tasks.budget import allocate_rows, rows_in_scope
+
+    def _key(row):
+        return tensor_key(row["component"], row["tensor"])
+
+    scoped = rows_in_scope(rows, scope)
+    quantized = [r for r in scoped if r["action"] == "quantize"]
+    fixed = sum(size_table([r])["total_packed_bytes"] for r in scoped if r["action"] != "quantize")
+    options = [tensor_options(_key(r), r["shape"], next(iter(damages.values()))[_key(r)])
+               for r in quantized]
+    configs = []
+    for label, budget in budgets.items():
+        uniform = best_uniform_bits(options, budget, fixed)
+        if uniform is not None:
+            configs.append({"budget": label, "budget_bytes": budget, "kind": f"uniform Q{uniform}",
+                            "bits": {_key(r): uniform for r in quantized}})
+        for model, damage in damages.items():
+            try:
+                allocated, allocation = allocate_rows(rows, budget, scope, damage)
+            except BudgetError:
+                continue
+            configs.append({"budget": label, "budget_bytes": budget,
+                            "kind": f"budget ({model})", "bits": allocation.bits,
+                            "predicted_error": allocation.damage})
+    for config in configs:
+        bits = config["bits"]
+        sized = [{**r, "bits": bits.get(_key(r), r["bits"])} for r in scoped]
+        config["total_bytes"] = size_table(sized)["total_packed_bytes"]
+        params = sum(math.prod(r["shape"]) for r in quantized)
+        config["mean_bits"] = sum(bits[_key(r)] * math.prod(r["shape"]) for r in quantized) / params
+        config["widths"] = {str(b): sum(1 for v in bits.values() if v == b)
+                            for b in sorted(set(bits.values()))}
+    return configs
+
+
+# --------------------------------------------------------------------------- tiny fixture
+
+
+def tiny_part(work: Path, log) -> dict:
+    from runtime.fixtures import load_tiny_pipeline, make_tiny_ltx23
+    from tasks.budget import activation_stats, file_sampler, measure_damages
+    from tasks.gates import load_gate_config
+    from tasks.inventory import build_inventory
+    from tasks.validate_output import (
+        apply_output_gates,
+        compare_renderings,
+        load_rendering,
+        load_suite,
+        output_gates,
+        render_for_comparison,
+    )
+
+    root = make_tiny_ltx23(work / "tiny")
+    rows = [r for r in build_inventory(root, "ltx23").to_pylist() if r["component"] == "transformer"]
+    quantized = [r for r in rows if r["action"] == "quantize"]
+    names = [r["tensor"] for r in quantized]
+    pipeline = load_tiny_pipeline(root)
+    pipeline.set_progress_bar_config(disable=True)
+    transformer = pipeline.transformer
+    suite = {r.id: r for r in load_suite(None)}
+
+    log("capturing first-step transformer inputs of the calibration and evaluation prompts")
+    calibration = [first_step_inputs(pipeline, suite[p]) for p in CALIBRATION_PROMPTS]
+    evaluation = [first_step_inputs(pipeline, suite[p]) for p in EVAL_PROMPTS]
+
+    def forward(inputs):
+        return lambda: [transformer(**kwargs, return_dict=False) for kwargs in inputs]
+
+    with torch.no_grad():
+        stats = activation_stats(transformer, forward(calibration), "transformer", names)
+        reference_out = forward(evaluation)()
+    damages = {model: measure_damages(quantized, file_sampler(root), model,
+                                      stats if model == "activations" else None)
+               for model in ("activations", "params")}
+
+    uniform_size = {b: size_table([{**r, "bits": b} for r in rows])["total_packed_bytes"]
+                    for b in range(2, 9)}
+    budgets = {"=Q3": uniform_size[3], "Q3-Q4 midpoint": (uniform_size[3] + uniform_size[4]) // 2,
+               "=Q4": uniform_size[4], "=Q5": uniform_size[5]}
+    sweep = {f"{f:.3f}": int(uniform_size[2] + f * (uniform_size[5] - uniform_size[2]))
+             for f in (0.1, 0.2, 0.3, 0.4, 0.5)}
+    gates = output_gates(load_gate_config())
+    renders = work / "tiny-renders"
+    renders.mkdir(parents=True, exist_ok=True)
+    source = {}
+    for pid in EVAL_PROMPTS:
+        path = render_for_comparison(pipeline, suite[pid], "cpu", renders / f"source-{pid}.safetensors")
+        source[pid] = load_rendering(path)
+
+    setter = WeightSetter(transformer, names)
+    evaluated: dict[str, dict] = {}
+
+    def evaluate(config: dict) -> dict:
+        key = json.dumps(config["bits"], sort_keys=True)
+        if key not in evaluated:
+            log(f"  rendering {config['kind']} at {config['budget']} "
+                f"({config['total_bytes']:,} bytes)")
+            setter.apply({name.removeprefix("transformer/"): b for name, b in config["bits"].items()})
+            with torch.no_grad():
+                out_err = output_rel_err(reference_out, forward(evaluation)())
+            prompts = {}
+            for pid in EVAL_PROMPTS:
+                path = render_for_comparison(pipeline, suite[pid], "cpu",
+                                             renders / f"candidate-{pid}.safetensors")
+                metrics = compare_renderings(source[pid], load_rendering(path))
+                metrics.pop("blocks")
+                prompts[pid] = metrics
+            verdict = apply_output_gates(prompts, gates)
+            setter.restore()
+            evaluated[key] = {
+                "transformer_out_rel_err": out_err,
+                "latent_rel_err": _mean(prompts, "latent_rel_err"),
+                "psnr_mean": _mean(prompts, "psnr_mean"), "ssim_mean": _mean(prompts, "ssim_mean"),
+                "audio_snr_db": _mean(prompts, "audio_snr_db"),
+                "gates_passed": verdict["passed"],
+                "failed_gates": sorted({g for p in prompts.values() for g in p["failed_gates"]}),
+                "prompts": prompts}
+        return {k: v for k, v in config.items() if k != "bits"} | evaluated[key]
+
+    comparisons = [evaluate(c) for c in configurations(rows, "transformer", budgets, damages)]
+    log("sweeping smaller budgets for the smallest size that passes the default gates")
+    sweep_results = [evaluate(c) for c in configurations(rows, "transformer", sweep, damages)]
+    uniform_results = [evaluate({"budget": f"=Q{b}", "budget_bytes": uniform_size[b],
+                                 "kind": f"uniform Q{b}", "total_bytes": uniform_size[b],
+                                 "mean_bits": float(b), "widths": {str(b): len(names)},
+                                 "bits": {f"transformer/{n}": b for n in names}})
+                       for b in (2, 3, 4, 5)]
+    passing = [r for r in sweep_results + comparisons + uniform_results if r["gates_passed"]]
+    return {
+        "fixture": "make_tiny_ltx23 (2 blocks, video width 256, audio 128), seed 0",
+        "scope": "transformer", "quantized_tensors": len(quantized),
+        "uniform_sizes": {str(b): size for b, size in uniform_size.items()},
+        "evaluation_prompts": list(EVAL_PROMPTS), "calibration_prompts": list(CALIBRATION_PROMPTS),
+        "comparisons": comparisons, "gate_sweep": sweep_results, "uniform": uniform_results,
+        "smallest_passing": min(passing, key=lambda r: r["total_bytes"]) if passing else None,
+        "smallest_passing_uniform": min((r for r in passing if r["kind"].startswith("uniform")),
+                                        key=lambda r: r["total_bytes"], default=None),
+    }
+
+
+def _mean(prompts: dict, metric: str) -> float:
+    return math.fsum(p[metric] for p in prompts.values()) / len(prompts)
+
+
+class _Captured(Exception):
+    pass
+
+
+def first_step_inputs(pipeline, request) -> dict:
+    """The keyword arguments of the transformer's first call when rendering ``request``."""
+    from tasks.validate_output import render_arguments
+
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured.update({k: v.detach().clone() if torch.is_tensor(v) else v
+                         for k, v in kwargs.items() if k != "return_dict"})
+        raise _Captured
+
+    handle = pipeline.transformer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pipeline(**render_arguments(request, "cpu"))
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return captured
+
+
+# --------------------------------------------------------------------------- real width
+
+
+def real_width_inputs(config: dict, seed: int, frames: int = 2, side: int = 8,
+                      audio_frames: int = 16, text_tokens: int = 64) -> dict:
+    """Seeded synthetic inputs of one denoising step for an LTX-2.3 transformer."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=gen)
+
+    video_dim = config["num_attention_heads"] * config["attention_head_dim"]
+    audio_dim = config["audio_num_attention_heads"] * config["audio_attention_head_dim"]
+    timestep = torch.tensor([700.0])
+    return dict(
+        hidden_states=randn(1, frames * side * side, config["in_channels"]),
+        audio_hidden_states=randn(1, audio_frames, config["audio_in_channels"]),
+        encoder_hidden_states=randn(1, text_tokens, video_dim),
+        audio_encoder_hidden_states=randn(1, text_tokens, audio_dim),
+        timestep=timestep, sigma=timestep, encoder_attention_mask=torch.ones(1, text_tokens),
+        audio_encoder_attention_mask=torch.ones(1, text_tokens), num_frames=frames, height=side,
+        width=side, fps=24.0, audio_num_frames=audio_frames)
+
+
+def real_width_part(work: Path, layers: int, log) -> dict:
+    from diffusers import LTX2VideoTransformer3DModel
+
+    from runtime.fixtures import make_real_width_transformer
+    from tasks.budget import activation_stats, file_sampler, measure_damages
+    from tasks.inventory import build_inventory
+
+    root = make_real_width_transformer(work / f"real-width-{layers}", layers)
+    rows = build_inventory(root, "ltx23").to_pylist()
+    quantized = [r for r in rows if r["action"] == "quantize"]
+    names = [r["tensor"] for r in quantized]
+    log(f"loading the {layers}-block real-width transformer")
+    model = LTX2VideoTransformer3DModel.from_pretrained(root / "transformer",
+                                                        torch_dtype=torch.float32).eval()
+    config = dict(model.config)
+    calibration = [real_width_inputs(config, seed) for seed in (1, 2)]
+    evaluation = [real_width_inputs(config, seed) for seed in (11, 12)]
+
+    def forward(inputs):
+        return lambda: [model(**kwargs, return_dict=False) for kwargs in inputs]
+
+    with torch.no_grad():
+        log("capturing activation statistics and probing output gains")
+        stats = activation_stats(model, forward(calibration), "transformer", names)
+        reference_out = forward(evaluation)()
+    log("measuring damage on sampled rows")
+    damages = {model_name: measure_damages(quantized, file_sampler(root), model_name,
+                                           stats if model_name == "activations" else None)
+               for model_name in ("activations", "params")}
+    uniform_size = {b: size_table([{**r, "bits": b} for r in rows])["total_packed_bytes"]
+                    for b in range(2, 9)}
+    budgets = {"=Q3": uniform_size[3], "Q3-Q4 midpoint": (uniform_size[3] + uniform_size[4]) // 2,
+               "=Q4": uniform_size[4]}
+    setter = WeightSetter(model, names, cache=False)
+    results = []
+    for config_ in configurations(rows, "transformer", budgets, damages):
+        log(f"  forward at {config_['kind']} {config_['budget']}")
+        setter.apply({n.removeprefix("transformer/"): b for n, b in config_["bits"].items()})
+        with torch.no_grad():
+            error = output_rel_err(reference_out, forward(evaluation)())
+        setter.restore()
+        results.append({k: v for k, v in config_.items() if k != "bits"}
+                       | {"transformer_out_rel_err": error})
+    del model, setter
+    gc.collect()
+    return {"fixture": f"make_real_width_transformer(layers={layers}), seed 0; synthetic inputs "
+                       "(2x8x8 video latents, 16 audio frames, 64 text tokens), calibration seeds "
+                       "1-2, evaluation seeds 11-12",
+            "scope": "transformer", "quantized_tensors": len(quantized),
+            "uniform_sizes": {str(b): s for b, s in uniform_size.items()}, "comparisons": results}
+
+
+# --------------------------------------------------------------------------- LTX-2.3 layout
+
+
+def ltx23_part(log) -> dict:
+    from flows.commands.plan import apply_policy
+    from quant.policy import load_policy
+    from runtime.ltx23_layout import ltx23_22b_package_rows
+    from tasks.budget import SCOPES, plan_budget, rows_in_scope
+
+    log("building the LTX-2.3 package on the meta device")
+    layout_rows = ltx23_22b_package_rows()
+    result = {"damage": "synthetic Student-t(5) rows with outlier columns of each tensor's width "
+                        "(no real weights here); sensitivity: params"}
+    for policy_name in ("ltx23", "generic"):
+        rows = apply_policy(layout_rows, load_policy(policy_name, bits=5))
+        entry = {}
+        for scope in SCOPES:
+            scoped = rows_in_scope(rows, scope)
+            q5 = size_table(scoped)
+            floor = size_table([{**r, "bits": 2} for r in scoped])
+            item = {"q5_total_bytes": q5["total_packed_bytes"],
+                    "q5_quantized_bytes": q5["quantized_packed_bytes"],
+                    "kept_bytes": q5["total_packed_bytes"] - q5["quantized_packed_bytes"],
+                    "quantized_params": q5["quantized_params"],
+                    "smallest_bytes_all_2bit": floor["total_packed_bytes"]}
+            try:
+                log(f"  {policy_name} / {scope}: allocating 15GB")
+                _, report = plan_budget(rows, parse_size("15GB"), scope)
+                report.pop("bits")
+                item["target_15GB"] = report
+            except BudgetError as error:
+                item["target_15GB"] = {"error": str(error)}
+            entry[scope] = item
+        result[policy_name] = entry
+    return result
+
+
+# --------------------------------------------------------------------------- command
+
+
+@click.command()
+@click.option("--out", type=click.Path(dir_okay=False), default=str(RESULTS), show_default=True)
+@click.option("--work-dir", type=click.Path(file_okay=False), default=".hlwq-bench/budget",
+              show_default=True, help="Fixtures and renders (reused across runs).")
+@click.option("--real-width-layers", type=int, default=2, show_default=True,
+              help="Blocks of the real-width fixture (0 skips it).")
+@click.option("--tiny/--no-tiny", default=True, show_default=True)
+@click.option("--ltx23/--no-ltx23", default=True, show_default=True,
+              help="The LTX-2.3 layout figures (meta device, synthetic damage).")
+def bench_budget(out, work_dir, real_width_layers, tiny, ltx23):
+    """Budgeted mixed precision vs the best uniform width that fits, at equal size."""
+    started = time.perf_counter()
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+
+    def log(message):
+        click.echo(f"[{time.perf_counter() - started:7.1f}s] {message}", err=True)
+
+    results = {"benchmark": "budget", "command": "hlwq bench budget " + " ".join(sys.argv[3:]),
+               "machine": machine()}
+    if ltx23:
+        results["ltx23_22b"] = ltx23_part(log)
+    if tiny:
+        results["tiny"] = tiny_part(work, log)
+    if real_width_layers:
+        results["real_width"] = real_width_part(work, real_width_layers, log)
+    results["wall_s"] = time.perf_counter() - started
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(out), json.dumps(results, indent=2, default=float))
+    click.echo(f"wrote {out}")

@@ -1,0 +1,146 @@
+"""`hlwq bench scale`: the quantize flow on the real-width LTX-2.3 transformer, 1 vs 2 workers.
+
+Each run is a fresh `hlwq quantize` process (temporary Prefect API, LocalCluster),
+sampled every 0.2 s for the RSS summed over its whole process tree (flow,
+Prefect server, Dask workers). Targets for the full 48-layer layout on the
+2-core, 24 GiB machine: peak RSS <= 4 GB, wall <= 10 min, speedup >= 1.6x,
+orchestration overhead <= 5 %.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import click
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "scale.json"
+SAMPLE_INTERVAL_S = 0.2
+
+
+class TreeRSS:
+    """Peak of the RSS summed over a process and all its descendants, sampled in a thread."""
+
+    def __init__(self, pid: int):
+        self.root = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            try:
+                processes = [self.root, *self.root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            for process in processes:
+                try:
+                    total += process.memory_info().rss
+                except psutil.NoSuchProcess:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(SAMPLE_INTERVAL_S)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def run_flow(fixture: Path, out: Path, workers: int) -> dict:
+    """One `hlwq quantize` process; returns its JSON summary plus wall time and peak RSS."""
+    for stale in (out, out.with_name(out.name + ".staging")):
+        shutil.rmtree(stale, ignore_errors=True)
+    command = [sys.executable, "-c", "from flows.cli import main; main()", "quantize",
+               str(fixture), "--out", str(out), "--workers", str(workers), "--json"]
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env.pop("PREFECT_API_URL", None)     # the temporary local API, as a user's first run gets
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    sampler = TreeRSS(process.pid)
+    stdout, stderr = process.communicate()
+    wall_s = time.perf_counter() - started
+    peak = sampler.stop()
+    if process.returncode != 0:
+        raise click.ClickException(f"hlwq quantize with {workers} worker(s) failed:\n{stderr[-3000:]}")
+    summary = json.loads(stdout[stdout.index("{"):])
+    for stale in (out, out.with_name(out.name + ".staging")):
+        shutil.rmtree(stale, ignore_errors=True)
+    input_bytes = summary["sizes"]["total_original_bytes"]
+    return {
+        "workers": workers, "wall_s": wall_s, "flow_wall_s": summary["wall_s"],
+        "quantize_wall_s": summary["quantize_wall_s"], "busy_s": summary["busy_s"],
+        "input_bytes": input_bytes, "gb_per_s": input_bytes / 1e9 / wall_s,
+        "quantize_gb_per_s": summary["gb_per_s"], "peak_rss_bytes": peak,
+        "overhead_fraction": summary["overhead_fraction"],
+        "prefect_tasks": summary["prefect_tasks"], "prefect_task_s": summary["prefect_task_s"],
+        "artifact_bytes": summary["artifact_bytes"], "quantized_tensors": summary["quantized"],
+        "min_cosine": summary["quality"]["min_cosine"],
+    }
+
+
+def machine_description() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
+            "memory_bytes": psutil.virtual_memory().total, "python": platform.python_version(),
+            "torch": torch.__version__, "load_average_at_start": os.getloadavg()}
+
+
+@click.command()
+@click.option("--layers", default=48, show_default=True, type=int,
+              help="Transformer blocks of the real-width fixture (48: the full 38 GB layout).")
+@click.option("--workdir", type=click.Path(file_okay=False), default=str(REPO / "work-runs" / "scale"),
+              show_default=True, help="Where the fixture (reused) and the outputs go.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def bench_scale(layers, workdir, as_json):
+    """Run the quantize flow on the real-width transformer with 1 and 2 workers."""
+    from runtime.fixtures import make_real_width_transformer
+
+    workdir = Path(workdir)
+    fixture = make_real_width_transformer(workdir / f"ltx23-transformer-{layers}L", layers)
+    runs = {workers: run_flow(fixture, workdir / f"out-{workers}w", workers) for workers in (1, 2)}
+    one, two = runs[1], runs[2]
+    result = {
+        "benchmark": "scale", "layers": layers,
+        "command": " ".join(["hlwq", *sys.argv[1:]]),
+        "machine": machine_description(),
+        "wall_s": two["wall_s"], "gb_per_s": two["gb_per_s"],
+        "peak_rss_bytes": max(one["peak_rss_bytes"], two["peak_rss_bytes"]),
+        "overhead_fraction": two["overhead_fraction"],
+        "speedup_2_vs_1": one["wall_s"] / two["wall_s"],
+        "quantize_speedup_2_vs_1": one["quantize_wall_s"] / two["quantize_wall_s"],
+        "runs": {"1": one, "2": two},
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{layers} layers, {one['input_bytes'] / 1e9:.2f} GB BF16 "
+               f"({one['quantized_tensors']} quantized tensors)")
+    for run in (one, two):
+        click.echo(f"  {run['workers']} worker(s): {run['wall_s']:.1f} s, {run['gb_per_s']:.3f} GB/s, "
+                   f"peak RSS {run['peak_rss_bytes'] / 1e9:.2f} GB, overhead "
+                   f"{100 * run['overhead_fraction']:.1f} %")
+    click.echo(f"  speedup 2 vs 1: {result['speedup_2_vs_1']:.2f}x; written to {RESULTS}")

@@ -1,0 +1,303 @@
+import itertools
+import json
+import math
+import random
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from flows.cli import cli
+from quant.budget import (
+    Candidate,
+    TensorOptions,
+    allocate,
+    allocation_tables,
+    best_uniform_bits,
+    block_and_module,
+    format_size,
+    lower_hull,
+    parse_size,
+    relative_error,
+    smallest_size,
+    tensor_options,
+)
+from quant.core import dequantize, quantize_tensor
+from quant.errors import BudgetError, InvalidOptionError
+from quant.sizes import packed_nbytes, size_table
+from tasks.budget import (
+    activation_stats,
+    allocate_rows,
+    measure_damages,
+    params_sensitivity,
+    read_rows,
+    rows_in_scope,
+)
+from tasks.inventory import build_inventory
+
+OFFICIAL = "model.diffusion_model."
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("15GB", 15_000_000_000), ("15 gb", 15_000_000_000), ("14.5GiB", int(14.5 * 2**30)),
+    ("800MB", 800_000_000), ("1.5 TB", 1_500_000_000_000), ("64KiB", 65536),
+    ("123456789", 123456789), (".5GB", 500_000_000), ("2e3 MB", 2_000_000_000), (4096, 4096),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GB", "fifteen GB", "15 GBs", "15XB", "-1GB", "0GB",
+                                  "15 G B", "1,5GB", "0.1"])
+def test_parse_size_rejects_garbage(text):
+    with pytest.raises(BudgetError, match="--target-size"):
+        parse_size(text)
+
+
+def test_format_size():
+    assert format_size(15_013_456_789) == "15.01 GB (15,013,456,789 bytes)"
+    assert format_size(999) == "999 bytes"
+
+
+# --------------------------------------------------------------------------- allocation
+
+
+def random_problem(rng: random.Random, shapes) -> list[TensorOptions]:
+    """Tensors whose error falls ~4x per bit, with random sensitivities and wobble."""
+    options = []
+    for i, shape in enumerate(shapes):
+        weight = rng.uniform(0.1, 3.0) * shape[0] * shape[1]
+        damages = {b: weight * 0.12 * 3.8 ** -(b - 2) * rng.uniform(0.8, 1.25) for b in range(2, 9)}
+        options.append(tensor_options(f"t{i}", shape, damages))
+    return options
+
+
+def brute_force(options, budget, fixed=0) -> float:
+    return min(math.fsum(c.damage for c in combo)
+               for combo in itertools.product(*(o.candidates for o in options))
+               if fixed + sum(c.nbytes for c in combo) <= budget)
+
+
+SMALL_SHAPES = [(64, 128), (128, 256), (96, 384), (32, 128)]
+
+
+def test_allocation_never_exceeds_the_budget():
+    rng = random.Random(0)
+    for _ in range(150):
+        options = random_problem(rng, [(rng.choice([16, 64, 256]), rng.choice([128, 200, 512]))
+                                       for _ in range(rng.randint(1, 12))])
+        fixed = rng.randint(0, 10_000)
+        floor = smallest_size(options, fixed)
+        budget = rng.randint(floor, floor + sum(o.candidates[-1].nbytes for o in options))
+        allocation = allocate(options, budget, fixed)
+        chosen = [next(c for c in o.candidates if c.bits == allocation.bits[o.name]) for o in options]
+        assert allocation.quantized_bytes == sum(c.nbytes for c in chosen)
+        assert allocation.total_bytes <= budget
+        assert allocation.damage == pytest.approx(math.fsum(c.damage for c in chosen))
+
+
+def test_allocation_is_optimal_on_hull_breakpoints():
+    """Where the budget is what a price per byte buys, the Lagrangian answer is the optimum."""
+    rng = random.Random(1)
+    for _ in range(6):
+        options = random_problem(rng, SMALL_SHAPES)
+        for price in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1):
+            picks = [min(o.candidates, key=lambda c: c.damage + price * c.nbytes) for o in options]
+            budget = sum(c.nbytes for c in picks)
+            allocation = allocate(options, budget)
+            assert allocation.damage == pytest.approx(brute_force(options, budget), rel=1e-12)
+
+
+def test_allocation_is_within_one_hull_step_of_the_optimum():
+    rng = random.Random(2)
+    exact = 0
+    for _ in range(40):
+        options = random_problem(rng, SMALL_SHAPES)
+        top = sum(o.candidates[-1].nbytes for o in options)
+        budget = rng.randint(smallest_size(options), top)
+        best = brute_force(options, budget)
+        step = max(a.damage - b.damage for o in options
+                   for a, b in itertools.pairwise(lower_hull(o.candidates)))
+        damage = allocate(options, budget).damage
+        assert best - 1e-12 <= damage <= best + step
+        exact += damage <= best * (1 + 1e-12)
+    assert exact >= 25          # most budgets are solved exactly by the fill
+
+
+def test_fill_spends_what_the_hull_walk_leaves():
+    # The big tensor's only step does not fit; two cheap upgrades of the small one do.
+    big = TensorOptions("big", (Candidate(2, 1000, 10.0), Candidate(3, 1600, 4.0)))
+    small = TensorOptions("small", (Candidate(2, 100, 5.0), Candidate(3, 150, 4.0),
+                                    Candidate(4, 200, 1.0)))
+    allocation = allocate([big, small], budget=1300)
+    assert allocation.bits == {"big": 2, "small": 4} and allocation.total_bytes == 1200
+    assert allocation.damage == brute_force([big, small], 1300) == 11.0
+
+
+def test_lower_hull_drops_dominated_and_concave_points():
+    points = [Candidate(2, 100, 10.0), Candidate(3, 200, 9.5), Candidate(4, 300, 2.0),
+              Candidate(5, 400, 2.5), Candidate(6, 500, 1.0)]
+    assert [c.bits for c in lower_hull(points)] == [2, 4, 6]
+
+
+def test_impossible_budget_names_the_smallest_reachable_size():
+    options = [tensor_options("a", (256, 256), {2: 1.0, 5: 0.1}),
+               tensor_options("b", (512, 128), {2: 1.0, 5: 0.1})]
+    floor = smallest_size(options, fixed_bytes=5000)
+    assert floor == 5000 + packed_nbytes((256, 256), 2) + packed_nbytes((512, 128), 2)
+    with pytest.raises(BudgetError) as error:
+        allocate(options, floor - 1, fixed_bytes=5000)
+    assert f"{floor:,} bytes" in str(error.value) and "smallest reachable" in str(error.value)
+    assert allocate(options, floor, 5000).bits == {"a": 2, "b": 2}
+    assert best_uniform_bits(options, floor - 1, 5000) is None
+    assert best_uniform_bits(options, floor + 10**6, 5000) == 5
+
+
+def test_bad_problems_are_refused():
+    with pytest.raises(BudgetError, match="twice"):
+        allocate([TensorOptions("a", (Candidate(2, 10, 1.0),))] * 2, 100)
+    with pytest.raises(BudgetError, match="non-negative"):
+        allocate([TensorOptions("a", (Candidate(2, 10, math.nan),))], 100)
+
+
+def test_tables_by_module_and_block():
+    assert block_and_module(f"{OFFICIAL}transformer_blocks.7.attn1.to_q.weight") == \
+        ("transformer_blocks.7", "attn1.to_q")
+    assert block_and_module("proj_out.weight") == ("", "proj_out")
+    rows = [{"tensor": f"transformer_blocks.{i}.ff.net.2.weight", "shape": (4, 8), "bits": b}
+            for i, b in ((0, 4), (1, 2), (10, 3))]
+    tables = allocation_tables(rows)
+    assert tables["modules"]["ff.net.2"]["mean_bits"] == 3.0
+    assert tables["modules"]["ff.net.2"]["widths"] == {"2": 1, "3": 1, "4": 1}
+    assert list(tables["blocks"]) == ["transformer_blocks.0", "transformer_blocks.1",
+                                      "transformer_blocks.10"]
+
+
+# --------------------------------------------------------------------------- damage
+
+
+def test_relative_error_weights_channels():
+    ref = torch.ones(2, 4)
+    approx = ref.clone()
+    approx[:, 0] += 1.0
+    assert relative_error(ref, approx) == pytest.approx(0.25)
+    assert relative_error(ref, approx, torch.tensor([0.0, 1.0, 1.0, 1.0])) == 0.0
+    assert relative_error(ref, approx, torch.tensor([3.0, 1.0, 1.0, 1.0])) == pytest.approx(0.5)
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path):
+    """An official-layout file: 2 blocks x 2 quantized linears, a bias and a VAE conv."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for block in range(2):
+        for module, shape in (("attn1.to_q", (32, 128)), ("ff.net.2", (16, 256))):
+            tensors[f"{OFFICIAL}transformer_blocks.{block}.{module}.weight"] = \
+                torch.randn(shape, generator=gen).bfloat16()
+    tensors[f"{OFFICIAL}transformer_blocks.0.attn1.to_q.bias"] = torch.zeros(32).bfloat16()
+    tensors["vae.decoder.conv_in.conv.weight"] = torch.zeros(8, 8, 3, 3, 3).bfloat16()
+    path = tmp_path / "ltx-2.3-small.safetensors"
+    save_file(tensors, str(path))
+    return path
+
+
+def test_read_rows_reads_only_the_sampled_rows(small_checkpoint):
+    row = next(r for r in build_inventory(small_checkpoint, "ltx23").to_pylist()
+               if r["tensor"].endswith("blocks.1.ff.net.2.weight"))
+    stored = load_file(small_checkpoint)[row["tensor"]].float()
+    indices = torch.tensor([0, 5, 15])
+    assert torch.equal(read_rows(small_checkpoint, row, indices), stored[indices])
+
+
+def test_measured_damage_allocation_fits_and_prefers_the_edges(small_checkpoint):
+    from tasks.budget import file_sampler
+
+    rows = build_inventory(small_checkpoint, "ltx23").to_pylist()
+    quantized = [r for r in rows if r["action"] == "quantize"]
+    damages = measure_damages(rows, file_sampler(small_checkpoint.parent), bits=(2, 3, 4))
+    for curve in damages.values():
+        assert curve[2] > curve[3] > curve[4] > 0
+    shares = params_sensitivity(quantized)
+    assert math.fsum(shares.values()) == pytest.approx(1.0)
+    target = size_table(rows)["total_packed_bytes"]      # room for 5 bits everywhere
+    allocated, allocation = allocate_rows(rows, target, "package", damages)
+    assert set(allocation.bits.values()) == {4}          # the widest candidate measured
+    assert size_table(allocated)["total_packed_bytes"] == allocation.total_bytes <= target
+    tight = allocation.fixed_bytes + sum(packed_nbytes(r["shape"], 3) for r in quantized)
+    allocated, allocation = allocate_rows(rows, tight, "package", damages)
+    assert size_table(allocated)["total_packed_bytes"] <= tight
+    with pytest.raises(BudgetError, match="smallest reachable"):
+        allocate_rows(rows, 1000, "package", damages)
+
+
+def test_scopes():
+    rows = [{"component": c, "tensor": "w"} for c in ("transformer", "vae", "text_encoder")]
+    assert [r["component"] for r in rows_in_scope(rows, "checkpoint")] == ["transformer", "vae"]
+    assert [r["component"] for r in rows_in_scope(rows, "transformer")] == ["transformer"]
+    assert len(rows_in_scope(rows, "package")) == 3
+    with pytest.raises(InvalidOptionError, match="--target-scope"):
+        rows_in_scope(rows, "everything")
+
+
+def test_activation_damage_predicts_the_output_error():
+    """First-order model: predicted output rel MSE of a quantized MLP ~ the measured one."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.GELU(),
+                                torch.nn.Linear(256, 128), torch.nn.GELU(),
+                                torch.nn.Linear(128, 128))
+    x = torch.randn(64, 128) * torch.linspace(0.2, 3.0, 128)   # loud and quiet channels
+    stats = activation_stats(model, lambda: model(x), "mlp")
+    assert set(stats.output_gain) == {"mlp/0.weight", "mlp/2.weight", "mlp/4.weight"}
+    assert stats.channel_mean_square["mlp/0.weight"].shape == (128,)
+    rows = [{"component": "mlp", "tensor": f"{name}.weight", "action": "quantize",
+             "shape": list(module.weight.shape), "dtype": "F32"}
+            for name, module in model.named_children() if isinstance(module, torch.nn.Linear)]
+    weights = {f"mlp/{r['tensor']}": model.get_submodule(r["tensor"][:-7]).weight for r in rows}
+    damages = measure_damages(rows, lambda row, count, seed: weights[f"mlp/{row['tensor']}"].detach(),
+                              sensitivity="activations", stats=stats, bits=(3,))
+    with torch.no_grad():
+        reference = model(x)
+        for module in (model[0], model[2], model[4]):
+            module.weight.copy_(dequantize(quantize_tensor(module.weight, 3)))
+        measured = float((model(x) - reference).square().sum() / reference.square().sum())
+    predicted = math.fsum(curve[3] for curve in damages.values())
+    assert 0.6 < predicted / measured < 1.6
+
+
+# --------------------------------------------------------------------------- plan CLI
+
+
+def test_plan_with_target_size_prints_the_allocation(small_checkpoint):
+    plain = json.loads(CliRunner().invoke(cli, ["plan", str(small_checkpoint), "--json",
+                                                "--bits", "3"]).output)
+    target = plain["total_packed_bytes"] + 2000          # a little more than uniform 3-bit
+    result = CliRunner().invoke(cli, ["plan", str(small_checkpoint), "--json",
+                                      "--target-size", str(target)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    budget = report["budget"]
+    assert report["total_packed_bytes"] == budget["total_bytes"] <= target
+    assert budget["best_uniform"]["bits"] == 3
+    assert budget["predicted_error"] < budget["best_uniform"]["predicted_error"]
+    assert budget["damage_source"] == "measured" and len(budget["bits"]) == 4
+    assert set(budget["modules"]) == {"attn1.to_q", "ff.net.2"}
+    text = CliRunner().invoke(cli, ["plan", str(small_checkpoint), "--target-size",
+                                    f"{target / 1000}kB", "--target-scope", "transformer"])
+    assert text.exit_code == 0, text.output
+    assert "Size budget" in text.output and "scope transformer" in text.output
+    assert "best uniform width that fits: 5-bit" in text.output     # the VAE is out of scope
+    lines = text.output.splitlines()
+    assert any(line.split()[:2] == ["transformer_blocks.1", "2"] for line in lines)
+    assert any(line.split()[:3] == ["module", "tensors", "params"] for line in lines)
+
+
+def test_plan_with_an_impossible_or_unreadable_target(small_checkpoint):
+    tiny = CliRunner().invoke(cli, ["plan", str(small_checkpoint), "--target-size", "5kB"])
+    assert isinstance(tiny.exception, BudgetError)
+    assert "smallest reachable size" in str(tiny.exception)
+    garbage = CliRunner().invoke(cli, ["plan", str(small_checkpoint), "--target-size", "lots"])
+    assert isinstance(garbage.exception, BudgetError) and "'lots'" in str(garbage.exception)

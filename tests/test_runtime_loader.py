@@ -1,0 +1,173 @@
+"""load_pipeline on real tiny LTX-2.3 artifacts: packed layers, renders, manifest mismatches."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from artifact_helpers import quantize_source
+
+import quant.core
+from quant.artifact import tensor_key
+from quant.errors import ArtifactError, InvalidOptionError
+from runtime.fixtures import load_tiny_pipeline, make_tiny_ltx23
+from runtime.loader import load_pipeline
+from runtime.packed_linear import PackedLinear
+from tasks.export import export_dequantized
+from tasks.package import package_artifact
+
+LAYOUTS = ("diffusers", "single_file")
+BLOCK_LINEARS = 28
+Q_WEIGHT = "transformer_blocks.0.attn1.to_q.weight"
+RENDER = dict(prompt="a red fox runs through fresh snow at dawn", num_frames=9, height=32,
+              width=32, num_inference_steps=2, output_type="np")
+
+
+def build_artifact(root: Path, single_file: bool) -> Path:
+    source = make_tiny_ltx23(root / "source", single_file=single_file)
+    fetched, inventory, staged, metrics = quantize_source(source, root / "staging", policy="ltx23")
+    out = root / "artifact"
+    package_artifact(fetched.root, inventory, staged, out, lineage=fetched.lineage,
+                     quantization={"bits": 5, "block_size": 128, "group_size": 128,
+                                   "mode": "refined", "policy": "ltx23", "code_version": "test"},
+                     metrics=metrics, validation={"validated": True})
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Artifacts by layout, each built once for the module, on first use."""
+    cache: dict[str, Path] = {}
+
+    def get(layout: str) -> Path:
+        if layout not in cache:
+            root = tmp_path_factory.mktemp(layout)
+            (root / "staging").mkdir()
+            cache[layout] = build_artifact(root, single_file=layout == "single_file")
+        return cache[layout]
+
+    return get
+
+
+@pytest.fixture(params=LAYOUTS)
+def artifact(request, built) -> Path:
+    return built(request.param)
+
+
+@pytest.fixture
+def diffusers_artifact(built) -> Path:
+    return built("diffusers")
+
+
+def render(pipeline, **extra):
+    pipeline.set_progress_bar_config(disable=True)
+    with torch.inference_mode():
+        out = pipeline(**RENDER, **extra, generator=torch.Generator().manual_seed(0))
+    return np.asarray(out.frames[0], dtype=np.float64), out.audio[0].double().numpy()
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def quantized_names(artifact: Path) -> list[str]:
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    return [e["name"] for e in manifest["tensors"].values() if e["action"] == "quantize"]
+
+
+def test_render_equals_export_dequantized(artifact, tmp_path, monkeypatch):
+    exported = tmp_path / "exported"
+    export_dequantized(artifact, exported)
+    reference = load_tiny_pipeline(exported)
+    frames_bf16, audio_bf16 = render(reference)
+
+    # Loading and rendering from packed weights never rebuilds a dense weight.
+    monkeypatch.setattr(quant.core, "dequantize", lambda *a, **k: pytest.fail("dequantized"))
+    packed = load_pipeline(artifact)
+    monkeypatch.undo()
+    linears = [m for m in packed.transformer.modules() if isinstance(m, PackedLinear)]
+    assert len(linears) == BLOCK_LINEARS * packed.transformer.config.num_layers
+    assert len(linears) == len(quantized_names(artifact))
+    assert not any(p.is_meta for p in packed.transformer.parameters())
+    frames, audio = render(packed)
+
+    # The export holds BF16 weights: the renders differ by that rounding only ...
+    assert np.abs(frames - frames_bf16).max() < 5e-3 and rel(frames, frames_bf16) < 2e-3
+    assert rel(audio, audio_bf16) < 1e-3
+    # ... and with the exact fp32 dequantized weights they agree to float rounding.
+    with torch.no_grad():
+        for module_name, module in packed.transformer.named_modules():
+            if isinstance(module, PackedLinear):
+                reference.transformer.get_submodule(module_name).weight.copy_(
+                    quant.core.dequantize(module.packed))
+    frames_fp32, audio_fp32 = render(reference)
+    assert np.abs(frames - frames_fp32).max() < 1e-4 and rel(audio, audio_fp32) < 1e-4
+
+
+def test_image_to_video_pipeline(diffusers_artifact):
+    from diffusers import LTX2ImageToVideoPipeline
+    from PIL import Image
+
+    pipeline = load_pipeline(diffusers_artifact, image_to_video=True, verify=False)
+    assert isinstance(pipeline, LTX2ImageToVideoPipeline)
+    assert isinstance(pipeline.transformer.get_submodule(Q_WEIGHT[:-7]), PackedLinear)
+    frames, _ = render(pipeline, image=Image.new("RGB", (32, 32), (200, 40, 40)))
+    assert frames.shape == (9, 32, 32, 3) and np.isfinite(frames).all()
+
+
+def copy_with_manifest(artifact: Path, target: Path, edit) -> Path:
+    shutil.copytree(artifact, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    edit(manifest)
+    (target / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return target
+
+
+def entry(manifest: dict, name: str) -> dict:
+    return manifest["tensors"][tensor_key("transformer", name)]
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_missing_tensor_names_it(diffusers_artifact, tmp_path, verify):
+    bad = copy_with_manifest(diffusers_artifact, tmp_path / "bad", lambda m: m["tensors"].pop(
+        tensor_key("transformer", Q_WEIGHT)))
+    with pytest.raises(ArtifactError, match=r"transformer_blocks\.0\.attn1\.to_q"):
+        load_pipeline(bad, verify=verify)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_wrong_bits_names_the_tensor(diffusers_artifact, tmp_path, verify):
+    bad = copy_with_manifest(diffusers_artifact, tmp_path / "bad",
+                             lambda m: entry(m, Q_WEIGHT).update(bits=4))
+    with pytest.raises(ArtifactError, match=r"transformer_blocks\.0\.attn1\.to_q"):
+        load_pipeline(bad, verify=verify)
+
+
+def test_config_mismatch_names_the_tensor(diffusers_artifact, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(diffusers_artifact, bad)
+    config_path = bad / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["cross_attention_dim"] = 2 * config["cross_attention_dim"]  # attn2.to_k/to_v widen
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match=r"transformer/config\.json"):
+        load_pipeline(bad)                          # verify: the file's hash changed
+    with pytest.raises(ArtifactError, match=r"attn2\.to_k\.weight.*shape"):
+        load_pipeline(bad, verify=False)            # the model check: shape against config
+
+
+def test_layer_missing_from_config_names_the_tensor(diffusers_artifact, tmp_path):
+    bad = copy_with_manifest(diffusers_artifact, tmp_path / "bad", lambda m: m["tensors"].update({
+        tensor_key("transformer", "transformer_blocks.0.attn1.to_z.weight"):
+            {**entry(m, Q_WEIGHT), "name": "transformer_blocks.0.attn1.to_z.weight"}}))
+    with pytest.raises(ArtifactError, match=r"to_z\.weight.*not the weight of a linear"):
+        load_pipeline(bad, verify=False)
+
+
+def test_offload_needs_an_accelerator(diffusers_artifact):
+    with pytest.raises(InvalidOptionError, match="offload"):
+        load_pipeline(diffusers_artifact, device="cpu", offload=True)
