@@ -23,7 +23,6 @@ one quantization pass and no artifact on disk.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
@@ -59,9 +58,12 @@ def machine() -> dict:
 class WeightSetter:
     """Sets named weights of a model to their reconstruction at given widths, and back."""
 
-    def __init__(self, model: torch.nn.Module, names, cache: bool = True):
+    def __init__(self, model: torch.nn.Module, names, cache: bool = True,
+                 keep_dtype: torch.dtype | None = None):
+        # keep_dtype: hold the originals in this dtype (bfloat16 is lossless for BF16 files)
         self.model = model
-        self.originals = {name: model.get_parameter(name).detach().clone() for name in names}
+        self.originals = {name: model.get_parameter(name).detach().to(keep_dtype, copy=True)
+                          for name in names}
         self.cache = {} if cache else None
 
     @torch.no_grad()
@@ -110,7 +112,7 @@ def configurations(rows, scope, budgets: dict[str, int], damages: dict[str, dict
                             "bits": {_key(r): uniform for r in quantized}})
         for model, damage in damages.items():
             try:
-                allocated, allocation = allocate_rows(rows, budget, scope, damage)
+                _, allocation = allocate_rows(rows, budget, scope, damage)
             except BudgetError:
                 continue
             configs.append({"budget": label, "budget_bytes": budget,
@@ -196,10 +198,10 @@ def tiny_part(work: Path, log) -> dict:
             for pid in EVAL_PROMPTS:
                 path = render_for_comparison(pipeline, suite[pid], "cpu",
                                              renders / f"candidate-{pid}.safetensors")
-                metrics = compare_renderings(source[pid], load_rendering(path))
-                metrics.pop("blocks")
-                prompts[pid] = metrics
+                prompts[pid] = compare_renderings(source[pid], load_rendering(path))
             verdict = apply_output_gates(prompts, gates)
+            for metrics in prompts.values():
+                metrics.pop("blocks")    # per-block rows: in the gate verdicts, not kept here
             setter.restore()
             evaluated[key] = {
                 "transformer_out_rel_err": out_err,
@@ -273,17 +275,19 @@ def real_width_inputs(config: dict, seed: int, frames: int = 2, side: int = 8,
     def randn(*shape):
         return torch.randn(shape, generator=gen)
 
-    video_dim = config["num_attention_heads"] * config["attention_head_dim"]
-    audio_dim = config["audio_num_attention_heads"] * config["audio_attention_head_dim"]
+    video_dim, audio_dim = config["cross_attention_dim"], config["audio_cross_attention_dim"]
     timestep = torch.tensor([700.0])
-    return dict(
-        hidden_states=randn(1, frames * side * side, config["in_channels"]),
-        audio_hidden_states=randn(1, audio_frames, config["audio_in_channels"]),
-        encoder_hidden_states=randn(1, text_tokens, video_dim),
-        audio_encoder_hidden_states=randn(1, text_tokens, audio_dim),
-        timestep=timestep, sigma=timestep, encoder_attention_mask=torch.ones(1, text_tokens),
-        audio_encoder_attention_mask=torch.ones(1, text_tokens), num_frames=frames, height=side,
-        width=side, fps=24.0, audio_num_frames=audio_frames)
+    return {
+        "hidden_states": randn(1, frames * side * side, config["in_channels"]),
+        "audio_hidden_states": randn(1, audio_frames, config["audio_in_channels"]),
+        "encoder_hidden_states": randn(1, text_tokens, video_dim),
+        "audio_encoder_hidden_states": randn(1, text_tokens, audio_dim),
+        "timestep": timestep, "sigma": timestep,
+        "encoder_attention_mask": torch.ones(1, text_tokens),
+        "audio_encoder_attention_mask": torch.ones(1, text_tokens),
+        "num_frames": frames, "height": side, "width": side, "fps": 24.0,
+        "audio_num_frames": audio_frames,
+    }
 
 
 def real_width_part(work: Path, layers: int, log) -> dict:
@@ -319,7 +323,7 @@ def real_width_part(work: Path, layers: int, log) -> dict:
                     for b in range(2, 9)}
     budgets = {"=Q3": uniform_size[3], "Q3-Q4 midpoint": (uniform_size[3] + uniform_size[4]) // 2,
                "=Q4": uniform_size[4]}
-    setter = WeightSetter(model, names, cache=False)
+    setter = WeightSetter(model, names, cache=False, keep_dtype=torch.bfloat16)
     results = []
     for config_ in configurations(rows, "transformer", budgets, damages):
         log(f"  forward at {config_['kind']} {config_['budget']}")
@@ -329,8 +333,6 @@ def real_width_part(work: Path, layers: int, log) -> dict:
         setter.restore()
         results.append({k: v for k, v in config_.items() if k != "bits"}
                        | {"transformer_out_rel_err": error})
-    del model, setter
-    gc.collect()
     return {"fixture": f"make_real_width_transformer(layers={layers}), seed 0; synthetic inputs "
                        "(2x8x8 video latents, 16 audio frames, 64 text tokens), calibration seeds "
                        "1-2, evaluation seeds 11-12",
@@ -380,7 +382,7 @@ def ltx23_part(log) -> dict:
 
 @click.command()
 @click.option("--out", type=click.Path(dir_okay=False), default=str(RESULTS), show_default=True)
-@click.option("--work-dir", type=click.Path(file_okay=False), default=".hlwq-bench/budget",
+@click.option("--work-dir", type=click.Path(file_okay=False), default="work-runs/bench-budget",
               show_default=True, help="Fixtures and renders (reused across runs).")
 @click.option("--real-width-layers", type=int, default=2, show_default=True,
               help="Blocks of the real-width fixture (0 skips it).")

@@ -8,7 +8,7 @@ work pool (docs/OPERATIONS.md).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -18,6 +18,7 @@ from quant.errors import InvalidOptionError
 REQUANTIZE, WATCH_UPSTREAM, NIGHTLY_RENDER = "requantize", "watch-upstream", "nightly-render"
 NIGHTLY_CRON = "0 2 * * *"
 TAGS = ["hlwq"]
+PATH_FIELDS = ("artifacts_dir", "nightly_artifact", "nightly_prompts", "nightly_output", "output_suite")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class DeploymentSettings:
     nightly_artifact: str = "artifacts/current"
     nightly_prompts: str = "prompts/nightly.jsonl"
     nightly_output: str = "renders/nightly"
+    output_suite: str | None = None  # prompt suite of requantize's output gates (None: the default suite)
 
     @classmethod
     def from_env(cls, **overrides) -> "DeploymentSettings":
@@ -57,10 +59,8 @@ class DeploymentSettings:
 
     def absolute_paths(self) -> "DeploymentSettings":
         """Paths as seen from here, so runs started elsewhere read the same files."""
-        resolve = lambda path: str(Path(path).expanduser().resolve())  # noqa: E731
-        return DeploymentSettings(**{**self.__dict__, **{
-            name: resolve(getattr(self, name))
-            for name in ("artifacts_dir", "nightly_artifact", "nightly_prompts", "nightly_output")}})
+        return replace(self, **{name: str(Path(value).expanduser().resolve())
+                                for name in PATH_FIELDS if (value := getattr(self, name))})
 
 
 def build_deployments(settings: DeploymentSettings) -> list:
@@ -76,7 +76,8 @@ def build_deployments(settings: DeploymentSettings) -> list:
     requantize = quantize_checkpoint.to_deployment(
         REQUANTIZE,
         description="Quantize a checkpoint (Hub id@revision, folder or file) into a packed HLWQ artifact. On demand.",
-        parameters={"source": settings.watch_source, "bits": settings.bits, "policy": settings.policy},
+        parameters={"source": settings.watch_source, "bits": settings.bits, "policy": settings.policy,
+                    **({"output_suite": settings.output_suite} if settings.output_suite else {})},
         tags=TAGS,
         entrypoint_type=module,
     )

@@ -39,6 +39,7 @@ from quant.errors import InvalidOptionError
 from quant.packed import MODES
 from quant.sizes import size_table
 from quant.staging import staged_key, staged_path
+from tasks.budget import budget_task
 from tasks.disk import disk_check_task
 from tasks.gates import tensor_gates_task
 from tasks.inventory import detect_layout, inventory_task
@@ -188,12 +189,17 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
                         workers: int | None = None, dask_address: str | None = None,
                         revision: str | None = None, staging: str | None = None,
                         gates: bool = True, gates_file: str | None = None,
-                        on_nonfinite: str = "fail", output_suite: str | None = None) -> dict:
+                        on_nonfinite: str = "fail", output_suite: str | None = None,
+                        target_size: str | None = None, target_scope: str = "package") -> dict:
     """Quantize a checkpoint (Hub id, folder or .safetensors file) into a packed HLWQ artifact.
 
     After packaging, the output gates render ``output_suite`` (default: the versioned suite
     of tasks/validate_output.py) with the source and the artifact; only then is the artifact
     marked validated. Sources that are not whole pipelines skip them (recorded in the manifest).
+
+    ``target_size`` (e.g. "15GB") replaces the uniform ``bits`` by bits per tensor (2..8)
+    chosen to fit ``target_scope`` with the least measured damage (tasks/budget.py); the
+    allocation's report goes into the manifest's ``quantization.budget``.
     """
     started = time.perf_counter()
     check_settings(bits, mode, group_size, on_nonfinite, workers, dask_address)
@@ -213,6 +219,10 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
         inventory_path = staging_dir / "inventory.parquet"
         inventory_task(str(inventory_root), str(inventory_path), policy=policy, bits=bits,
                        block_size=BLOCK_SIZE, group_size=group_size)
+        budget = None
+        if target_size is not None:
+            budget = budget_task(str(inventory_path), str(inventory_root), target_size,
+                                 target_scope, BLOCK_SIZE, group_size, mode)
         inventory = pq.read_table(inventory_path)
         rows = inventory.to_pylist()
         file_ids = {f["path"]: f"sha256:{f['sha256']}" for f in lineage["files"]}
@@ -243,7 +253,8 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
             layout=layout,
             quantization={"bits": bits, "block_size": BLOCK_SIZE,
                           "group_size": group_size or BLOCK_SIZE, "mode": mode,
-                          "policy": {"name": policy}, "code_version": settings["code_version"]},
+                          "policy": {"name": policy}, "code_version": settings["code_version"],
+                          **({"budget": budget} if budget else {})},
             metrics=metrics.drop_columns(list(RUN_ONLY_COLUMNS)),
             # Not validated yet when output gates are to run: they mark it (record_output_gates).
             validation={"validated": gates and gate_report["passed"] and skip_output is not None,
@@ -262,6 +273,8 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
 
     summary = run_summary(source, out_dir, staging_dir, settings, final_rows, stage, packaged,
                           gate_report, gates, time.perf_counter() - started)
+    if budget:
+        summary["budget"] = budget
     summary["output_gates"] = ({"passed": output_report["passed"], "report": output_report["report"]}
                                if output_report else {"skipped": skip_output})
     publish_artifacts(summary, stage["rows"])

@@ -119,7 +119,6 @@ class TensorOptions:
     """The candidates one tensor chooses from (its name is the allocation's key)."""
     name: str
     candidates: tuple[Candidate, ...]
-    params: int = 0
 
 
 def tensor_options(name: str, shape: Sequence[int], damages: Mapping[int, float],
@@ -129,7 +128,7 @@ def tensor_options(name: str, shape: Sequence[int], damages: Mapping[int, float]
     candidates = tuple(Candidate(bits, packed_nbytes((out_features, in_features), bits,
                                                      block_size, group_size), float(damage))
                        for bits, damage in sorted(damages.items()))
-    return TensorOptions(name, candidates, out_features * in_features)
+    return TensorOptions(name, candidates)
 
 
 # --------------------------------------------------------------------------- allocation

@@ -132,24 +132,28 @@ def dequantize(packed: PackedTensor, dtype: torch.dtype = torch.float32) -> torc
     """Rebuild the ``(out, in)`` weight from a :class:`PackedTensor`."""
     rows, in_features = packed.shape
     bf16 = dtype == torch.bfloat16
-    out = np.empty((rows, in_features), np.uint16 if bf16 else np.float32)
-    kernels.decode(_numpy(packed.codes, np.uint8), _numpy(packed.scales.float(), np.float32),
-                   np.ascontiguousarray(packed.codebook.float().numpy()), packed.bits,
-                   packed.block_size, packed.group_size, in_features, out)
-    result = torch.from_numpy(out)
-    return result.view(torch.bfloat16) if bf16 else result.to(dtype)
+    out = torch.empty((rows, in_features), dtype=torch.bfloat16 if bf16 else torch.float32)
+    kernels.decode(_numpy(packed.codes), _numpy(packed.scales.float()),
+                   _numpy(packed.codebook.float()), packed.bits, packed.block_size,
+                   packed.group_size, in_features, not bf16, _as_uint16(out))
+    return out if bf16 else out.to(dtype)
 
 
-def _numpy(t: torch.Tensor, dtype) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().cpu().numpy()).view(dtype)
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().cpu().numpy())
 
 
-def _kernel_source(weight: torch.Tensor) -> np.ndarray:
-    """The weight as the encoder reads it: bf16 or fp32 bit patterns (no copy if possible)."""
+def _as_uint16(t: torch.Tensor) -> np.ndarray:
+    """A contiguous bf16 or fp32 tensor's bytes as a uint16 (rows, n) array (no copy)."""
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
+def _kernel_source(weight: torch.Tensor) -> tuple[np.ndarray, bool]:
+    """The weight as the encoder reads it (bf16 bits, or fp32 bits as uint16 pairs)."""
     weight = weight.detach().cpu()
-    if weight.dtype == torch.bfloat16:
-        return weight.contiguous().view(torch.int16).numpy().view(np.uint16)
-    return weight.float().contiguous().numpy().view(np.uint32)
+    if weight.dtype != torch.bfloat16:
+        return _as_uint16(weight.float().contiguous()), True
+    return _as_uint16(weight.contiguous()), False
 
 
 @functools.lru_cache(maxsize=None)
@@ -172,14 +176,15 @@ def _encode(source, shape, bits, block, group, mode, codebook):
     in_padded = -(-in_features // block) * block
     packed = np.empty((rows, packed_row_bytes(in_padded, bits)), np.uint8)
     scales = np.empty((rows, in_padded // group), np.float32)
-    tile_error = np.zeros(-(-rows * (in_padded // block) // kernels.LANES))
+    tiles = -(-rows * (in_padded // block) // kernels.LANES)
+    tile_error = np.zeros(tiles)
+    tile_non_finite = np.zeros(tiles, np.int64)
     table = _table(codebook.numpy().tobytes())
     anchors, factors, lloyd_steps = _search_arrays(bits)
-    non_finite = kernels.encode(
-        source, in_features, block, group, bits, mode == "refined", anchors, factors,
-        lloyd_steps, table.levels, table.approx, table.origin, table.inv_width, table.first,
-        table.threshold, packed, scales, tile_error)
-    if non_finite:
+    kernels.encode(*source, in_features, block, group, bits, mode == "refined", anchors, factors,
+                   lloyd_steps, table.levels, table.approx, table.origin, table.inv_width,
+                   table.first, table.threshold, packed, scales, tile_error, tile_non_finite)
+    if tile_non_finite.any():
         return None
     return packed, scales, float(tile_error.sum())
 
@@ -189,7 +194,7 @@ def _refine_codebook(source, shape, bits, block, group, codebook, encoded):
     best_codebook, best = codebook, encoded
     for _ in range(CODEBOOK_ROUNDS):
         packed, scales, _ = best
-        sums = kernels.level_sums(source, shape[1], block, group, bits, packed, scales,
+        sums = kernels.level_sums(*source, shape[1], block, group, bits, packed, scales,
                                   1 << bits, max(1, numba.get_num_threads() * 4)).sum(0)
         fitted = np.where(sums[1] > 0, sums[0] / np.maximum(sums[1], 1e-300),
                           best_codebook.double().numpy())

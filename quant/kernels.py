@@ -198,50 +198,17 @@ def _untranspose(t, u, block):
             u[k * block + j] = t[j * LANES + k]
 
 
-@_inline
-def _rotate(u, t1, t2, block):
-    """Rotate the natural-layout tile ``u`` (lane-major) in place via the transposed buffers."""
-    for k in range(LANES):
-        for j in range(block):
-            t1[j * LANES + k] = u[k * block + j]
-    r = _fwht_transposed(t1, t2, block, LANES)
-    for k in range(LANES):
-        for j in range(block):
-            u[k * block + j] = r[j * LANES + k]
-
-
 # ---------------------------------------------------------------- load / pack
 @_inline
-def _load_tile(src, tile, total, n_blocks, block, in_features, u_bits, norm):
-    """Natural-layout copy of a tile as fp32 bits (bf16 is the top half of fp32), and norms."""
-    shift = 16 if src.itemsize == 2 else 0
-    u = u_bits.view(np.float32)
-    for lane in range(LANES):
-        flat = tile * LANES + lane
-        base = lane * block
-        stop = 0
-        if flat < total:
-            row = flat // n_blocks
-            col0 = (flat % n_blocks) * block
-            stop = min(block, in_features - col0)
-            for j in range(stop):
-                u_bits[base + j] = np.uint32(src[row, col0 + j]) << shift
-        for j in range(stop, block):
-            u_bits[base + j] = 0
-        sq = 0.0
-        for j in range(block):
-            sq += np.float64(u[base + j]) * u[base + j]
-        norm[lane] = np.float32(max(math.sqrt(sq), NORM_FLOOR))
-
-
-@_inline
-def _load_transposed(src, tile, total, n_blocks, block, in_features, t, norm):
+def _load_transposed(src, fp32, tile, total, n_blocks, block, in_features, t, norm):
     """Transposed copy of a tile (``t[j * LANES + lane]``) as fp32, and the block norms.
 
-    ``src`` holds bf16 bit patterns (uint16, the top half of an fp32) or fp32 bits.
-    NaN/Inf values are loaded as 0 and counted; the count is returned."""
-    shift = 16 if src.itemsize == 2 else 0
+    ``src`` is uint16: bf16 bit patterns (the top half of an fp32) or, when ``fp32``,
+    fp32 values as little-endian pairs of halves. NaN/Inf values are loaded as 0 and
+    counted; the count is returned."""
     exponent = np.uint32(0x7F800000)
+    stride = 1 + np.int64(fp32)                      # uint16 words per value
+    low_mask = np.uint32(0xFFFF) * np.uint32(fp32)   # bf16 has no low half
     non_finite = 0
     for lane in range(LANES):
         flat = tile * LANES + lane
@@ -252,7 +219,9 @@ def _load_transposed(src, tile, total, n_blocks, block, in_features, t, norm):
             col0 = (flat % n_blocks) * block
             stop = min(block, in_features - col0)
             for j in range(stop):
-                bits = np.uint32(np.uint32(src[row, col0 + j]) << np.uint32(shift))
+                at = stride * (col0 + j)
+                bits = np.uint32((np.uint32(src[row, at + stride - 1]) << np.uint32(16))
+                                 | (np.uint32(src[row, at]) & low_mask))
                 bad = (bits & exponent) == exponent
                 non_finite += bad
                 x = np.float32(0.0) if bad else bits.view(np.float32)
@@ -260,7 +229,7 @@ def _load_transposed(src, tile, total, n_blocks, block, in_features, t, norm):
                 sq += np.float64(x) * x
         for j in range(stop, block):
             t[j * LANES + lane] = 0.0
-        norm[lane] = np.float32(max(math.sqrt(sq), NORM_FLOOR))
+        norm[lane] = max(math.sqrt(sq), NORM_FLOOR)
     return non_finite
 
 
@@ -346,16 +315,67 @@ def _search(u, lo, hi, norm, levels, anchors, factors, lloyd_steps, approx, orig
 
 
 # ---------------------------------------------------------------- kernels
-@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def encode(src, in_features, block, group, bits, refined, anchors, factors, lloyd_steps,
-           levels, approx, origin, inv_width, first, threshold, packed, scales, tile_error):
-    """Quantize ``src`` (uint16 bf16 bits or uint32 fp32 bits, shape (rows, in_features)).
+@_inline
+def _refine_group(u, lo, hi, inv_norm, ref_scale, norm, codes, alt_codes, levels, anchors,
+                  factors, lloyd_steps, approx, origin, inv_width, first, threshold, top):
+    """Reference codes in ``codes``, replaced by the searched ones when those are better
+    in the rotated domain; returns (scale, squared error)."""
+    uu = 0.0
+    for j in range(lo, hi):
+        uu += np.float64(u[j]) * u[j]
+    uc, cc = _exact_codes(u, lo, hi, inv_norm, codes, levels, origin, inv_width, first,
+                          threshold, top)
+    best_err = uu - 2.0 * ref_scale * uc + ref_scale * ref_scale * cc
+    inv_t = _search(u, lo, hi, norm, levels, anchors, factors, lloyd_steps, approx, origin,
+                    inv_width, top)
+    uc, cc = _exact_codes(u[lo:hi], 0, hi - lo, inv_t, alt_codes, levels, origin, inv_width,
+                          first, threshold, top)
+    scale = _fp16_round(max(uc / cc, 0.0))
+    err = uu - 2.0 * scale * uc + scale * scale * cc
+    if err < best_err:
+        codes[lo:hi] = alt_codes[: hi - lo]
+        return scale, err
+    return ref_scale, best_err
 
-    Writes packed codes, float32 scales (fp16-representable) and the squared
-    weight-domain error of each tile; returns the number of NaN/Inf inputs
-    (their tiles are garbage: the caller raises).
+
+@_inline
+def _cropped_error(src, fp32, row, col0, stop, codes, scale_of_group, group, levels, work):
+    """Squared error over the real columns [0, stop) of one block given its codes and the
+    scales (``scale_of_group``); padding columns are cropped on decode, so they do not count."""
+    block = work.size
+    for j in range(block):
+        work[j] = np.float32(scale_of_group[j // group]) * levels[codes[j]]
+    half = 1
+    while half < block:   # one block only: plain butterflies
+        for i in range(0, block, 2 * half):
+            for j in range(i, i + half):
+                a = work[j]
+                b = work[j + half]
+                work[j] = a + b
+                work[j + half] = a - b
+        half *= 2
+    stride = 1 + np.int64(fp32)
+    low_mask = np.uint32(0xFFFF) * np.uint32(fp32)
+    err = 0.0
+    for j in range(stop):
+        at = stride * (col0 + j)
+        bits = np.uint32((np.uint32(src[row, at + stride - 1]) << np.uint32(16))
+                         | (np.uint32(src[row, at]) & low_mask))
+        diff = np.float64(bits.view(np.float32)) - np.float64(work[j]) / block
+        err += diff * diff
+    return err
+
+
+@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def encode(src, fp32, in_features, block, group, bits, refined, anchors, factors, lloyd_steps,
+           levels, approx, origin, inv_width, first, threshold, packed, scales, tile_error,
+           tile_non_finite):
+    """Quantize ``src`` (rows of bf16 bits, or of fp32 bits as uint16 pairs when ``fp32``).
+
+    Writes packed codes, float32 scales (fp16-representable), the squared
+    weight-domain error of each tile (padding included) and its count of NaN/Inf
+    inputs (a tile with any is garbage: the caller raises).
     """
-    non_finite = 0
     rows = src.shape[0]
     n_blocks = packed.shape[1] * 8 // (bits * block)
     total = rows * n_blocks
@@ -366,50 +386,54 @@ def encode(src, in_features, block, group, bits, refined, anchors, factors, lloy
         t1 = np.empty(block * LANES, np.float32)
         t2 = np.empty(block * LANES, np.float32)
         codes = np.empty(block * LANES, np.uint8)
-        alt_codes = np.empty(group, np.uint8)
-        norm = np.empty(LANES, np.float32)
-        non_finite += _load_transposed(src, tile, total, n_blocks, block, in_features, t1, norm)
+        alt_codes = np.empty(block, np.uint8)
+        work = np.empty(block, np.float32)
+        group_scales = np.empty(groups)
+        norm = np.empty(LANES)
+        tile_non_finite[tile] = _load_transposed(src, fp32, tile, total, n_blocks, block,
+                                                 in_features, t1, norm)
         _untranspose(_fwht_transposed(t1, t2, block, LANES), u, block)
         error = 0.0
         for lane in range(min(LANES, total - tile * LANES)):
             flat = tile * LANES + lane
             row = flat // n_blocks
             blk = flat % n_blocks
-            inv_norm = np.float32(1.0) / norm[lane]
+            inv_norm = np.float32(1.0) / np.float32(norm[lane])
             ref_scale = _fp16_round(norm[lane])
+            lo = lane * block
+            if not refined:
+                _nearest_codes(u, lo, lo + block, inv_norm, codes, origin, inv_width, first,
+                               threshold, top)
+                group_scales[:] = ref_scale
+            else:
+                for g in range(groups):
+                    group_scales[g], err = _refine_group(
+                        u, lo + g * group, lo + (g + 1) * group, inv_norm, ref_scale,
+                        norm[lane], codes, alt_codes, levels, anchors, factors, lloyd_steps,
+                        approx, origin, inv_width, first, threshold, top)
+                    error += max(err, 0.0)
+                stop = min(block, in_features - blk * block)
+                if stop < block:   # a padded block: make sure the real columns gained
+                    ours = _cropped_error(src, fp32, row, blk * block, stop, codes[lo:lo + block],
+                                          group_scales, group, levels, work)
+                    _nearest_codes(u[lo:lo + block], 0, block, inv_norm, alt_codes, origin,
+                                   inv_width, first, threshold, top)
+                    group_scales_ref = np.full(groups, ref_scale)
+                    theirs = _cropped_error(src, fp32, row, blk * block, stop, alt_codes,
+                                            group_scales_ref, group, levels, work)
+                    if theirs <= ours:
+                        codes[lo:lo + block] = alt_codes
+                        group_scales[:] = ref_scale
             for g in range(groups):
-                lo = lane * block + g * group
-                hi = lo + group
-                best_scale = ref_scale
-                if not refined:
-                    _nearest_codes(u, lo, hi, inv_norm, codes, origin, inv_width, first,
-                                   threshold, top)
-                else:
-                    uu = 0.0
-                    for j in range(lo, hi):
-                        uu += np.float64(u[j]) * u[j]
-                    uc, cc = _exact_codes(u, lo, hi, inv_norm, codes, levels, origin, inv_width,
-                                          first, threshold, top)
-                    best_err = uu - 2.0 * ref_scale * uc + ref_scale * ref_scale * cc
-                    inv_t = _search(u, lo, hi, norm[lane], levels, anchors, factors, lloyd_steps,
-                                    approx, origin, inv_width, top)
-                    uc, cc = _exact_codes(u[lo:hi], 0, group, inv_t, alt_codes, levels, origin,
-                                          inv_width, first, threshold, top)
-                    scale = _fp16_round(max(uc / cc, 0.0))
-                    err = uu - 2.0 * scale * uc + scale * scale * cc
-                    if err < best_err:
-                        best_err, best_scale = err, scale
-                        codes[lo:hi] = alt_codes
-                    error += max(best_err, 0.0)
-                scales[row, blk * groups + g] = best_scale
+                scales[row, blk * groups + g] = group_scales[g]
             _pack(codes, lane, block, bits, packed, row, blk * block * bits // 8)
         tile_error[tile] = error / block
-    return non_finite
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def decode(packed, scales, levels, bits, block, group, in_features, out):
-    """Rebuild rows from codes and scales; ``out`` is float32 or uint16 (bf16 bits)."""
+def decode(packed, scales, levels, bits, block, group, in_features, fp32, out):
+    """Rebuild rows from codes and scales into ``out`` (uint16): bf16 bits, or when
+    ``fp32`` the fp32 values as little-endian pairs of halves."""
     rows = packed.shape[0]
     n_blocks = packed.shape[1] * 8 // (bits * block)
     total = rows * n_blocks
@@ -442,17 +466,19 @@ def decode(packed, scales, levels, bits, block, group, in_features, out):
             row = flat // n_blocks
             col0 = (flat % n_blocks) * block
             stop = min(block, in_features - col0)
-            if out.itemsize == 2:   # fp32 -> bf16 bits, round to nearest even
+            if fp32:
+                for j in range(stop):
+                    b = r_bits[j * LANES + lane]
+                    out[row, 2 * (col0 + j)] = b & np.uint32(0xFFFF)
+                    out[row, 2 * (col0 + j) + 1] = b >> np.uint32(16)
+            else:   # fp32 -> bf16, rounding to nearest even
                 for j in range(stop):
                     b = r_bits[j * LANES + lane]
                     out[row, col0 + j] = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-            else:
-                for j in range(stop):
-                    out[row, col0 + j] = r[j * LANES + lane]
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def level_sums(src, in_features, block, group, bits, packed, scales, n_levels, chunks):
+def level_sums(src, fp32, in_features, block, group, bits, packed, scales, n_levels, chunks):
     """Per level ``i``: sums of ``s * u`` and ``s * s`` over the values coded ``i``.
 
     The least-squares codebook for fixed codes and scales is their ratio (one
@@ -466,14 +492,13 @@ def level_sums(src, in_features, block, group, bits, packed, scales, n_levels, c
     mask = _U((1 << bits) - 1)
     sums = np.zeros((chunks, 2, n_levels))
     for chunk in prange(chunks):
-        u_bits = np.empty(block * LANES, np.uint32)
-        u = u_bits.view(np.float32)
+        u = np.empty(block * LANES, np.float32)
         t1 = np.empty(block * LANES, np.float32)
         t2 = np.empty(block * LANES, np.float32)
-        norm = np.empty(LANES, np.float32)
+        norm = np.empty(LANES)
         for tile in range(chunk, n_tiles, chunks):
-            _load_tile(src, tile, total, n_blocks, block, in_features, u_bits, norm)
-            _rotate(u, t1, t2, block)
+            _load_transposed(src, fp32, tile, total, n_blocks, block, in_features, t1, norm)
+            _untranspose(_fwht_transposed(t1, t2, block, LANES), u, block)
             for lane in range(min(LANES, total - tile * LANES)):
                 flat = tile * LANES + lane
                 row = flat // n_blocks

@@ -11,7 +11,7 @@ import torch
 
 from quant.errors import InvalidTensorError
 
-_ROWS_PER_CHUNK = 1 << 20  # elements per float64 chunk: bounds the temporary memory
+_CHUNK = 1 << 20  # elements per float64 chunk: bounds the temporary memory
 
 
 def tensor_metrics(reference: torch.Tensor, approx: torch.Tensor) -> dict[str, float]:
@@ -23,9 +23,9 @@ def tensor_metrics(reference: torch.Tensor, approx: torch.Tensor) -> dict[str, f
     app = approx.reshape(-1)
     ref_sq = app_sq = dot = err_sq = 0.0
     max_abs = 0.0
-    for start in range(0, ref.numel(), _ROWS_PER_CHUNK):
-        r = ref[start:start + _ROWS_PER_CHUNK].double()
-        a = app[start:start + _ROWS_PER_CHUNK].double()
+    for start in range(0, ref.numel(), _CHUNK):
+        r = ref[start:start + _CHUNK].double()
+        a = app[start:start + _CHUNK].double()
         diff = a - r
         ref_sq += float(r @ r)
         app_sq += float(a @ a)
@@ -35,9 +35,15 @@ def tensor_metrics(reference: torch.Tensor, approx: torch.Tensor) -> dict[str, f
     return {
         "cosine": _cosine(dot, ref_sq, app_sq),
         "rel_mse": err_sq / ref_sq if ref_sq > 0 else (0.0 if err_sq == 0 else math.inf),
-        "sqnr_db": 10 * math.log10(ref_sq / err_sq) if err_sq > 0 else math.inf,
+        "sqnr_db": _sqnr_db(ref_sq, err_sq),
         "max_abs_err": max_abs,
     }
+
+
+def _sqnr_db(ref_sq: float, err_sq: float) -> float:
+    if err_sq == 0:
+        return math.inf
+    return 10 * math.log10(ref_sq / err_sq) if ref_sq > 0 else -math.inf
 
 
 def _cosine(dot: float, ref_sq: float, app_sq: float) -> float:

@@ -33,7 +33,7 @@ from runtime.ltx23_config import (
     real_config,
 )
 from runtime.ltx23_layout import CONFIG_METADATA_KEY, build_model, model_class
-from runtime.packed_linear import PackedLinear
+from runtime.packed_linear import PACKED_BUFFERS, PackedLinear
 
 WEIGHT_SUFFIX = ".weight"
 
@@ -53,14 +53,25 @@ def load_pipeline(artifact: str | os.PathLike, device: str | torch.device = "cpu
         raise InvalidOptionError("offload=True moves each model to an accelerator in turn; "
                                  f"device={device} is the CPU (use offload=False)")
     art = open_artifact(artifact, verify=verify)
-    official = _uses_official_names(art)
-    pipeline = (_single_file_pipeline if official else _diffusers_pipeline)(
-        art, dtype, _pipeline_class(image_to_video))
+    pipeline_class = _pipeline_class(image_to_video)
+    if _uses_official_names(art):
+        pipeline = _single_file_pipeline(art, dtype, pipeline_class)
+    else:
+        packed = {c: _packed_component(art, c, dtype) for c in _quantized_components(art)}
+        pipeline = pipeline_class.from_pretrained(art.path, torch_dtype=dtype, **packed)
     if offload:
         pipeline.enable_model_cpu_offload(device=device)
     else:
         pipeline.to(device)
     return pipeline
+
+
+def load_component(artifact: str | os.PathLike, component: str = "transformer",
+                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                   verify: bool = True) -> nn.Module:
+    """One model of the artifact (by default the transformer) with its quantized linears packed."""
+    art = open_artifact(artifact, verify=verify)
+    return _packed_component(art, component, dtype).to(device)
 
 
 def _pipeline_class(image_to_video: bool):
@@ -73,26 +84,49 @@ def _uses_official_names(art: Artifact) -> bool:
     return any(e.name.startswith(TRANSFORMER_PREFIX) for e in art.tensor_entries.values())
 
 
+def _quantized_components(art: Artifact) -> list[str]:
+    return sorted({e.component for e in art.tensor_entries.values() if e.quantized})
+
+
 # ---------------------------------------------------------------- layouts
 
 
-def _diffusers_pipeline(art: Artifact, dtype: torch.dtype, pipeline_class):
+def _packed_component(art: Artifact, component: str, dtype: torch.dtype) -> nn.Module:
+    """Built on the meta device from its config, then filled from the artifact's entries."""
+    if _uses_official_names(art):
+        entries = _official_entries(art)
+        if component not in entries:
+            raise ArtifactError(f"{art.path}: component {component!r} is not in the single file "
+                                f"(it holds {', '.join(SINGLE_FILE_COMPONENTS)})")
+        config = _single_file_configs(art, entries["transformer"])[component]
+        model = _meta_model(lambda: build_model(component, config))
+        return load_packed_model(model, art, entries[component], dtype, component)
+    entries = art.component_entries(component)
+    if not entries:
+        raise ArtifactError(f"{art.path}: no tensor of component {component!r} in the manifest")
     index_path = art.path / "model_index.json"
     if not index_path.is_file():
         raise ArtifactError(f"{art.path}: no model_index.json; a diffusers-layout artifact needs one")
-    index = json.loads(index_path.read_text())
-    packed = {}
-    for component in sorted({e.component for e in art.tensor_entries.values() if e.quantized}):
-        entries = art.component_entries(component)
-        model = _empty_component(art.path / component, component, index.get(component))
-        packed[component] = load_packed_model(model, art, entries, dtype, component)
-    return pipeline_class.from_pretrained(art.path, torch_dtype=dtype, **packed)
+    library_class = json.loads(index_path.read_text()).get(component)
+    model = _empty_component(art.path / component, component, library_class)
+    return load_packed_model(model, art, entries, dtype, component)
 
 
 def _single_file_pipeline(art: Artifact, dtype: torch.dtype, pipeline_class):
     from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
 
+    root = art.path
+    return pipeline_class(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
+        text_encoder=Gemma3ForConditionalGeneration.from_pretrained(root / "text_encoder",
+                                                                    dtype=dtype),
+        tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
+        **{c: _packed_component(art, c, dtype) for c in SINGLE_FILE_COMPONENTS})
+
+
+def _official_entries(art: Artifact) -> dict[str, dict[str, TensorRecord]]:
+    """Single-file entries by component, keyed by their diffusers names."""
     by_component: dict[str, dict[str, TensorRecord]] = {c: {} for c in SINGLE_FILE_COMPONENTS}
     for entry in art.tensor_entries.values():
         if "/" in entry.file:      # text_encoder/ and the like load with from_pretrained
@@ -102,18 +136,7 @@ def _single_file_pipeline(art: Artifact, dtype: torch.dtype, pipeline_class):
         except InvalidOptionError:  # side files at the root, e.g. the latent upscaler
             continue
         by_component[component][name] = entry
-    configs = _single_file_configs(art, by_component["transformer"])
-    models = {}
-    for component in SINGLE_FILE_COMPONENTS:
-        model = _meta_model(lambda c=component: build_model(c, configs[c]))
-        models[component] = load_packed_model(model, art, by_component[component], dtype, component)
-    root = art.path
-    return pipeline_class(
-        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
-        text_encoder=Gemma3ForConditionalGeneration.from_pretrained(root / "text_encoder",
-                                                                    dtype=dtype),
-        tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
-        **models)
+    return by_component
 
 
 def _single_file_configs(art: Artifact, transformer_entries: dict[str, TensorRecord]) -> dict:
@@ -175,38 +198,46 @@ def load_packed_model(model: nn.Module, art: Artifact, entries: dict[str, Tensor
     ArtifactError naming the tensor when an entry does not fit the model (no
     such linear, wrong shape) or a model tensor has no entry.
     """
-    state = {}
+    state: dict[str, torch.Tensor | TensorRecord] = {}
     for name, entry in entries.items():
         if entry.quantized:
-            module_name = _quantized_module_name(model, name, entry, component)
-            packed = art.load_packed(entry.key)
-            _check_shape(entry, name, packed.shape, tuple(model.get_submodule(module_name).weight.shape))
-            bias = model.get_submodule(module_name).bias is not None
-            layer = PackedLinear(packed.shape[1], packed.shape[0], bits=packed.bits,
-                                 block_size=packed.block_size, group_size=packed.group_size,
-                                 mode=packed.mode, bias=bias, device="meta")
-            model.set_submodule(module_name, layer)
-            state.update({f"{module_name}.codes": packed.codes, f"{module_name}.scales": packed.scales,
-                          f"{module_name}.codebook": packed.codebook})
+            state.update(_swap_in_packed(model, art, name, entry, component))
         else:
             state[name] = entry
-    expected = dict(model.state_dict(keep_vars=True))
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ArtifactError(f"component {component!r}: tensor {missing[0]!r} of the model config "
-                            f"has no entry in the manifest ({len(missing)} missing)")
-    unknown = sorted(set(state) - set(expected))
-    if unknown:
-        raise ArtifactError(f"component {component!r}: manifest tensor {unknown[0]!r} is not a "
-                            "tensor of the model config")
+    expected = model.state_dict(keep_vars=True)
+    _check_coverage(set(expected), set(state), component)
     for name, value in state.items():
         if isinstance(value, TensorRecord):
-            _check_shape(value, name, value.shape, tuple(expected[name].shape))
+            _check_shape(value, name, value.shape, expected[name].shape)
             state[name] = _compute_dtype(art.load_kept(value.key), dtype)
     model.load_state_dict(state, strict=True, assign=True)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model.eval()
+
+
+def _swap_in_packed(model: nn.Module, art: Artifact, name: str, entry: TensorRecord,
+                    component: str) -> dict[str, torch.Tensor]:
+    """Replace the (meta) linear owning ``name`` by a PackedLinear; return its packed state."""
+    module_name = _quantized_module_name(model, name, entry, component)
+    linear = model.get_submodule(module_name)
+    _check_shape(entry, name, entry.shape, linear.weight.shape)
+    packed = art.load_packed(entry.key)
+    model.set_submodule(module_name, PackedLinear(
+        linear.in_features, linear.out_features, bits=packed.bits, block_size=packed.block_size,
+        group_size=packed.group_size, mode=packed.mode, bias=linear.bias is not None,
+        device="meta"))
+    return {f"{module_name}.{part}": getattr(packed, part) for part in PACKED_BUFFERS}
+
+
+def _check_coverage(expected: set[str], found: set[str], component: str) -> None:
+    missing, unknown = sorted(expected - found), sorted(found - expected)
+    if missing:
+        raise ArtifactError(f"component {component!r}: tensor {missing[0]!r} of the model config "
+                            f"has no entry in the manifest ({len(missing)} missing)")
+    if unknown:
+        raise ArtifactError(f"component {component!r}: manifest tensor {unknown[0]!r} is not a "
+                            "tensor of the model config")
 
 
 def _quantized_module_name(model: nn.Module, name: str, entry: TensorRecord, component: str) -> str:

@@ -32,6 +32,7 @@ from quant.dequant_into import decode_rotated_into, scaled_levels
 from quant.errors import InvalidTensorError
 from quant.hadamard import hadamard_matrix
 from quant.packed import PackedTensor
+from quant.sizes import padded_in_features
 from runtime import triton_kernels
 
 PACKED_BUFFERS = ("codes", "scales", "codebook")
@@ -46,7 +47,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.block_size, self.group_size, self.mode = bits, block_size, group_size, mode
-        in_padded = -(-in_features // block_size) * block_size
+        self.in_padded = in_padded = padded_in_features(in_features, block_size)
         self.register_buffer("codes", torch.empty(
             out_features, in_padded * bits // 8, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.empty(
@@ -72,10 +73,6 @@ class PackedLinear(nn.Module):
         if bias is not None:
             layer.bias = nn.Parameter(bias, requires_grad=False)
         return layer
-
-    @property
-    def in_padded(self) -> int:
-        return self.codes.shape[1] * 8 // self.bits
 
     @property
     def packed(self) -> PackedTensor:
@@ -107,13 +104,12 @@ class PackedLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # A model-wide .to(bfloat16) must move the packed buffers, never cast them.
-        dtypes = {name: getattr(self, name).dtype for name in PACKED_BUFFERS}
         before = {name: getattr(self, name) for name in PACKED_BUFFERS}
         super()._apply(fn, recurse)
-        for name, dtype in dtypes.items():
+        for name, original in before.items():
             moved = getattr(self, name)
-            if moved.dtype != dtype:
-                self._buffers[name] = before[name].to(device=moved.device)
+            if moved.dtype != original.dtype:
+                self._buffers[name] = original.to(device=moved.device)
         return self
 
     def extra_repr(self) -> str:

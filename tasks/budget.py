@@ -33,17 +33,20 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from prefect import task
 
 from quant.artifact import tensor_key
 from quant.budget import (
     CANDIDATE_BITS,
     Allocation,
-    TensorOptions,
     allocate,
     allocation_tables,
     best_uniform_bits,
     block_and_module,
+    parse_size,
     relative_error,
     smallest_size,
     tensor_options,
@@ -213,8 +216,7 @@ def activation_stats(model: torch.nn.Module, forward: Callable[[], object], comp
         stats.channel_mean_square[key] = (x_sum / tokens).float()
         sigma = noise * math.sqrt(y_sum / y_count)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        handle = module.register_forward_hook(
-            lambda m, i, out: out + sigma * torch.randn(out.shape, generator=gen).to(out))
+        handle = module.register_forward_hook(_noise_hook(sigma, gen))
         try:
             perturbed = _flat_output(forward())
         finally:
@@ -222,6 +224,13 @@ def activation_stats(model: torch.nn.Module, forward: Callable[[], object], comp
         output_rel_mse = float((perturbed - reference).square().sum()) / ref_energy
         stats.output_gain[key] = output_rel_mse / (sigma * sigma * module.out_features)
     return stats
+
+
+def _noise_hook(sigma: float, gen: torch.Generator):
+    """A forward hook adding white noise of rms ``sigma`` to a layer's output."""
+    def add_noise(module, inputs, output):
+        return output + sigma * torch.randn(output.shape, generator=gen).to(output)
+    return add_noise
 
 
 def _flat_output(output) -> torch.Tensor:
@@ -409,3 +418,25 @@ def plan_budget(rows: Sequence[Mapping], target_bytes: int, scope: str = "packag
                            block_size, group_size)
     report["bits"] = dict(allocation.bits)
     return allocated, report
+
+
+@task(name="size-budget", persist_result=False)
+def budget_task(inventory_path: str, source_root: str, target_size: str, scope: str = "package",
+                block_size: int = 128, group_size: int | None = None,
+                mode: str = "refined", seed: int = 0) -> dict:
+    """Allocate bits for ``target_size`` on a saved inventory, measuring damage on the source's
+    own rows, and rewrite the inventory with the allocated bits. Returns the report (without
+    the per-tensor bits: the inventory and the manifest's tensor entries hold those)."""
+    from tasks.inventory import save_inventory
+
+    table = pq.read_table(inventory_path)
+    root = Path(source_root)
+    allocated, report = plan_budget(table.to_pylist(), parse_size(target_size), scope,
+                                    file_sampler(root if root.is_dir() else root.parent),
+                                    "measured", block_size=block_size, group_size=group_size,
+                                    mode=mode, seed=seed)
+    columns = table.schema.names
+    save_inventory(pa.Table.from_pylist([{name: row[name] for name in columns} for row in allocated],
+                                        schema=table.schema), inventory_path)
+    report.pop("bits")
+    return report

@@ -28,9 +28,9 @@ from tasks.prompts import RenderRequest
 DEFAULT_PIPELINE_FACTORY = "runtime.loader:load_pipeline"
 VIDEO_DIR, SHEET_DIR = "videos", "contact-sheets"
 
-_PIPELINES: dict[tuple, Any] = {}
+_PIPELINES: dict[tuple, Any] = {}        # (factory, artifact, device) -> text-to-video pipeline
+_IMAGE_TO_VIDEO: dict[tuple, Any] = {}    # same key -> image-to-video view of the same modules
 _PIPELINE_LOCK = threading.Lock()  # one render at a time per pipeline: schedulers keep state
-LOAD_COUNT = {"loads": 0}
 
 
 def resolve_device(device: str = "auto") -> tuple[str, torch.dtype]:
@@ -55,18 +55,17 @@ def resolve_factory(spec: str) -> Callable[..., Any]:
 def cached_pipeline(artifact: str, image_to_video: bool, device: str, factory: str) -> Any:
     """The process's pipeline for this artifact and device; built on first use only."""
     device, dtype = resolve_device(device)
-    base_key = (factory, str(Path(artifact).resolve()), device)
-    key = (*base_key, image_to_video)
+    key = (factory, str(Path(artifact).resolve()), device)
     if key not in _PIPELINES:
-        if base_key + (False,) not in _PIPELINES:
-            pipeline = resolve_factory(factory)(artifact, device=device, dtype=dtype)
-            if hasattr(pipeline, "set_progress_bar_config"):
-                pipeline.set_progress_bar_config(disable=True)  # Prefect logs carry the progress
-            _PIPELINES[base_key + (False,)] = pipeline
-            LOAD_COUNT["loads"] += 1
-        if image_to_video:
-            _PIPELINES[key] = image_to_video_variant(_PIPELINES[base_key + (False,)])
-    return _PIPELINES[key]
+        pipeline = resolve_factory(factory)(artifact, device=device, dtype=dtype)
+        if hasattr(pipeline, "set_progress_bar_config"):
+            pipeline.set_progress_bar_config(disable=True)  # Prefect logs carry the progress
+        _PIPELINES[key] = pipeline
+    if not image_to_video:
+        return _PIPELINES[key]
+    if key not in _IMAGE_TO_VIDEO:
+        _IMAGE_TO_VIDEO[key] = image_to_video_variant(_PIPELINES[key])
+    return _IMAGE_TO_VIDEO[key]
 
 
 def image_to_video_variant(pipeline: Any) -> Any:
@@ -78,9 +77,14 @@ def image_to_video_variant(pipeline: Any) -> Any:
     return pipeline  # anything else must take `image=` itself
 
 
+def loaded_pipelines() -> int:
+    """How many pipelines this process has built (since the last clear)."""
+    return len(_PIPELINES)
+
+
 def clear_pipeline_cache() -> None:
     _PIPELINES.clear()
-    LOAD_COUNT["loads"] = 0
+    _IMAGE_TO_VIDEO.clear()
 
 
 class PeakMemory:

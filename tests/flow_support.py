@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -85,3 +86,16 @@ def cli_env(prefect_home: Path) -> dict[str, str]:
 def run_cli(args: list[str], prefect_home: Path, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run(hlwq_command(*args), check=False, cwd=REPO, env=cli_env(prefect_home),
                           capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def patient_prefect(startup_timeout_s: int = 120):
+    """In-process runs: give Prefect's temporary server time to start on a loaded machine
+    (as the CLI does via flows.prefect_env), whatever imported Prefect first."""
+    from prefect.settings import (
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: startup_timeout_s}):
+        yield

@@ -3,6 +3,10 @@ import json
 import math
 import random
 
+from flows.prefect_env import configure_prefect
+
+configure_prefect()  # before Prefect loads its settings: the ephemeral API's longer start timeout
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -301,3 +305,33 @@ def test_plan_with_an_impossible_or_unreadable_target(small_checkpoint):
     assert "smallest reachable size" in str(tiny.exception)
     garbage = CliRunner().invoke(cli, ["plan", str(small_checkpoint), "--target-size", "lots"])
     assert isinstance(garbage.exception, BudgetError) and "'lots'" in str(garbage.exception)
+
+
+# --------------------------------------------------------------------------- quantize flow
+
+
+@pytest.mark.slow
+def test_quantize_flow_with_a_size_budget(tmp_path):
+    """`hlwq quantize --target-size`: mixed widths that fit, recorded in the manifest."""
+    from distributed import LocalCluster
+    from flow_support import write_diffusers_checkpoint
+
+    from flows.quantize_flow import run_quantize
+    from quant.artifact import read_manifest, verify_artifact
+
+    source = write_diffusers_checkpoint(tmp_path / "ckpt", layers=2, width=128)
+    rows = build_inventory(source, "ltx23").to_pylist()
+    q3, q4 = (size_table([{**r, "bits": b} for r in rows])["total_packed_bytes"] for b in (3, 4))
+    target = (q3 + q4) // 2
+    out = tmp_path / "artifact"
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster:
+        summary = run_quantize(str(source), str(out), dask_address=cluster.scheduler_address,
+                               target_size=str(target))
+    assert verify_artifact(out) == []
+    manifest = read_manifest(out)
+    budget = manifest["quantization"]["budget"]
+    assert manifest["sizes"]["total_packed_bytes"] == budget["total_bytes"] <= target
+    assert summary["budget"]["total_bytes"] == budget["total_bytes"]
+    assert budget["best_uniform"]["bits"] == 3 and budget["scope"] == "package"
+    widths = {entry["bits"] for entry in manifest["tensors"].values() if entry.get("bits")}
+    assert widths == {3, 4}, widths

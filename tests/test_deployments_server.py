@@ -120,6 +120,8 @@ def test_served_deployments_watch_requantize_and_render_nightly(tmp_path):
     size = {"width": 32, "height": 32, "frames": 9, "fps": 24, "steps": 2, "guidance": 1.0}
     prompts.write_text("".join(json.dumps({"id": i, "prompt": p, **size}) + "\n"
                                for i, p in (("harbour", "boats in a harbour"), ("forest", "wind in a forest"))))
+    suite = tmp_path / "suite.jsonl"  # requantize's output gates: one small prompt keeps it quick
+    suite.write_text(json.dumps({"id": "gate", "prompt": "a kite over a beach", "seed": 3, **size}) + "\n")
     with LocalHub() as hub:
         first = hub.add_repo("acme/ltx-tiny", source)
         artifact = artifact_output(str(tmp_path / "artifacts"), "acme/ltx-tiny", first, 5)
@@ -136,7 +138,7 @@ def test_served_deployments_watch_requantize_and_render_nightly(tmp_path):
                 [HLWQ, "serve", "--watch-source", "acme/ltx-tiny", "--timezone", "Europe/Paris",
                  "--artifacts-dir", str(tmp_path / "artifacts"), "--nightly-artifact", artifact,
                  "--nightly-prompts", str(prompts), "--nightly-output", str(tmp_path / "renders"),
-                 "--policy", "ltx23", "--bits", "5"],
+                 "--policy", "ltx23", "--bits", "5", "--output-suite", str(suite)],
                 cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             with temporary_settings({PREFECT_API_URL: server.api_url}), get_client(sync_client=True) as client:
@@ -161,7 +163,8 @@ def test_served_deployments_watch_requantize_and_render_nightly(tmp_path):
                 assert trigger(api, "watch-upstream/watch-upstream", log)["state"]["type"] == "COMPLETED"
                 (first_run,) = api.runs(requantize)
                 assert first_run["parameters"] == {"source": "acme/ltx-tiny", "revision": first, "bits": 5,
-                                                   "policy": "ltx23", "out": artifact}
+                                                   "policy": "ltx23", "out": artifact,
+                                                   "output_suite": str(suite)}
                 assert finished(api, first_run["id"], log, 240)["state"]["type"] == "COMPLETED"
                 assert (Path(artifact) / "manifest.json").is_file()
                 assert trigger(api, "watch-upstream/watch-upstream", log)["state"]["type"] == "COMPLETED"

@@ -10,12 +10,25 @@ import time
 from pathlib import Path
 
 import pytest
-from flow_support import REPO, cli_env, run_cli, tree_bytes, write_diffusers_checkpoint
+from flow_support import (
+    REPO,
+    cli_env,
+    patient_prefect,
+    run_cli,
+    tree_bytes,
+    write_diffusers_checkpoint,
+)
 
 from flows.quantize_flow import run_quantize
 
 pytestmark = pytest.mark.slow
 DASK = Path(sys.executable).parent / "dask"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _patient_prefect():
+    with patient_prefect():
+        yield
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from collections import namedtuple
 import pyarrow.parquet as pq
 import pytest
 import torch
-from flow_support import write_diffusers_checkpoint, write_generic_file
+from flow_support import patient_prefect, write_diffusers_checkpoint, write_generic_file
 from safetensors.torch import load_file, save_file
 
 from flows.quantize_flow import group_of, plan_jobs, run_quantize
@@ -32,6 +32,12 @@ from tasks.quantize import TensorJob
 
 TRANSFORMER_FILE = "transformer/diffusion_pytorch_model.safetensors"
 QUANTIZED_PER_LAYER = 10          # 8 attention projections + 2 feed-forward linears
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _patient_prefect():
+    with patient_prefect():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -213,3 +219,17 @@ def test_cli_rejects_bad_options_with_a_clear_message(tmp_path):
     with pytest.raises(InvalidOptionError, match="--workers sizes a local cluster"):
         run_quantize("x", str(tmp_path / "o"), workers=2, dask_address="tcp://127.0.0.1:1")
 
+
+
+def test_tiny_ltx23_single_file(tmp_path, cluster):
+    from runtime.fixtures import make_tiny_ltx23
+
+    source = make_tiny_ltx23(tmp_path / "tiny", single_file=True)
+    out = tmp_path / "artifact"
+    # --no-gates: the output gates (renders of the prompt suite) are tested with validation.
+    summary = run_quantize(str(source), str(out), dask_address=cluster, gates=False)
+    manifest = read_manifest(out)
+    assert manifest["source"]["layout"] == "ltx23-single"
+    assert summary["policy"] == "ltx23" and summary["quantized"] == manifest["sizes"]["quantized_tensors"] > 0
+    assert summary["gates"]["passed"] is True                 # recorded even when not enforced
+    assert verify_artifact(out) == []

@@ -103,7 +103,7 @@ def test_batch_renders_records_failures_skips_done_work_and_publishes_artifacts(
     summary = state.result(raise_on_failure=False)
     assert summary["rejected"] == ["row 3 (bad): width must be a multiple of 32, got 50"]
     assert ATTEMPTS["boom"] == 2 and ATTEMPTS["a flaky render"] == 2  # one retry each
-    assert render_module.LOAD_COUNT["loads"] == 1  # one pipeline for the whole process
+    assert render_module.loaded_pipelines() == 1  # one pipeline for the whole process
 
     catalog = {row["id"]: row for row in read_catalog(out).to_pylist()}
     assert sorted(catalog) == ["boom", "calm", "flaky", "i2v"]
@@ -196,7 +196,7 @@ def test_real_tiny_pipeline_writes_video_with_its_audio(tmp_path):
     state = render_batch(str(model), str(prompts), str(tmp_path / "out"), device="cpu", retries=0,
                          pipeline_factory=f"{__name__}:tiny_fixture_factory", return_state=True)
     assert state.is_completed(), state.message
-    assert render_module.LOAD_COUNT["loads"] == 1  # image-to-video reuses the loaded modules
+    assert render_module.loaded_pipelines() == 1  # image-to-video reuses the loaded modules
     for row in read_catalog(tmp_path / "out").to_pylist():
         info = probe_mp4(row["output_path"])
         assert (info.frames, info.width, info.height, info.fps) == (9, 32, 32, 24.0)

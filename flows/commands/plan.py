@@ -157,14 +157,14 @@ def format_budget(budget: dict) -> list[str]:
                             "tensor's width (no weights read)"}
     uniform = budget["best_uniform"]
     lines = [
-        f"Size budget {format_bytes(budget['target_bytes'])} for scope {budget['scope']}: "
-        f"{format_bytes(budget['total_bytes'])} = {format_bytes(budget['kept_bytes'])} kept + "
-        f"{format_bytes(budget['quantized_bytes'])} quantized",
-        f"  {budget['quantized_tensors']:,} tensors, {format_count(budget['quantized_params'])} "
-        f"params at {budget['mean_bits']:.3f} bits on average "
-        f"({budget['bits_per_weight']:.3f} bits/weight stored, scales included)",
-        f"  predicted error {budget['predicted_error']:.4g} ({budget['error_unit']}; "
-        f"damage from {samples.get(budget['damage_source'], budget['damage_source'])})",
+        (f"Size budget {format_bytes(budget['target_bytes'])} for scope {budget['scope']}: "
+         f"{format_bytes(budget['total_bytes'])} = {format_bytes(budget['kept_bytes'])} kept + "
+         f"{format_bytes(budget['quantized_bytes'])} quantized"),
+        (f"  {budget['quantized_tensors']:,} tensors, {format_count(budget['quantized_params'])} "
+         f"params at {budget['mean_bits']:.3f} bits on average "
+         f"({budget['bits_per_weight']:.3f} bits/weight stored, scales included)"),
+        (f"  predicted error {budget['predicted_error']:.4g} ({budget['error_unit']}; "
+         f"damage from {samples.get(budget['damage_source'], budget['damage_source'])})"),
         ("  best uniform width that fits: none" if uniform is None else
          f"  best uniform width that fits: {uniform['bits']}-bit, "
          f"{format_bytes(uniform['total_bytes'])}, predicted error "

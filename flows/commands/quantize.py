@@ -8,6 +8,10 @@ import click
 
 from flows.prefect_env import configure_prefect
 
+configure_prefect()   # first: Prefect reads its settings when it is imported
+
+from tasks.budget import SCOPE_HELP, SCOPES  # imports Prefect
+
 
 @click.command()
 @click.argument("source")
@@ -32,18 +36,27 @@ from flows.prefect_env import configure_prefect
               help="TOML merged over the default thresholds (tasks/gates.toml).")
 @click.option("--on-nonfinite", type=click.Choice(["fail", "keep"]), default="fail",
               show_default=True, help="A tensor with NaN/Inf fails the run, or is kept unquantized.")
+@click.option("--target-size", help="Instead of one --bits: bits per tensor (2..8) chosen so "
+                                    "--target-scope fits SIZE (e.g. 15GB, 14.5GiB) with the least "
+                                    "measured damage.")
+@click.option("--target-scope", type=click.Choice(SCOPES), default="package", show_default=True,
+              help=f"What --target-size counts. {SCOPE_HELP}.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 def quantize(source, out, policy, bits, mode, group_size, workers, dask_address, revision, staging,
-             gates, gates_file, on_nonfinite, as_json):
+             gates, gates_file, on_nonfinite, target_size, target_scope, as_json):
     """Quantize SOURCE (a Hub repo id, a folder or a .safetensors file) into a packed HLWQ
     artifact at OUT. Re-running skips tensors already quantized."""
-    configure_prefect()
+    if target_size is not None:
+        from quant.budget import parse_size
+
+        parse_size(target_size)   # a size that does not parse fails before anything runs
     from flows.quantize_flow import run_quantize
 
     summary = run_quantize(source, out, policy=policy, bits=bits, mode=mode, group_size=group_size,
                            workers=workers, dask_address=dask_address, revision=revision,
                            staging=staging, gates=gates, gates_file=gates_file,
-                           on_nonfinite=on_nonfinite)
+                           on_nonfinite=on_nonfinite, target_size=target_size,
+                           target_scope=target_scope)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
         return

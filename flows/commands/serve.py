@@ -247,6 +247,8 @@ def server_status(home: str | None) -> None:
 @click.option("--nightly-artifact", default=None, help="Artifact the nightly render uses (HLWQ_NIGHTLY_ARTIFACT).")
 @click.option("--nightly-prompts", default=None, help="Prompt file of the nightly render (HLWQ_NIGHTLY_PROMPTS).")
 @click.option("--nightly-output", default=None, help="Output folder of the nightly render (HLWQ_NIGHTLY_OUTPUT).")
+@click.option("--output-suite", default=None,
+              help="Prompt suite for requantize's output gates (HLWQ_OUTPUT_SUITE; default: the repo's suite).")
 @click.option("--limit", type=int, default=None, help="Most flow runs at once (default: no limit).")
 @home_option
 def serve(limit: int | None, home: str | None, **options) -> None:
