@@ -82,6 +82,7 @@ def run_flow(fixture: Path, out: Path, workers: int) -> dict:
     return {
         "workers": workers, "wall_s": wall_s, "flow_wall_s": summary["wall_s"],
         "quantize_wall_s": summary["quantize_wall_s"], "busy_s": summary["busy_s"],
+        "cluster_start_s": summary["cluster_start_s"],
         "input_bytes": input_bytes, "gb_per_s": input_bytes / 1e9 / wall_s,
         "quantize_gb_per_s": summary["gb_per_s"], "peak_rss_bytes": peak,
         "overhead_fraction": summary["overhead_fraction"],

@@ -37,7 +37,7 @@ class DeploymentSettings:
     output_suite: str | None = None  # prompt suite of requantize's output gates (None: the default suite)
 
     @classmethod
-    def from_env(cls, **overrides) -> "DeploymentSettings":
+    def from_env(cls, **overrides) -> DeploymentSettings:
         values = {}
         for field in fields(cls):
             raw = os.environ.get(f"HLWQ_{field.name.upper()}")
@@ -48,7 +48,7 @@ class DeploymentSettings:
         values.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**values).checked()
 
-    def checked(self) -> "DeploymentSettings":
+    def checked(self) -> DeploymentSettings:
         try:
             ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError):
@@ -57,7 +57,7 @@ class DeploymentSettings:
             raise InvalidOptionError(f"watch interval must be at least 60 s, got {self.watch_interval_s}")
         return self
 
-    def absolute_paths(self) -> "DeploymentSettings":
+    def absolute_paths(self) -> DeploymentSettings:
         """Paths as seen from here, so runs started elsewhere read the same files."""
         return replace(self, **{name: str(Path(value).expanduser().resolve())
                                 for name in PATH_FIELDS if (value := getattr(self, name))})
@@ -65,8 +65,8 @@ class DeploymentSettings:
 
 def build_deployments(settings: DeploymentSettings) -> list:
     """Runner deployments for `prefect.serve`."""
-    from prefect.types.entrypoint import EntrypointType
     from prefect.schedules import Cron, Interval
+    from prefect.types.entrypoint import EntrypointType
 
     from flows.quantize_flow import quantize_checkpoint
     from flows.render_flow import render_batch

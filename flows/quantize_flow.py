@@ -82,6 +82,9 @@ def dask_task_runner(workers: int | None = None, dask_address: str | None = None
         # Each worker may use an equal share of the machine's memory; Dask pauses a
         # worker at 80 % of it and restarts it at 95 %.
         "memory_limit": "auto",
+        # One core per worker: Dask's nanny already pins OpenMP/MKL/BLAS to one thread;
+        # the numba kernels would otherwise start a thread per core in every worker.
+        "env": {"NUMBA_NUM_THREADS": "1"},
         "dashboard_address": None,
     })
 
@@ -120,14 +123,16 @@ def quantize_tensors(inventory_path: str, source_base: str, file_ids: dict[str, 
                      staging_dir: str, settings: dict, tensors: int) -> dict:
     """Quantize every tensor the inventory selects on the Dask cluster of this subflow.
 
-    Returns the metrics rows and the stage's timing: wall time, the units' own
-    seconds (busy) and what the Prefect task machinery cost (``prefect_task_s``).
+    Returns the metrics rows and the stage's timing: wall time (cluster start
+    included), the cluster's start, the units' own seconds (busy) and what the
+    Prefect task machinery cost (``prefect_task_s``).
     """
     logger = get_run_logger()
     started = time.perf_counter()
     jobs = plan_jobs(pq.read_table(inventory_path).to_pylist(), source_base, file_ids, staging_dir,
                      settings)
-    client = dask_client()
+    client = dask_client()          # starts the LocalCluster, or connects
+    cluster_start_s = time.perf_counter() - started
     workers = len(client.scheduler_info(n_workers=-1)["workers"])
     logger.info("quantizing %d tensors on %d Dask workers (%s)", len(jobs), workers,
                 client.scheduler.address)
@@ -150,8 +155,8 @@ def quantize_tensors(inventory_path: str, source_base: str, file_ids: dict[str, 
         rows += result["rows"]
     wall_s = time.perf_counter() - started
     del queued
-    return {"rows": rows, "wall_s": wall_s, "workers": workers, "prefect_tasks": len(groups),
-            "prefect_task_s": prefect_task_s,
+    return {"rows": rows, "wall_s": wall_s, "cluster_start_s": cluster_start_s, "workers": workers,
+            "prefect_tasks": len(groups), "prefect_task_s": prefect_task_s,
             "busy_s": sum(row["seconds"] for row in rows if not row["skipped"])}
 
 
@@ -320,7 +325,8 @@ def run_summary(source, out_dir, staging_dir, settings, final_rows, stage, packa
         "skipped": len(stage["rows"]) - len(computed),
         "sizes": size_table(final_rows),
         "artifact_bytes": packaged["total_bytes"],
-        "wall_s": wall_s, "quantize_wall_s": stage["wall_s"], "workers": stage["workers"],
+        "wall_s": wall_s, "quantize_wall_s": stage["wall_s"],
+        "cluster_start_s": stage["cluster_start_s"], "workers": stage["workers"],
         "busy_s": stage["busy_s"], "input_bytes": input_bytes,
         "gb_per_s": input_bytes / 1e9 / stage["wall_s"] if stage["wall_s"] else 0.0,
         # Share of the workers' time in the quantize stage not spent quantizing:

@@ -19,6 +19,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
+from prefect.exceptions import MissingResult
 from prefect.states import Completed, Failed, State
 
 from tasks.catalog import FAILED, append_catalog, artifact_id, completed_renders, read_catalog
@@ -98,7 +99,7 @@ def render_batch(
 def failure_row(request: RenderRequest, key: str, model_id: str, artifact: str, state: State) -> dict[str, Any]:
     try:
         error = state.result(raise_on_failure=False)
-    except Exception as exc:  # the result itself may be unavailable; the state message remains
+    except MissingResult as exc:  # the exception itself may be gone; the state message remains
         error = exc
     text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else (state.message or "failed")
     return {**request.to_dict(), "render_key": key, "artifact_id": model_id, "artifact": str(artifact),

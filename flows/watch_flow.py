@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 from prefect.variables import Variable
 
 from tasks.sources import latest_revision
@@ -49,7 +50,7 @@ def previous_run_state(flow_run_id: str) -> str | None:
     with get_client(sync_client=True) as client:
         try:
             run = client.read_flow_run(flow_run_id)
-        except Exception:  # deleted runs read as 404: treat as never run
+        except ObjectNotFound:  # a deleted run: as if it never ran
             return None
     return run.state.type.value if run.state else None
 
@@ -79,7 +80,8 @@ def watch_upstream(
             logger.info("%s is still at %s (requantize run %s: %s); nothing to do",
                         source, revision, state["flow_run_id"], previous)
             return {"triggered": False, "revision": revision, "flow_run_id": state["flow_run_id"]}
-        logger.info("%s at %s: the earlier requantize run ended %s; triggering again", source, revision, previous)
+        logger.info("%s at %s: the earlier requantize run %s; triggering again", source, revision,
+                    f"ended {previous}" if previous else "is gone")
     parameters = {"source": source, "revision": revision, "bits": bits, "policy": policy,
                   "out": artifact_output(output_root, source, revision, bits)}
     flow_run_id = trigger_requantize(requantize_deployment, parameters)

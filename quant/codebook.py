@@ -8,6 +8,7 @@ once per bit width.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import torch
@@ -43,13 +44,13 @@ def _conditional_mean(a: float, b: float) -> float:
     return (_pdf(a) - _pdf(b)) / mass if mass > 1e-10 else (a + b) / 2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached_codebook(bits: int) -> tuple[float, ...]:
     levels = 1 << bits
     boundaries = [-math.inf] + [-4.0 + 8.0 * i / levels for i in range(1, levels)] + [math.inf]
     for _ in range(LLOYD_ITERATIONS):
         centroids = [_conditional_mean(boundaries[i], boundaries[i + 1]) for i in range(levels)]
-        midpoints = [(lo + hi) / 2 for lo, hi in zip(centroids, centroids[1:])]
+        midpoints = [(lo + hi) / 2 for lo, hi in itertools.pairwise(centroids)]
         boundaries = [-math.inf, *midpoints, math.inf]
     return tuple(centroids)
 

@@ -18,6 +18,7 @@ The numerics run in fused numba kernels (quant/kernels.py).
 from __future__ import annotations
 
 import functools
+import threading
 
 import numba
 import numpy as np
@@ -35,19 +36,22 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FP16_MAX = 65504.0
 CODEBOOK_ROUNDS = 6          # at most this many Lloyd rounds for refine_codebook
 MIN_LEVEL_GAP = 1e-3         # keeps a refined codebook strictly increasing
+# Kernels run one at a time per process: each already uses every core, and numba's
+# fallback "workqueue" threading layer must not be entered from two threads at once.
+_KERNEL_LOCK = threading.Lock()
 
 # Scale candidates per bit width: (anchor, factor) with anchor rms or absmax/largest
 # level, then Lloyd steps. Few bits clip little (rms-anchored); many bits want the
 # block's largest value near the outermost level (absmax-anchored).
 _RMS, _ABSMAX = kernels.ANCHOR_RMS, kernels.ANCHOR_ABSMAX
-SEARCH = {
+SEARCH = {   # picked by a sweep of anchors, centres and spacings on Gaussian and Student-t(5)
     2: ([(_RMS, 0.9), (_RMS, 1.0), (_RMS, 1.1)], 2),
     3: ([(_RMS, 0.85), (_RMS, 0.95), (_RMS, 1.05), (_RMS, 1.15)], 2),
     4: ([(_ABSMAX, f) for f in (0.9, 0.95, 1.0, 1.05, 1.1)], 2),
-    5: ([(_ABSMAX, f) for f in (0.95, 1.0, 1.05)], 2),
-    6: ([(_ABSMAX, f) for f in (0.95, 1.03, 1.11)], 2),
+    5: ([(_ABSMAX, f) for f in (0.94, 0.98, 1.02)], 2),
+    6: ([(_ABSMAX, f) for f in (0.985, 1.025, 1.065)], 2),
     7: ([(_ABSMAX, f) for f in (1.0, 1.08, 1.16)], 2),
-    8: ([(_ABSMAX, f) for f in (1.05, 1.15, 1.25)], 2),
+    8: ([(_ABSMAX, f) for f in (1.135, 1.175, 1.215)], 2),
 }
 
 
@@ -133,9 +137,10 @@ def dequantize(packed: PackedTensor, dtype: torch.dtype = torch.float32) -> torc
     rows, in_features = packed.shape
     bf16 = dtype == torch.bfloat16
     out = torch.empty((rows, in_features), dtype=torch.bfloat16 if bf16 else torch.float32)
-    kernels.decode(_numpy(packed.codes), _numpy(packed.scales.float()),
-                   _numpy(packed.codebook.float()), packed.bits, packed.block_size,
-                   packed.group_size, in_features, not bf16, _as_uint16(out))
+    with _KERNEL_LOCK:
+        kernels.decode(_numpy(packed.codes), _numpy(packed.scales.float()),
+                       _numpy(packed.codebook.float()), packed.bits, packed.block_size,
+                       packed.group_size, in_features, not bf16, _as_uint16(out))
     return out if bf16 else out.to(dtype)
 
 
@@ -156,7 +161,7 @@ def _kernel_source(weight: torch.Tensor) -> tuple[np.ndarray, bool]:
     return _as_uint16(weight.contiguous()), False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _search_arrays(bits: int):
     candidates, lloyd_steps = SEARCH[bits]
     anchors = np.array([a for a, _ in candidates], np.int32)
@@ -181,9 +186,11 @@ def _encode(source, shape, bits, block, group, mode, codebook):
     tile_non_finite = np.zeros(tiles, np.int64)
     table = _table(codebook.numpy().tobytes())
     anchors, factors, lloyd_steps = _search_arrays(bits)
-    kernels.encode(*source, in_features, block, group, bits, mode == "refined", anchors, factors,
-                   lloyd_steps, table.levels, table.approx, table.origin, table.inv_width,
-                   table.first, table.threshold, packed, scales, tile_error, tile_non_finite)
+    with _KERNEL_LOCK:
+        kernels.encode(*source, in_features, block, group, bits, mode == "refined", anchors,
+                       factors, lloyd_steps, table.levels, table.approx, table.origin,
+                       table.inv_width, table.first, table.threshold, packed, scales,
+                       tile_error, tile_non_finite)
     if tile_non_finite.any():
         return None
     return packed, scales, float(tile_error.sum())
@@ -194,8 +201,9 @@ def _refine_codebook(source, shape, bits, block, group, codebook, encoded):
     best_codebook, best = codebook, encoded
     for _ in range(CODEBOOK_ROUNDS):
         packed, scales, _ = best
-        sums = kernels.level_sums(*source, shape[1], block, group, bits, packed, scales,
-                                  1 << bits, max(1, numba.get_num_threads() * 4)).sum(0)
+        with _KERNEL_LOCK:
+            sums = kernels.level_sums(*source, shape[1], block, group, bits, packed, scales,
+                                      1 << bits, max(1, numba.get_num_threads() * 4)).sum(0)
         fitted = np.where(sums[1] > 0, sums[0] / np.maximum(sums[1], 1e-300),
                           best_codebook.double().numpy())
         candidate = torch.from_numpy(_strictly_increasing(np.sort(fitted))).float()

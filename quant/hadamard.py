@@ -19,7 +19,7 @@ def check_power_of_two(n: int, option: str = "block_size", low: int = 1, high: i
         raise InvalidOptionError(f"{option}={n!r}: must be a power of two in {low}..{high}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached_hadamard(n: int) -> torch.Tensor:
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < n:

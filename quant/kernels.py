@@ -57,7 +57,7 @@ class NearestTable:
         if not width > 0:
             raise ValueError("codebook levels must be strictly increasing")
         origin = float(mids[0]) - width   # cell 0 holds everything below the first midpoint
-        cells = int(math.ceil((float(mids[-1]) - origin) / width)) + 2
+        cells = math.ceil((float(mids[-1]) - origin) / width) + 2
         starts = origin + width * np.arange(cells, dtype=np.float64)
         first = np.searchsorted(mids.astype(np.float64), starts - 0.01 * width, side="left")
         centre = np.searchsorted(mids.astype(np.float64), starts + 0.5 * width, side="left")
@@ -78,8 +78,9 @@ def _index(i):
 @_inline
 def _cell(z, origin, inv_width, top):
     f = (z - origin) * inv_width
-    f = f if f < top else top                 # NaN -> top: never an out-of-range index
-    return _index(f if f > np.float32(0.0) else np.float32(0.0))
+    # Explicit selects, not min/max: a NaN must land on a valid index too.
+    f = f if f < top else top  # noqa: FURB136
+    return _index(f if f > np.float32(0.0) else np.float32(0.0))  # noqa: FURB136
 
 
 @_inline
@@ -193,9 +194,9 @@ def _fwht_transposed(a, b, n, lanes):
 
 @_inline
 def _untranspose(t, u, block):
-    for k in range(LANES):
-        for j in range(block):
-            u[k * block + j] = t[j * LANES + k]
+    for k in range(_U(LANES)):
+        for j in range(_U(block)):
+            u[k * _U(block) + j] = t[j * _U(LANES) + k]
 
 
 # ---------------------------------------------------------------- load / pack
@@ -207,7 +208,7 @@ def _load_transposed(src, fp32, tile, total, n_blocks, block, in_features, t, no
     fp32 values as little-endian pairs of halves. NaN/Inf values are loaded as 0 and
     counted; the count is returned."""
     exponent = np.uint32(0x7F800000)
-    stride = 1 + np.int64(fp32)                      # uint16 words per value
+    stride = _U(1 + np.int64(fp32))                  # uint16 words per value
     low_mask = np.uint32(0xFFFF) * np.uint32(fp32)   # bf16 has no low half
     non_finite = 0
     for lane in range(LANES):
@@ -215,33 +216,34 @@ def _load_transposed(src, fp32, tile, total, n_blocks, block, in_features, t, no
         stop = 0
         sq = 0.0
         if flat < total:
-            row = flat // n_blocks
+            src_row = src[flat // n_blocks]
             col0 = (flat % n_blocks) * block
             stop = min(block, in_features - col0)
-            for j in range(stop):
-                at = stride * (col0 + j)
-                bits = np.uint32((np.uint32(src[row, at + stride - 1]) << np.uint32(16))
-                                 | (np.uint32(src[row, at]) & low_mask))
+            for j in range(_U(stop)):
+                at = stride * (_U(col0) + j)
+                bits = np.uint32((np.uint32(src_row[at + stride - _U(1)]) << np.uint32(16))
+                                 | (np.uint32(src_row[at]) & low_mask))
                 bad = (bits & exponent) == exponent
                 non_finite += bad
                 x = np.float32(0.0) if bad else bits.view(np.float32)
-                t[j * LANES + lane] = x
+                t[j * _U(LANES) + _U(lane)] = x
                 sq += np.float64(x) * x
-        for j in range(stop, block):
-            t[j * LANES + lane] = 0.0
+        for j in range(_U(stop), _U(block)):
+            t[j * _U(LANES) + _U(lane)] = 0.0
         norm[lane] = max(math.sqrt(sq), NORM_FLOOR)
     return non_finite
 
 
 @_inline
-def _pack(codes, lane, block, bits, packed, row, byte0):
-    for i in range(0, block, 8):
+def _pack(codes, lane, block, bits, packed_row, byte0):
+    first_code = _U(lane * block)
+    for i in range(_U(0), _U(block), _U(8)):
         word = _U(0)
-        for q in range(8):
-            word |= _U(codes[lane * block + i + q]) << _U(q * bits)
-        out = byte0 + (i // 8) * bits
-        for q in range(bits):
-            packed[row, out + q] = np.uint8((word >> _U(8 * q)) & _U(0xFF))
+        for q in range(_U(8)):
+            word |= _U(codes[first_code + i + q]) << (q * _U(bits))
+        at = _U(byte0) + (i >> _U(3)) * _U(bits)
+        for q in range(_U(bits)):
+            packed_row[at + q] = np.uint8((word >> (_U(8) * q)) & _U(0xFF))
 
 
 # ---------------------------------------------------------------- passes over one group
@@ -250,7 +252,7 @@ def _approx_fit(u, lo, hi, inv_t, approx, origin, inv_width, top):
     """Least-squares fit at scale 1/inv_t with approximate nearest levels: (uc, cc)."""
     uc = np.float32(0.0)
     cc = np.float32(0.0)
-    for j in range(lo, hi):
+    for j in range(_U(lo), _U(hi)):
         lev = approx[_cell(u[j] * inv_t, origin, inv_width, top)]
         uc += u[j] * lev
         cc += lev * lev
@@ -262,7 +264,7 @@ def _exact_codes(u, lo, hi, inv_t, codes, levels, origin, inv_width, first, thre
     """Nearest codes at scale 1/inv_t written to ``codes``; returns (uc, cc) in float64."""
     uc = 0.0
     cc = 0.0
-    for j in range(lo, hi):
+    for j in range(_U(lo), _U(hi)):
         z = u[j] * inv_t
         cell = _cell(z, origin, inv_width, top)
         code = _index(first[cell] + np.uint32(z > threshold[cell]))
@@ -276,23 +278,20 @@ def _exact_codes(u, lo, hi, inv_t, codes, levels, origin, inv_width, first, thre
 @_inline
 def _nearest_codes(u, lo, hi, inv_t, codes, origin, inv_width, first, threshold, top):
     """Nearest codes at scale 1/inv_t written to ``codes`` (the reference encoder)."""
-    for j in range(lo, hi):
+    for j in range(_U(lo), _U(hi)):
         z = u[j] * inv_t
         cell = _cell(z, origin, inv_width, top)
         codes[j] = first[cell] + np.uint32(z > threshold[cell])
 
 
 @_inline
-def _search(u, lo, hi, norm, levels, anchors, factors, lloyd_steps, approx, origin, inv_width,
-            top):
+def _search(u, lo, hi, uu, norm, levels, anchors, factors, lloyd_steps, approx, origin,
+            inv_width, top):
     """Best candidate scale (1/inv_t to take codes at) by approximate least-squares error."""
-    n = hi - lo
-    uu = np.float32(0.0)
     amax = np.float32(0.0)
-    for j in range(lo, hi):
-        uu += u[j] * u[j]
+    for j in range(_U(lo), _U(hi)):
         amax = max(amax, abs(u[j]))
-    rms = max(math.sqrt(uu / n), NORM_FLOOR)
+    rms = max(math.sqrt(uu / (hi - lo)), NORM_FLOOR)
     by_absmax = max(amax / levels[levels.size - 1], NORM_FLOOR)
     best_err = np.inf
     best_inv_t = np.float32(1.0 / norm)
@@ -301,10 +300,10 @@ def _search(u, lo, hi, norm, levels, anchors, factors, lloyd_steps, approx, orig
         anchor = rms if anchors[c] == ANCHOR_RMS else by_absmax
         inv_t = np.float32(1.0 / (factors[c] * anchor))
         uc, cc = _approx_fit(u, lo, hi, inv_t, approx, origin, inv_width, top)
-        err = -uc * uc / cc
+        err = -uc * uc / cc          # least-squares error minus ||u||^2
         if err < best_err:
             best_err, best_inv_t, best_fit = err, inv_t, max(uc / cc, NORM_FLOOR)
-    for _ in range(lloyd_steps):
+    for _ in range(lloyd_steps):     # codes at the refitted scale, refit again
         inv_t = np.float32(1.0 / best_fit)
         uc, cc = _approx_fit(u, lo, hi, inv_t, approx, origin, inv_width, top)
         err = -uc * uc / cc
@@ -314,19 +313,18 @@ def _search(u, lo, hi, norm, levels, anchors, factors, lloyd_steps, approx, orig
     return best_inv_t
 
 
-# ---------------------------------------------------------------- kernels
 @_inline
 def _refine_group(u, lo, hi, inv_norm, ref_scale, norm, codes, alt_codes, levels, anchors,
                   factors, lloyd_steps, approx, origin, inv_width, first, threshold, top):
     """Reference codes in ``codes``, replaced by the searched ones when those are better
     in the rotated domain; returns (scale, squared error)."""
     uu = 0.0
-    for j in range(lo, hi):
+    for j in range(_U(lo), _U(hi)):
         uu += np.float64(u[j]) * u[j]
     uc, cc = _exact_codes(u, lo, hi, inv_norm, codes, levels, origin, inv_width, first,
                           threshold, top)
     best_err = uu - 2.0 * ref_scale * uc + ref_scale * ref_scale * cc
-    inv_t = _search(u, lo, hi, norm, levels, anchors, factors, lloyd_steps, approx, origin,
+    inv_t = _search(u, lo, hi, uu, norm, levels, anchors, factors, lloyd_steps, approx, origin,
                     inv_width, top)
     uc, cc = _exact_codes(u[lo:hi], 0, hi - lo, inv_t, alt_codes, levels, origin, inv_width,
                           first, threshold, top)
@@ -339,12 +337,12 @@ def _refine_group(u, lo, hi, inv_norm, ref_scale, norm, codes, alt_codes, levels
 
 
 @_inline
-def _cropped_error(src, fp32, row, col0, stop, codes, scale_of_group, group, levels, work):
-    """Squared error over the real columns [0, stop) of one block given its codes and the
-    scales (``scale_of_group``); padding columns are cropped on decode, so they do not count."""
+def _cropped_error(src, fp32, row, col0, stop, codes, group_scales, group, levels, work):
+    """Squared error over the real columns [0, stop) of one block given its codes and
+    scales: padding columns are cropped on decode, so they do not count."""
     block = work.size
     for j in range(block):
-        work[j] = np.float32(scale_of_group[j // group]) * levels[codes[j]]
+        work[j] = np.float32(group_scales[j // group]) * levels[codes[j]]
     half = 1
     while half < block:   # one block only: plain butterflies
         for i in range(0, block, 2 * half):
@@ -364,6 +362,21 @@ def _cropped_error(src, fp32, row, col0, stop, codes, scale_of_group, group, lev
         diff = np.float64(bits.view(np.float32)) - np.float64(work[j]) / block
         err += diff * diff
     return err
+
+
+@_inline
+def _prefer_reference_if_better(src, fp32, row, col0, stop, u, inv_norm, ref_scale, codes,
+                                group_scales, ref_codes, ref_scales, work, levels, group,
+                                origin, inv_width, first, threshold, top):
+    """For a zero-padded block the rotated-domain error also counts the padding, which
+    decode crops: keep the reference choice unless the real columns gained."""
+    ours = _cropped_error(src, fp32, row, col0, stop, codes, group_scales, group, levels, work)
+    _nearest_codes(u, 0, u.size, inv_norm, ref_codes, origin, inv_width, first, threshold, top)
+    ref_scales[:] = ref_scale
+    if _cropped_error(src, fp32, row, col0, stop, ref_codes, ref_scales, group, levels,
+                      work) <= ours:
+        codes[:] = ref_codes
+        group_scales[:] = ref_scale
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -389,6 +402,7 @@ def encode(src, fp32, in_features, block, group, bits, refined, anchors, factors
         alt_codes = np.empty(block, np.uint8)
         work = np.empty(block, np.float32)
         group_scales = np.empty(groups)
+        ref_scales = np.empty(groups)
         norm = np.empty(LANES)
         tile_non_finite[tile] = _load_transposed(src, fp32, tile, total, n_blocks, block,
                                                  in_features, t1, norm)
@@ -397,7 +411,7 @@ def encode(src, fp32, in_features, block, group, bits, refined, anchors, factors
         for lane in range(min(LANES, total - tile * LANES)):
             flat = tile * LANES + lane
             row = flat // n_blocks
-            blk = flat % n_blocks
+            col0 = (flat % n_blocks) * block
             inv_norm = np.float32(1.0) / np.float32(norm[lane])
             ref_scale = _fp16_round(norm[lane])
             lo = lane * block
@@ -412,21 +426,14 @@ def encode(src, fp32, in_features, block, group, bits, refined, anchors, factors
                         norm[lane], codes, alt_codes, levels, anchors, factors, lloyd_steps,
                         approx, origin, inv_width, first, threshold, top)
                     error += max(err, 0.0)
-                stop = min(block, in_features - blk * block)
-                if stop < block:   # a padded block: make sure the real columns gained
-                    ours = _cropped_error(src, fp32, row, blk * block, stop, codes[lo:lo + block],
-                                          group_scales, group, levels, work)
-                    _nearest_codes(u[lo:lo + block], 0, block, inv_norm, alt_codes, origin,
-                                   inv_width, first, threshold, top)
-                    group_scales_ref = np.full(groups, ref_scale)
-                    theirs = _cropped_error(src, fp32, row, blk * block, stop, alt_codes,
-                                            group_scales_ref, group, levels, work)
-                    if theirs <= ours:
-                        codes[lo:lo + block] = alt_codes
-                        group_scales[:] = ref_scale
-            for g in range(groups):
-                scales[row, blk * groups + g] = group_scales[g]
-            _pack(codes, lane, block, bits, packed, row, blk * block * bits // 8)
+                stop = min(block, in_features - col0)
+                if stop < block:
+                    _prefer_reference_if_better(
+                        src, fp32, row, col0, stop, u[lo:lo + block], inv_norm, ref_scale,
+                        codes[lo:lo + block], group_scales, alt_codes, ref_scales, work, levels,
+                        group, origin, inv_width, first, threshold, top)
+            scales[row, col0 // group:col0 // group + groups] = group_scales
+            _pack(codes, lane, block, bits, packed[row], col0 * bits // 8)
         tile_error[tile] = error / block
 
 
@@ -441,40 +448,44 @@ def decode(packed, scales, levels, bits, block, group, in_features, fp32, out):
     mask = _U((1 << bits) - 1)
     inv_block = np.float32(1.0 / block)
     for tile in prange(-(-total // LANES)):
-        t1 = np.zeros(block * LANES, np.float32)
+        t1 = np.empty(block * LANES, np.float32)
         t2 = np.empty(block * LANES, np.float32)
         lanes = min(LANES, total - tile * LANES)
+        if lanes < LANES:
+            t1[:] = 0.0
         for lane in range(lanes):
             flat = tile * LANES + lane
             row = flat // n_blocks
             blk = flat % n_blocks
             byte0 = blk * block * bits // 8
-            for i in range(0, block, 8):
-                word = _U(0)
-                for q in range(bits):
-                    word |= _U(packed[row, byte0 + (i // 8) * bits + q]) << _U(8 * q)
-                for q in range(8):
-                    t1[(i + q) * LANES + lane] = levels[(word >> _U(q * bits)) & mask]
+            codes_row = packed[row]
             for g in range(groups):
                 s = np.float32(scales[row, blk * groups + g]) * inv_block
-                for j in range(g * group, (g + 1) * group):
-                    t1[j * LANES + lane] *= s
-        r = _fwht_transposed(t1, t2, block, LANES)
-        r_bits = r.view(np.uint32)
+                for i in range(g * group, (g + 1) * group, 8):   # 8 codes fill `bits` bytes
+                    at = _U(byte0 + (i >> 3) * bits)
+                    word = _U(0)
+                    for q in range(_U(bits)):
+                        word |= _U(codes_row[at + q]) << (_U(8) * q)
+                    base = _U(i * LANES + lane)
+                    for q in range(_U(8)):
+                        t1[base + q * _U(LANES)] = s * levels[(word >> (q * _U(bits))) & mask]
+        r_bits = _fwht_transposed(t1, t2, block, LANES).view(np.uint32)
+        if fp32:
+            halves = r_bits.view(np.uint16)     # little-endian: low half first
+        else:
+            halves = np.empty(block * LANES, np.uint16)
+            for j in range(_U(block * LANES)):  # fp32 -> bf16, rounding to nearest even
+                b = r_bits[j]
+                halves[j] = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+        width = _U(1 + np.int64(fp32))          # uint16 words per output value
         for lane in range(lanes):
             flat = tile * LANES + lane
-            row = flat // n_blocks
-            col0 = (flat % n_blocks) * block
-            stop = min(block, in_features - col0)
-            if fp32:
-                for j in range(stop):
-                    b = r_bits[j * LANES + lane]
-                    out[row, 2 * (col0 + j)] = b & np.uint32(0xFFFF)
-                    out[row, 2 * (col0 + j) + 1] = b >> np.uint32(16)
-            else:   # fp32 -> bf16, rounding to nearest even
-                for j in range(stop):
-                    b = r_bits[j * LANES + lane]
-                    out[row, col0 + j] = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            out_row = out[flat // n_blocks]
+            col0 = _U((flat % n_blocks) * block)
+            stop = _U(min(block, in_features - (flat % n_blocks) * block))
+            for j in range(stop):
+                for h in range(width):
+                    out_row[(col0 + j) * width + h] = halves[(j * _U(LANES) + _U(lane)) * width + h]
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)

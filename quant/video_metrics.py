@@ -24,6 +24,7 @@ DB_CAP = 100.0             # PSNR / SNR of identical signals
 SSIM_WINDOW = 11           # Wang et al. 2004: 11x11 Gaussian window, sigma 1.5
 SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
+SSIM_CHUNK = 8             # frames per SSIM pass
 MEL_FLOOR_DB = -80.0       # log-mel values below the reference's peak by more than this are clipped
 N_MELS = 64
 FFT_SECONDS = 0.025        # STFT window length (25 ms, rounded up to a power of two)
@@ -78,11 +79,17 @@ def frame_ssim(reference, candidate) -> torch.Tensor:
     """Mean SSIM of each frame (Gaussian window, averaged over RGB channels); shape (frames,).
 
     The window shrinks to the frame's shorter side when a frame is smaller than 11 pixels.
+    Frames go through in chunks: a real render's temporaries would not fit at once.
     """
     ref, cand = as_frames(reference, "reference frames"), as_frames(candidate, "candidate frames")
     _same_shape(ref, cand, "frames")
     size = min(SSIM_WINDOW, ref.shape[1], ref.shape[2])
     window = _gaussian_window(size).expand(3, 1, size, size)
+    return torch.cat([_ssim(ref[i:i + SSIM_CHUNK], cand[i:i + SSIM_CHUNK], window)
+                      for i in range(0, ref.shape[0], SSIM_CHUNK)])
+
+
+def _ssim(ref: torch.Tensor, cand: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     x, y = ref.permute(0, 3, 1, 2), cand.permute(0, 3, 1, 2)        # (T, 3, H, W)
 
     def blur(image):

@@ -14,7 +14,7 @@ _EXPORTS = {
     "load_component": "runtime.loader",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str):

@@ -12,6 +12,8 @@ The errors are computed on that sample, which is plenty for a cosine or a relati
 
 from __future__ import annotations
 
+from typing import Self
+
 import torch
 from torch import nn
 
@@ -53,7 +55,7 @@ class BlockProbe:
         self.outputs: dict[int, dict[str, torch.Tensor]] = {}
         self._handles: list = []
 
-    def __enter__(self) -> BlockProbe:
+    def __enter__(self) -> Self:
         self.outputs.clear()
         for index, block in enumerate(self.blocks):
             self._handles.append(block.register_forward_hook(self._hook(index)))

@@ -5,9 +5,9 @@ features ``W = R @ H`` (quant/packed.py), so a forward computes
 
     y = x @ W.T + b = (x_padded @ H_blockdiag) @ R.T + b
 
-decoding ``R`` (unpack, codebook lookup, scale: no Hadamard) into a reused
-per-thread buffer of the activation's dtype, and rotating the activations with
-one small batched matmul. Rotating the activations costs ``B / out_features``
+decoding ``R`` (unpack, codebook lookup, scale: no Hadamard) a few thousand
+rows at a time into a reused per-thread buffer of the activation's dtype, and
+rotating the activations with one small batched matmul. Rotating the activations costs ``B / out_features``
 of the layer's matmul whatever the token count; rotating the weight on every
 forward would cost ``B / tokens``. The rotation uses ``+-2^-k`` entries (exact
 in every float dtype) and the decoded ``R`` absorbs the rest of the
@@ -23,12 +23,13 @@ import functools
 import math
 import threading
 from collections import OrderedDict
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.dequant_into import decode_rotated_into, scaled_levels
+from quant.dequant_into import decode_rotated_into
 from quant.errors import InvalidTensorError
 from quant.hadamard import hadamard_matrix
 from quant.packed import PackedTensor
@@ -36,6 +37,8 @@ from quant.sizes import padded_in_features
 from runtime import triton_kernels
 
 PACKED_BUFFERS = ("codes", "scales", "codebook")
+# Weights decoded per pass: bounds the transient buffer (8 MiB in bf16) whatever the layer.
+CHUNK_ELEMENTS = 1 << 22
 
 
 class PackedLinear(nn.Module):
@@ -85,22 +88,36 @@ class PackedLinear(nn.Module):
             raise InvalidTensorError(f"PackedLinear: input has {x.shape[-1]} features, "
                                      f"expected {self.in_features}")
         rotated = rotate_activations(x, self.block_size, self.in_padded)
-        weight = self._decoded_weight(x.dtype, x.device, keep=x.requires_grad)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(rotated, weight, bias)
+        if self.cache is not None or x.requires_grad:
+            return F.linear(rotated, self._whole_weight(x.dtype, x.device), bias)
+        return self._linear_in_row_chunks(rotated, bias)
 
-    def _decoded_weight(self, dtype: torch.dtype, device: torch.device, keep: bool) -> torch.Tensor:
-        """``R`` scaled for :func:`rotate_activations`; in the shared buffer unless it must outlive the call."""
+    def _linear_in_row_chunks(self, rotated: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Decode at most CHUNK_ELEMENTS weights at a time into the shared workspace."""
+        step = max(1, CHUNK_ELEMENTS // self.in_padded)
+        out = None if step >= self.out_features else rotated.new_empty(
+            *rotated.shape[:-1], self.out_features)
+        for start in range(0, self.out_features, step):
+            stop = min(start + step, self.out_features)
+            weight = workspace((stop - start, self.in_padded), rotated.dtype, rotated.device)
+            decode_weight(packed_rows(self.packed, start, stop), weight)
+            part = F.linear(rotated, weight, None if bias is None else bias[start:stop])
+            if out is None:
+                return part
+            out[..., start:stop] = part
+        return out
+
+    def _whole_weight(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The decoded weight in its own tensor: kept by the cache, or saved by autograd."""
         key = (self, dtype, device)     # the module itself: ids of freed modules get reused
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             return hit
-        shape = (self.out_features, self.in_padded)
-        target = (torch.empty(shape, dtype=dtype, device=device)
-                  if keep or self.cache is not None else workspace(shape, dtype, device))
-        decode_weight(self.packed, target)
+        weight = decode_weight(self.packed, torch.empty(
+            self.out_features, self.in_padded, dtype=dtype, device=device))
         if self.cache is not None:
-            self.cache.put(key, target)
-        return target
+            self.cache.put(key, weight)
+        return weight
 
     def _apply(self, fn, recurse=True):
         # A model-wide .to(bfloat16) must move the packed buffers, never cast them.
@@ -123,8 +140,7 @@ class PackedLinear(nn.Module):
 
 def check_packed(packed: PackedTensor, name: str = "PackedLinear") -> None:
     """Raise InvalidTensorError unless the parts have the dtypes and shapes packed.py defines."""
-    out_features, in_features = packed.shape
-    in_padded = packed.in_padded
+    out_features, in_padded = packed.shape[0], packed.in_padded
     expected = {
         "codes": (torch.uint8, (out_features, in_padded * packed.bits // 8)),
         "scales": (torch.float16, (out_features, in_padded // packed.group_size)),
@@ -156,6 +172,14 @@ def rotate_activations(x: torch.Tensor, block_size: int, in_padded: int) -> torc
         x = F.pad(x, (0, in_padded - x.shape[-1]))
     blocks = x.reshape(*x.shape[:-1], in_padded // block_size, block_size)
     return (blocks @ _rotation(block_size, x.dtype, x.device)).reshape(x.shape)
+
+
+def packed_rows(packed: PackedTensor, start: int, stop: int) -> PackedTensor:
+    """Output rows ``[start, stop)`` of a packed weight (views: rows are stored independently)."""
+    if (start, stop) == (0, packed.shape[0]):
+        return packed
+    return replace(packed, codes=packed.codes[start:stop], scales=packed.scales[start:stop],
+                   shape=(stop - start, packed.shape[1]))
 
 
 def decode_weight(packed: PackedTensor, out: torch.Tensor) -> torch.Tensor:

@@ -107,28 +107,27 @@ def write_mp4(
         waveform = _planar_audio(audio)
 
     path = Path(path)
-    with atomic_path(path) as tmp:
-        # The temp name ends in .tmp, so the container format is named, not guessed.
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            video_stream = container.add_stream(VIDEO_CODEC, rate=Fraction(fps).limit_denominator(1001))
-            video_stream.width, video_stream.height = width, height
-            video_stream.pix_fmt = "yuv420p"
-            video_stream.options = dict(H264_OPTIONS)
-            audio_stream = None
-            if waveform is not None:
-                audio_stream = container.add_stream(AUDIO_CODEC, rate=_aac_rate(sample_rate))
-                audio_stream.layout = "mono" if waveform.shape[0] == 1 else "stereo"
-                audio_stream.bit_rate = AUDIO_BIT_RATE
-            for image in video:
-                container.mux(video_stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-            container.mux(video_stream.encode())
-            if audio_stream is not None:
-                frame = av.AudioFrame.from_ndarray(waveform, format="fltp", layout=audio_stream.layout.name)
-                frame.sample_rate = sample_rate
-                frame.pts = 0
-                frame.time_base = Fraction(1, sample_rate)
-                container.mux(audio_stream.encode(frame))
-                container.mux(audio_stream.encode())
+    # The temp name ends in .tmp, so the container format is named, not guessed.
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+        video_stream = container.add_stream(VIDEO_CODEC, rate=Fraction(fps).limit_denominator(1001))
+        video_stream.width, video_stream.height = width, height
+        video_stream.pix_fmt = "yuv420p"
+        video_stream.options = dict(H264_OPTIONS)
+        audio_stream = None
+        if waveform is not None:
+            audio_stream = container.add_stream(AUDIO_CODEC, rate=_aac_rate(sample_rate))
+            audio_stream.layout = "mono" if waveform.shape[0] == 1 else "stereo"
+            audio_stream.bit_rate = AUDIO_BIT_RATE
+        for image in video:
+            container.mux(video_stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(video_stream.encode())
+        if audio_stream is not None:
+            frame = av.AudioFrame.from_ndarray(waveform, format="fltp", layout=audio_stream.layout.name)
+            frame.sample_rate = sample_rate
+            frame.pts = 0
+            frame.time_base = Fraction(1, sample_rate)
+            container.mux(audio_stream.encode(frame))
+            container.mux(audio_stream.encode())
     return path
 
 

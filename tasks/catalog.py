@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,7 @@ def append_catalog(output_dir: str | Path, rows: list[dict[str, Any]]) -> Path |
     """Write one batch's rows as a new part, atomically. Part names sort by time."""
     if not rows:
         return None
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     table = pa.Table.from_pylist([_catalog_row(row, now) for row in rows], schema=CATALOG_SCHEMA)
     target = catalog_path(output_dir) / f"part-{now:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:8]}.parquet"
     with atomic_path(target) as tmp:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import importlib
 import threading
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Self
 
 import numpy as np
 import psutil
@@ -94,7 +95,7 @@ class PeakMemory:
         self.device, self.interval_s, self.peak_bytes = device, interval_s, 0
         self._stop = threading.Event()
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> Self:
         if self.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
@@ -139,18 +140,18 @@ def render_request(
     """Render one request to `<output_dir>/videos/<id>-<key>.mp4` plus its contact sheet; return its catalog row."""
     pipeline = cached_pipeline(artifact, request.image_to_video, device, factory)
     device_name, _ = resolve_device(device)
-    arguments = dict(
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt or None,
-        width=request.width,
-        height=request.height,
-        num_frames=request.frames,
-        frame_rate=request.fps,
-        num_inference_steps=request.steps,
-        guidance_scale=request.guidance,
-        generator=torch.Generator(device=device_name).manual_seed(request.seed),
-        output_type="np",
-    )
+    arguments = {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt or None,
+        "width": request.width,
+        "height": request.height,
+        "num_frames": request.frames,
+        "frame_rate": request.fps,
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.guidance,
+        "generator": torch.Generator(device=device_name).manual_seed(request.seed),
+        "output_type": "np",
+    }
     if request.image_to_video:
         from PIL import Image
 
@@ -179,7 +180,7 @@ def render_request(
         "peak_memory_bytes": int(peak.peak_bytes),
         "status": RENDERED,
         "error": None,
-        "rendered_at": datetime.now(timezone.utc).isoformat(),
+        "rendered_at": datetime.now(UTC).isoformat(),
     }
 
 

@@ -24,13 +24,13 @@ import matplotlib
 
 matplotlib.use("Agg")   # no display: files only
 
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+import matplotlib.pyplot as plt
+import matplotlib.ticker
+import numpy as np
+from PIL import Image, ImageDraw
 
-from quant.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
-from runtime.video import contact_sheet, to_uint8_frames  # noqa: E402
+from quant.atomic import atomic_write_bytes, atomic_write_text
+from runtime.video import contact_sheet, to_uint8_frames
 
 SHEET_DIR, PLOT_DIR = "sheets", "plots"
 REPORT_NAME = "report.html"
@@ -186,7 +186,8 @@ def plot_blocks(results: dict, metrics_rows: list[dict] | None, path: Path) -> P
         if blocks:
             weights.boxplot([_positive(by_block[b]) for b in blocks], positions=blocks,
                             widths=0.6)
-            weights.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+            shown = blocks[::max(1, len(blocks) // 16)]       # 48 labels would overlap
+            weights.set_xticks(shown, [str(b) for b in shown])
         weights.set(yscale="log", xlabel="block", ylabel="relative MSE per tensor",
                     title="Quantized weights per block (metrics.parquet)")
     figure.tight_layout()
@@ -250,7 +251,8 @@ th { background: #f2f2f2; } td.name { text-align: left; }
 .pass { background: #e3f6e3; } .fail { background: #fbe0e0; font-weight: bold; }
 .verdict { font-size: 1.4em; padding: 0.4em 0.8em; display: inline-block; }
 figure { margin: 1em 0; } figcaption { font-size: 0.9em; color: #555; }
-img.sheet { image-rendering: pixelated; max-width: 100%; min-width: 60%; }
+figure.sheet { overflow-x: auto; }
+img.sheet { image-rendering: pixelated; height: 260px; width: auto; }
 img.plot { max-width: 100%; }
 """
 
@@ -302,7 +304,7 @@ def _sheets(results: dict) -> str:
     for pid, entry in results["prompts"].items():
         verdict = "passed" if entry["passed"] else "FAILED " + ", ".join(entry["failed_gates"])
         parts.append(
-            f'<figure><img class="sheet" src="{SHEET_DIR}/{_e(pid)}.png" alt="{_e(pid)}">'
+            f'<figure class="sheet"><img class="sheet" src="{SHEET_DIR}/{_e(pid)}.png" alt="{_e(pid)}">'
             f'<figcaption><b>{_e(pid)}</b> ({_e(verdict)}): {_e(entry["prompt"])}; seed '
             f'{entry["seed"]}, PSNR {entry["psnr_mean"]:.2f} dB (worst frame '
             f'{entry["psnr_min"]:.2f}), SSIM {entry["ssim_mean"]:.4f}</figcaption></figure>')
@@ -377,7 +379,11 @@ def report_markdown(results: dict) -> str:
 
 def publish_report(results: dict, report_dir: str | os.PathLike) -> None:
     """Attach the verdict (markdown) and every PNG (image artifacts, data URLs) to the run."""
-    from prefect.artifacts import create_image_artifact, create_link_artifact, create_markdown_artifact
+    from prefect.artifacts import (
+        create_image_artifact,
+        create_link_artifact,
+        create_markdown_artifact,
+    )
 
     report_dir = Path(report_dir)
     create_markdown_artifact(report_markdown(results), key="output-gates",

@@ -35,7 +35,7 @@ def _patient_prefect():
 def dask_cluster(tmp_path):
     """A scheduler and two single-threaded workers, each its own process; yields the address."""
     scheduler_file = tmp_path / "scheduler.json"
-    env = cli_env(tmp_path / "prefect-unused")
+    env = {**cli_env(tmp_path / "prefect-unused"), "NUMBA_NUM_THREADS": "1"}   # as OPERATIONS.md says
     common = {"cwd": REPO, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     processes = [subprocess.Popen([str(DASK), "scheduler", "--host", "127.0.0.1", "--port", "0",
                                    "--no-dashboard", "--scheduler-file", str(scheduler_file)],

@@ -7,8 +7,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from polarengine_vllm import utils as polar_utils
 from polarengine_vllm.quantizer import PolarQuantizer
 
+from quant.codebook import lloyd_max_codebook
 from quant.core import dequantize, quantize_tensor, validate_weight
 from quant.errors import InvalidOptionError, InvalidTensorError, NonFiniteTensorError
 from quant.hadamard import hadamard_matrix
@@ -19,16 +21,11 @@ from quant.packing import unpack_codes
 def heavy_tailed(rows, cols, seed=0, dtype=torch.bfloat16):
     """Student-t(5) weights with a few outlier input columns, like trained linears."""
     gen = torch.Generator().manual_seed(seed)
-    w = torch.distributions.StudentT(5.0).sample((rows, cols)) if seed is None else \
-        _student_t(rows, cols, gen)
-    w[:, :: max(1, cols // 8)] *= 8
-    return (0.02 * w).to(dtype)
-
-
-def _student_t(rows, cols, gen):
     normal = torch.randn(rows, cols, generator=gen)
     chi2 = torch.randn(5, rows, cols, generator=gen).pow(2).sum(0)
-    return normal / torch.sqrt(chi2 / 5)
+    w = normal / torch.sqrt(chi2 / 5)
+    w[:, :: max(1, cols // 8)] *= 8
+    return (0.02 * w).to(dtype)
 
 
 def gaussian(rows, cols, seed=0, dtype=torch.float32):
@@ -53,6 +50,9 @@ def reference_formula(packed):
 # ------------------------------------------------------------------ known answers
 @pytest.mark.parametrize("bits, block", [(2, 128), (3, 64), (4, 32), (5, 128), (6, 256), (8, 128)])
 def test_reference_mode_reproduces_reference_codes_and_norms(bits, block):
+    # polarquant computes its 8-bit centroids for ~10 s; test_quant_codebook checks ours
+    # against its recorded values, so they may stand in.
+    polar_utils._centroids_cache.setdefault(8, lloyd_max_codebook(8))
     weight = heavy_tailed(96, 1000, seed=bits)      # 1000 is not a multiple of any block size
     ours = quantize_tensor(weight, bits, block, mode="reference")
     theirs = PolarQuantizer(block_size=block).quantize_tensor(weight, bits)
@@ -98,9 +98,10 @@ DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
 def configurations(draw):
     block = draw(st.sampled_from([32, 64, 128, 256]))
     group = draw(st.sampled_from([g for g in (8, 16, 32, 64, 128, 256) if block % g == 0]))
-    return dict(rows=draw(st.integers(1, 5)), cols=draw(st.integers(1, 300)),
-                bits=draw(st.integers(2, 8)), block=block, group=group, dtype=draw(DTYPES),
-                seed=draw(st.integers(0, 2 ** 16)), heavy=draw(st.booleans()))
+    return {"rows": draw(st.integers(1, 5)), "cols": draw(st.integers(1, 300)),
+            "bits": draw(st.integers(2, 8)), "block": block, "group": group,
+            "dtype": draw(DTYPES), "seed": draw(st.integers(0, 2 ** 16)),
+            "heavy": draw(st.booleans())}
 
 
 def make_weight(c):
@@ -173,7 +174,7 @@ def test_zero_weight_round_trips_to_zero():
 # ------------------------------------------------------------------ error bounds
 # Relative MSE on 256 x 1024 N(0, 1) weights, block 128 (measured, plus ~4 % headroom).
 REFERENCE_BOUND = {2: 0.122, 3: 0.0356, 4: 0.0098, 5: 0.00303, 6: 0.00109, 7: 0.00032, 8: 8.4e-5}
-REFINED_BOUND = {2: 0.120, 3: 0.0334, 4: 0.0083, 5: 0.00207, 6: 0.00057, 7: 0.000133, 8: 4.1e-5}
+REFINED_BOUND = {2: 0.120, 3: 0.0334, 4: 0.0083, 5: 0.00206, 6: 0.00053, 7: 0.000133, 8: 3.7e-5}
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -194,7 +195,7 @@ def test_refined_q5_is_at_most_three_quarters_of_reference(make):
 
 
 def test_scale_groups_of_32_beat_gguf_q5_0():
-    from gguf import GGMLQuantizationType, quants   # dev dependency, the per-bit peer
+    from gguf import GGMLQuantizationType, quants  # dev dependency, the per-bit peer
 
     weight = heavy_tailed(128, 2048, seed=3)
     grouped = rel_mse(weight, quantize_tensor(weight, 5, group_size=32))
@@ -256,18 +257,18 @@ def test_weights_beyond_the_fp16_scale_range():
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(bits=1), "bits=1"),
-    (dict(bits=9), "bits=9"),
-    (dict(bits=4.5), "bits=4.5"),
-    (dict(block_size=16), "block_size=16"),
-    (dict(block_size=48), "block_size=48"),
-    (dict(block_size=512), "block_size=512"),
-    (dict(group_size=48), "group_size=48"),
-    (dict(group_size=4), "group_size=4"),
-    (dict(group_size=256), "group_size=256"),
-    (dict(mode="fast"), "mode='fast'"),
-    (dict(mode="reference", group_size=32), "mode='reference'"),
-    (dict(mode="reference", refine_codebook=True), "mode='reference'"),
+    ({"bits": 1}, "bits=1"),
+    ({"bits": 9}, "bits=9"),
+    ({"bits": 4.5}, "bits=4.5"),
+    ({"block_size": 16}, "block_size=16"),
+    ({"block_size": 48}, "block_size=48"),
+    ({"block_size": 512}, "block_size=512"),
+    ({"group_size": 48}, "group_size=48"),
+    ({"group_size": 4}, "group_size=4"),
+    ({"group_size": 256}, "group_size=256"),
+    ({"mode": "fast"}, "mode='fast'"),
+    ({"mode": "reference", "group_size": 32}, "mode='reference'"),
+    ({"mode": "reference", "refine_codebook": True}, "mode='reference'"),
 ])
 def test_invalid_options(options, message):
     with pytest.raises(InvalidOptionError, match=message) as caught:

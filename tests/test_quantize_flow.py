@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 from collections import namedtuple
 
 import pyarrow.parquet as pq
@@ -233,3 +235,29 @@ def test_tiny_ltx23_single_file(tmp_path, cluster):
     assert summary["policy"] == "ltx23" and summary["quantized"] == manifest["sizes"]["quantized_tensors"] > 0
     assert summary["gates"]["passed"] is True                 # recorded even when not enforced
     assert verify_artifact(out) == []
+
+
+def test_transient_io_error_is_retried_with_backoff(tmp_path, cluster):
+    from prefect import flow
+    from prefect_dask import DaskTaskRunner
+
+    from quant.safetensors_io import read_header
+    from tasks.quantize_group import quantize_group
+
+    source = write_generic_file(tmp_path / "model.safetensors")
+    entry = read_header(source).tensors["layers.0.mlp.up.weight"]
+    late = tmp_path / "mounted-late.safetensors"
+    job = TensorJob(key="k" * 64, file=str(late), tensor=entry.name, component="model",
+                    dtype=entry.dtype, shape=entry.shape, data_start=entry.start,
+                    data_end=entry.end, bits=5, block_size=128, group_size=None, mode="refined",
+                    staging_dir=str(tmp_path / "staging"))
+
+    @flow(task_runner=DaskTaskRunner(address=cluster))
+    def one_group() -> dict:
+        threading.Timer(0.5, shutil.copyfile, (source, late)).start()   # the file comes back
+        return quantize_group("model", [job])
+
+    started = time.monotonic()
+    (row,) = one_group()["rows"]
+    assert row["cosine"] > 0.998 and not row["skipped"]
+    assert time.monotonic() - started >= 2.0, "the first retry waits 2 s"

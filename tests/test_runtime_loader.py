@@ -15,7 +15,7 @@ import quant.core
 from quant.artifact import tensor_key
 from quant.errors import ArtifactError, InvalidOptionError
 from runtime.fixtures import load_tiny_pipeline, make_tiny_ltx23
-from runtime.loader import load_pipeline
+from runtime.loader import load_component, load_pipeline
 from runtime.packed_linear import PackedLinear
 from tasks.export import export_dequantized
 from tasks.package import package_artifact
@@ -23,8 +23,8 @@ from tasks.package import package_artifact
 LAYOUTS = ("diffusers", "single_file")
 BLOCK_LINEARS = 28
 Q_WEIGHT = "transformer_blocks.0.attn1.to_q.weight"
-RENDER = dict(prompt="a red fox runs through fresh snow at dawn", num_frames=9, height=32,
-              width=32, num_inference_steps=2, output_type="np")
+RENDER = {"prompt": "a red fox runs through fresh snow at dawn", "num_frames": 9, "height": 32,
+          "width": 32, "num_inference_steps": 2, "output_type": "np"}
 
 
 def build_artifact(root: Path, single_file: bool) -> Path:
@@ -106,6 +106,17 @@ def test_render_equals_export_dequantized(artifact, tmp_path, monkeypatch):
                     quant.core.dequantize(module.packed))
     frames_fp32, audio_fp32 = render(reference)
     assert np.abs(frames - frames_fp32).max() < 1e-4 and rel(audio, audio_fp32) < 1e-4
+
+
+def test_load_component_alone_in_bf16(artifact):
+    transformer = load_component(artifact, "transformer", dtype=torch.bfloat16, verify=False)
+    packed = [m for m in transformer.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == len(quantized_names(artifact))
+    assert {m.codes.dtype for m in packed} == {torch.uint8}
+    assert {m.scales.dtype for m in packed} == {torch.float16}
+    assert transformer.scale_shift_table.dtype == torch.bfloat16
+    with pytest.raises(ArtifactError, match="upsampler"):
+        load_component(artifact, "upsampler", verify=False)
 
 
 def test_image_to_video_pipeline(diffusers_artifact):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from quant.core import dequantize, quantize_tensor
 from quant.dequant_into import decode_rotated, decode_rotated_into
 from quant.errors import InvalidTensorError
-from runtime import triton_kernels
+from runtime import packed_linear, triton_kernels
 from runtime.packed_linear import (
     DequantCache,
     PackedLinear,
@@ -98,6 +98,17 @@ def test_holds_only_packed_state(layers):
     assert set(layer.state_dict()) == {"codes", "scales", "codebook", "bias"}
     assert set(vars(layer)) & {"weight", "_weight"} == set()
     assert layer.codes.data_ptr() == packed.codes.data_ptr()   # wrapped, not copied
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_chunks_match_one_pass(layers, monkeypatch, dtype):
+    packed, bias = layers[1]                                   # 48 rows
+    layer = PackedLinear.from_packed(packed, bias=bias)
+    x = torch.randn(2, 3, packed.shape[1], generator=torch.Generator().manual_seed(3)).to(dtype)
+    whole = layer(x)
+    monkeypatch.setattr(packed_linear, "CHUNK_ELEMENTS", 10 * packed.in_padded)   # 5 passes
+    chunked = layer(x)
+    assert chunked.shape == whole.shape and torch.allclose(chunked, whole, rtol=1e-5, atol=1e-6)
 
 
 def test_layers_share_one_reused_workspace(layers):

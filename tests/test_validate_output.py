@@ -17,14 +17,15 @@ from flows.prefect_env import configure_prefect
 
 configure_prefect()
 
-from artifact_helpers import quantize_source  # noqa: E402
-from flow_support import run_cli, write_diffusers_checkpoint  # noqa: E402
-from quant.artifact import read_manifest, verify_artifact  # noqa: E402
-from quant.errors import GateFailedError, InvalidOptionError, SourceError  # noqa: E402
-from runtime.fixtures import make_tiny_ltx23  # noqa: E402
-from tasks.gates import load_gate_config  # noqa: E402
-from tasks.package import package_artifact  # noqa: E402
-from tasks.validate_output import (  # noqa: E402
+from artifact_helpers import quantize_source
+from flow_support import write_diffusers_checkpoint
+
+from quant.artifact import read_manifest, verify_artifact
+from quant.errors import GateFailedError, InvalidOptionError, SourceError
+from runtime.fixtures import make_tiny_ltx23
+from tasks.gates import load_gate_config
+from tasks.package import package_artifact
+from tasks.validate_output import (
     OUTPUT_GATES,
     REPORT_DIR,
     apply_output_gates,
@@ -198,11 +199,15 @@ def test_the_report_and_the_verdict_go_into_the_artifact(artifacts, outcomes):
 
 @pytest.mark.slow
 def test_cli_prints_json_and_exits_by_the_verdict(tiny, artifacts, outcomes, place):
+    from click.testing import CliRunner
+
+    from flows.cli import cli
+
     renders = str(place / "renders")             # every render is already there: no model loads
     for bits, code in ((5, 0), (2, 1)):
-        result = run_cli(["validate", str(artifacts[bits]), "--against", str(tiny), "--json",
-                          "--work-dir", renders, "--device", "cpu"], place / f"prefect-{bits}")
-        assert result.returncode == code, result.stderr[-3000:]
+        result = CliRunner().invoke(cli, ["validate", str(artifacts[bits]), "--against", str(tiny),
+                                          "--json", "--work-dir", renders, "--device", "cpu"])
+        assert result.exit_code == code, result.output[-3000:]
         printed = json.loads(result.stdout)
         assert printed["passed"] is (code == 0)
         for entry in printed["prompts"].values():
@@ -212,6 +217,7 @@ def test_cli_prints_json_and_exits_by_the_verdict(tiny, artifacts, outcomes, pla
             assert {"value", "threshold", "verdict"} <= set(gate)
         assert printed["prompts"] == {pid: {k: entry[k] for k in printed["prompts"][pid]}
                                       for pid, entry in outcomes[bits]["prompts"].items()}
+    assert printed["gates"]["max_block_rel_err"]["failed_blocks"]
 
 
 @pytest.mark.slow
@@ -225,7 +231,9 @@ def test_requantization_flow_runs_the_output_gates_before_marking_validated(tiny
     suite.write_text("\n".join(line for line in lines if '"face-woman-speaks"' in line
                                 or '"sound-drummer"' in line) + "\n")
     with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster:
-        options = dict(dask_address=cluster.scheduler_address, output_suite=str(suite))
+        # One staging folder: the source's renders are made once for both runs.
+        options = {"dask_address": cluster.scheduler_address, "output_suite": str(suite),
+                   "staging": str(place / "flow-staging")}
         summary = run_quantize(str(tiny), str(place / "flow-q5"), bits=5, **options)
         with pytest.raises(GateFailedError) as failed:
             run_quantize(str(tiny), str(place / "flow-q2"), bits=2, **options)

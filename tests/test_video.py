@@ -5,8 +5,14 @@ import pytest
 from PIL import Image
 
 from quant.errors import InvalidOptionError
-from runtime.video import (contact_sheet, probe_mp4, read_frames, sample_frame_indices, write_contact_sheet,
-                           write_mp4)
+from runtime.video import (
+    contact_sheet,
+    probe_mp4,
+    read_frames,
+    sample_frame_indices,
+    write_contact_sheet,
+    write_mp4,
+)
 
 
 def clip(frames=17, height=64, width=96, seed=0):
@@ -69,11 +75,11 @@ def test_failed_write_leaves_the_previous_file(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(frames=np.zeros((9, 33, 64, 3))), "even sides"),
-    (dict(frames=np.zeros((9, 32, 32))), "shape"),
-    (dict(fps=0), "fps"),
-    (dict(audio=np.zeros((3, 10)), sample_rate=24000), "1 or 2 channels"),
-    (dict(audio=np.zeros(10), sample_rate=None), "sample_rate"),
+    ({"frames": np.zeros((9, 33, 64, 3))}, "even sides"),
+    ({"frames": np.zeros((9, 32, 32))}, "shape"),
+    ({"fps": 0}, "fps"),
+    ({"audio": np.zeros((3, 10)), "sample_rate": 24000}, "1 or 2 channels"),
+    ({"audio": np.zeros(10), "sample_rate": None}, "sample_rate"),
 ])
 def test_bad_inputs_are_named(tmp_path, kwargs, message):
     arguments = {"frames": clip(9, 32, 32), "fps": 24, **kwargs}

@@ -76,6 +76,13 @@ def test_ssim_is_one_for_equal_frames_and_falls_with_noise():
     assert 1.0 > scores[0] > scores[1] > scores[2]
 
 
+def test_ssim_of_a_long_clip_is_the_ssim_of_each_frame():
+    reference = clip(frames=19)                       # more frames than one SSIM pass holds
+    candidate = np.clip(reference + np.random.default_rng(6).normal(0, 0.05, reference.shape), 0, 1)
+    one_by_one = torch.cat([frame_ssim(reference[i:i + 1], candidate[i:i + 1]) for i in range(19)])
+    assert frame_ssim(reference, candidate) == pytest.approx(one_by_one, rel=1e-12)
+
+
 def test_ssim_window_shrinks_for_tiny_frames():
     reference = clip(height=6, width=8)
     assert frame_ssim(reference, reference).shape == (5,)

@@ -81,8 +81,8 @@ def report(out_dir: Path, source: Path, artifact: Path, quantized: dict, summary
         "",
         f"Demo done in {seconds:.0f} s. Everything is under {out_dir}:",
         f"  source model   {source}",
-        f"  artifact       {artifact}  ({sizes['quantized_tensors']} tensors quantized, "
-        f"{sizes['total_original_bytes'] / 1e6:.1f} MB -> {sizes['total_packed_bytes'] / 1e6:.1f} MB)",
+        (f"  artifact       {artifact}  ({sizes['quantized_tensors']} tensors quantized, "
+         f"{sizes['total_original_bytes'] / 1e6:.1f} MB -> {sizes['total_packed_bytes'] / 1e6:.1f} MB)"),
         f"  model card     {artifact / 'README.md'}",
         f"  metrics        {artifact / 'metrics.parquet'}",
         f"  render catalog {Path(summary['output_dir']) / 'catalog'}",
@@ -94,6 +94,6 @@ def report(out_dir: Path, source: Path, artifact: Path, quantized: dict, summary
     if ui_api:
         lines.append(f"  Prefect UI     {ui_api.rstrip('/').removesuffix('/api')}  (runs, artifacts, logs)")
     else:
-        lines.append("  Prefect UI     start one with `hlwq server start`, then run the demo again "
-                     "to see these runs in it")
+        lines.append("  Prefect UI     start one with `hlwq server start`, then run the demo again to "
+                     "see these runs in it")
     click.echo("\n".join(lines))
