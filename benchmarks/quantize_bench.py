@@ -75,9 +75,15 @@ def heavy_tailed_bf16(shape: tuple[int, int], seed: int) -> torch.Tensor:
     return (0.02 * weight).bfloat16()
 
 
-def timed(fn):
-    start = time.perf_counter()
+CPU_SECONDS: dict[str, list[float]] = {}
+
+
+def timed(fn, key: str | None = None):
+    """Wall seconds and value of ``fn()``; the process CPU seconds go to CPU_SECONDS[key]."""
+    start, cpu = time.perf_counter(), time.process_time()
     value = fn()
+    if key:
+        CPU_SECONDS.setdefault(key, []).append(time.process_time() - cpu)
     return time.perf_counter() - start, value
 
 
@@ -140,12 +146,14 @@ def measure_tensor(shape: tuple[int, int], seed: int, repeats: int) -> dict:
     outputs = {}
     for round_ in range(repeats):
         if round_ % 3 == 0:                   # polarquant is slow: once per three rounds
-            seconds, outputs["polarquant"] = timed(lambda: polar.quantize_tensor(weight, BITS))
+            seconds, outputs["polarquant"] = timed(lambda: polar.quantize_tensor(weight, BITS),
+                                                   "polarquant")
             times["polarquant"].append(seconds)
         for key, mode in (("refined", "refined"), ("reference_mode", "reference")):
-            seconds, outputs[key] = timed(lambda m=mode: quantize_tensor(weight, BITS, mode=m))
+            seconds, outputs[key] = timed(lambda m=mode: quantize_tensor(weight, BITS, mode=m),
+                                          key)
             times[key].append(seconds)
-        seconds, _ = timed(lambda: dequantize(outputs["refined"], torch.bfloat16))
+        seconds, _ = timed(lambda: dequantize(outputs["refined"], torch.bfloat16), "dequant")
         times["dequant"].append(seconds)
     subblock_s, outputs["subblock32"] = timed(lambda: quantize_tensor(weight, BITS, group_size=32))
     reference = weight.float()
@@ -156,8 +164,10 @@ def measure_tensor(shape: tuple[int, int], seed: int, repeats: int) -> dict:
     errors["gguf_q5_0"], gguf_s = gguf_q5_0_error(weight)
     ours = unpack_codes(outputs["reference_mode"].codes, BITS, outputs["reference_mode"].in_padded)
     same_codes = ours.long() == (outputs["polarquant"]["codes"].long() & 0xFF)
+    cpu = {key: statistics.median(CPU_SECONDS.pop(key)) for key in times}
     return {
         "shape": list(shape), "seed": seed, "bf16_bytes": weight.numel() * 2,
+        "median_cpu_s": cpu,
         "weight_sq": float(reference.double().pow(2).sum()),
         "median_s": {key: statistics.median(values) for key, values in times.items()},
         "all_s": times, "subblock32_s": subblock_s, "gguf_q5_0_s": gguf_s,
@@ -189,6 +199,11 @@ def summarize(tensors: list[dict], warmup_s: float, load_before, quick: bool) ->
         "rel_mse_subblock32": rel_mse("subblock32"),
         "rel_mse_gguf_q5_0": rel_mse("gguf_q5_0"),
     }
+    # The machine is shared: MB per CPU-second (all threads) shows the work itself,
+    # free of waiting for a core; times the core count it is an idle-machine estimate.
+    result["mb_per_cpu_second"] = {
+        key: total_bytes / 1e6 / sum(t["median_cpu_s"][key] for t in tensors)
+        for key in ("polarquant", "refined", "reference_mode", "dequant")}
     result["speedup_refined"] = result["refined_mb_s"] / result["polarquant_mb_s"]
     result["speedup_reference_mode"] = result["reference_mode_mb_s"] / result["polarquant_mb_s"]
     ratios = {
@@ -273,6 +288,9 @@ def report(result: dict, out: Path) -> str:
               f"{m['load_average_after'][0]:.1f}"), "",
              f"{'speed (MB/s of BF16)':34}{'':14}{'vs polarquant':>14}"]
     lines += [f"{name:34}{speed:>14}{ratio:>14}  {flag}" for name, speed, ratio, flag in rows]
+    cpu = result["mb_per_cpu_second"]
+    lines += ["", "MB per CPU-second (load-independent): "
+              + ", ".join(f"{key} {value:.1f}" for key, value in cpu.items())]
     lines += ["", f"{'relative MSE':34}"]
     lines += [f"{name:34}{value:14.6f}  {note}" for name, value, note in errors]
     lines += ["", "reference-mode codes identical to polarquant's: "

@@ -44,7 +44,10 @@ def cli() -> None:
 
 
 def main() -> None:
+    from flows.prefect_env import configure_prefect
     from quant.errors import HLWQError
+
+    configure_prefect()  # before any command imports Prefect
 
     try:
         cli(standalone_mode=False)

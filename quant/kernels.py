@@ -526,3 +526,41 @@ def level_sums(src, fp32, in_features, block, group, bits, packed, scales, n_lev
                         sums[chunk, 0, code] += s * u[lane * block + j]
                         sums[chunk, 1, code] += s * s
     return sums
+
+
+@_inline
+def _value(row, j, fp32):
+    """Element ``j`` of a row of bf16 bits, or of fp32 bits as uint16 pairs, as float64."""
+    stride = _U(1 + np.int64(fp32))
+    at = stride * _U(j)
+    bits = np.uint32((np.uint32(row[at + stride - _U(1)]) << np.uint32(16))
+                     | (np.uint32(row[at]) & (np.uint32(0xFFFF) * np.uint32(fp32))))
+    return np.float64(bits.view(np.float32))
+
+
+@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def metric_sums(ref, ref_fp32, approx, approx_fp32, cols):
+    """Per row: sum r^2, sum a^2, sum r*a, sum (a-r)^2 and max |a-r|, in float64.
+
+    Both inputs are uint16 rows (bf16 bits, or fp32 bits as pairs when the flag is set)."""
+    rows = ref.shape[0]
+    out = np.zeros((rows, 5))
+    for i in prange(rows):
+        ref_row = ref[i]
+        approx_row = approx[i]
+        ref_sq = approx_sq = dot = err_sq = 0.0
+        max_abs = 0.0
+        for j in range(_U(cols)):
+            r = _value(ref_row, j, ref_fp32)
+            a = _value(approx_row, j, approx_fp32)
+            ref_sq += r * r
+            approx_sq += a * a
+            dot += r * a
+            err_sq += (a - r) * (a - r)
+            max_abs = max(max_abs, abs(a - r))
+        out[i, 0] = ref_sq
+        out[i, 1] = approx_sq
+        out[i, 2] = dot
+        out[i, 3] = err_sq
+        out[i, 4] = max_abs
+    return out

@@ -10,3 +10,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from flows.prefect_env import configure_prefect  # noqa: E402  (after PREFECT_HOME is set)
+
+configure_prefect()

@@ -83,7 +83,7 @@ def cli_env(prefect_home: Path) -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], prefect_home: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], prefect_home: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(hlwq_command(*args), check=False, cwd=REPO, env=cli_env(prefect_home),
                           capture_output=True, text=True, timeout=timeout)
 

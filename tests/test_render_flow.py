@@ -179,6 +179,7 @@ def tiny_fixture_factory(artifact, device, dtype):
     return pipeline
 
 
+@pytest.mark.slow
 def test_real_tiny_pipeline_writes_video_with_its_audio(tmp_path):
     """Text- and image-to-video through diffusers' LTX-2 pipelines: frames, audio and its rate."""
     from runtime.fixtures import make_tiny_ltx23

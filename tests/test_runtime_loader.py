@@ -27,6 +27,15 @@ RENDER = {"prompt": "a red fox runs through fresh snow at dawn", "num_frames": 9
           "width": 32, "num_inference_steps": 2, "output_type": "np"}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: a second thread only adds synchronisation (and spinning on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build_artifact(root: Path, single_file: bool) -> Path:
     source = make_tiny_ltx23(root / "source", single_file=single_file)
     fetched, inventory, staged, metrics = quantize_source(source, root / "staging", policy="ltx23")
