@@ -59,6 +59,10 @@ def _label(name: str | None) -> str:
     return f"tensor {name!r}" if name else "tensor"
 
 
+def _for(name: str | None) -> str:
+    return f"tensor {name!r}: " if name else ""
+
+
 def validate_weight(weight: torch.Tensor, name: str | None = None) -> None:
     """Raise a typed error unless ``weight`` is a non-empty, finite 2-D float tensor."""
     check_structure(weight, name)
@@ -95,17 +99,17 @@ def check_options(bits: int, block_size: int, group_size: int | None, mode: str,
         check_bits(bits)
         check_power_of_two(block_size, "block_size", MIN_BLOCK, MAX_BLOCK)
     except InvalidOptionError as error:
-        raise InvalidOptionError(f"{_label(name)}: {error}") from None
+        raise InvalidOptionError(f"{_for(name)}{error}") from None
     if mode not in MODES:
-        raise InvalidOptionError(f"{_label(name)}: mode={mode!r}: must be one of "
-                                 f"{', '.join(MODES)}")
+        raise InvalidOptionError(f"{_for(name)}mode={mode!r}: must be one of {', '.join(MODES)}")
     group = block_size if group_size is None else group_size
     if (not isinstance(group, int) or isinstance(group, bool) or group < 8 or group % 8
             or block_size % group):
-        raise InvalidOptionError(f"{_label(name)}: group_size={group_size!r}: must divide "
-                                 f"block_size={block_size} and be a multiple of 8")
+        raise InvalidOptionError(f"{_for(name)}group_size={group_size!r}: must divide "
+                                 f"block_size={block_size} and be a multiple of 8 (the "
+                                 "codes of a group fill whole bytes)")
     if mode == "reference" and (group != block_size or refine_codebook):
-        raise InvalidOptionError(f"{_label(name)}: mode='reference' has one L2-norm scale per "
+        raise InvalidOptionError(f"{_for(name)}mode='reference' has one L2-norm scale per "
                                  "block and the standard codebook; use mode='refined' for "
                                  "group_size or refine_codebook")
     return group
@@ -134,6 +138,7 @@ def quantize_tensor(weight: torch.Tensor, bits: int = 5, block_size: int = 128,
 
 def dequantize(packed: PackedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rebuild the ``(out, in)`` weight from a :class:`PackedTensor`."""
+    check_packed(packed)
     rows, in_features = packed.shape
     bf16 = dtype == torch.bfloat16
     out = torch.empty((rows, in_features), dtype=torch.bfloat16 if bf16 else torch.float32)
@@ -142,6 +147,24 @@ def dequantize(packed: PackedTensor, dtype: torch.dtype = torch.float32) -> torc
                        _numpy(packed.codebook.float()), packed.bits, packed.block_size,
                        packed.group_size, in_features, not bf16, _as_uint16(out))
     return out if bf16 else out.to(dtype)
+
+
+def check_packed(packed: PackedTensor) -> None:
+    """Raise InvalidTensorError unless the fields agree (the decoder indexes by them)."""
+    rows = packed.shape[0]
+    check_options(packed.bits, packed.block_size, packed.group_size, "refined")
+    expected = {
+        "codes": (torch.uint8, (rows, packed_row_bytes(packed.in_padded, packed.bits))),
+        "scales": (torch.float16, (rows, packed.in_padded // packed.group_size)),
+        "codebook": (torch.float32, (2 ** packed.bits,)),
+    }
+    for field, (dtype, shape) in expected.items():
+        value = getattr(packed, field)
+        if value.dtype != dtype or tuple(value.shape) != shape:
+            raise InvalidTensorError(
+                f"packed tensor {packed.shape}: {field} is {value.dtype} "
+                f"{tuple(value.shape)}, expected {dtype} {shape} for bits={packed.bits}, "
+                f"block_size={packed.block_size}, group_size={packed.group_size}")
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

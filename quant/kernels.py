@@ -1,4 +1,4 @@
-"""Fused numba kernels for the HLWQ encoder and decoder.
+"""Fused numba kernels: the HLWQ encoder, the decoder and the metric sums.
 
 Work is cut into tiles of ``LANES`` rotation blocks, consecutive in row-major
 block order (so any shape fills the tiles), and tiles run in parallel. Per tile:
@@ -28,7 +28,13 @@ level; each candidate takes the nearest codes and refits the scale by least
 squares; then Lloyd steps (codes at the best refitted scale, refit again).
 The winner and the reference choice (``||w||``, its codes) are then scored
 exactly, with the scale rounded to fp16, and the better one is kept, so no
-group ends up worse than the reference encoder's.
+group ends up worse than the reference encoder's. A zero-padded block is
+finally compared with the reference on its real columns only (decode crops
+the padding, which the rotated-domain error counts).
+
+Speed notes: array indices are unsigned (signed ones carry negative-index
+wrap checks that block vectorisation), and table indices are masked to 31 bits
+so the gathers use 32-bit offsets.
 """
 
 from __future__ import annotations
@@ -260,22 +266,6 @@ def _approx_fit(u, lo, hi, inv_t, approx, origin, inv_width, top):
 
 
 @_inline
-def _exact_codes(u, lo, hi, inv_t, codes, levels, origin, inv_width, first, threshold, top):
-    """Nearest codes at scale 1/inv_t written to ``codes``; returns (uc, cc) in float64."""
-    uc = 0.0
-    cc = 0.0
-    for j in range(_U(lo), _U(hi)):
-        z = u[j] * inv_t
-        cell = _cell(z, origin, inv_width, top)
-        code = _index(first[cell] + np.uint32(z > threshold[cell]))
-        codes[j] = code
-        lev = levels[code]
-        uc += np.float64(u[j]) * lev
-        cc += np.float64(lev) * lev
-    return uc, cc
-
-
-@_inline
 def _nearest_codes(u, lo, hi, inv_t, codes, origin, inv_width, first, threshold, top):
     """Nearest codes at scale 1/inv_t written to ``codes`` (the reference encoder)."""
     for j in range(_U(lo), _U(hi)):
@@ -314,6 +304,31 @@ def _search(u, lo, hi, uu, norm, levels, anchors, factors, lloyd_steps, approx, 
 
 
 @_inline
+def _exact_pair(u, lo, hi, inv_a, inv_b, codes_a, codes_b, levels, origin, inv_width, first,
+                threshold, top):
+    """Nearest codes at two scales in one pass (``codes_b`` indexed from 0); returns the
+    least-squares sums (uc_a, cc_a, uc_b, cc_b) in float64."""
+    uc_a = cc_a = uc_b = cc_b = 0.0
+    for j in range(_U(lo), _U(hi)):
+        x = u[j]
+        za = x * inv_a
+        zb = x * inv_b
+        cell_a = _cell(za, origin, inv_width, top)
+        cell_b = _cell(zb, origin, inv_width, top)
+        code_a = _index(first[cell_a] + np.uint32(za > threshold[cell_a]))
+        code_b = _index(first[cell_b] + np.uint32(zb > threshold[cell_b]))
+        codes_a[j] = code_a
+        codes_b[j - _U(lo)] = code_b
+        lev_a = np.float64(levels[code_a])
+        lev_b = np.float64(levels[code_b])
+        uc_a += x * lev_a
+        cc_a += lev_a * lev_a
+        uc_b += x * lev_b
+        cc_b += lev_b * lev_b
+    return uc_a, cc_a, uc_b, cc_b
+
+
+@_inline
 def _refine_group(u, lo, hi, inv_norm, ref_scale, norm, codes, alt_codes, levels, anchors,
                   factors, lloyd_steps, approx, origin, inv_width, first, threshold, top):
     """Reference codes in ``codes``, replaced by the searched ones when those are better
@@ -321,19 +336,17 @@ def _refine_group(u, lo, hi, inv_norm, ref_scale, norm, codes, alt_codes, levels
     uu = 0.0
     for j in range(_U(lo), _U(hi)):
         uu += np.float64(u[j]) * u[j]
-    uc, cc = _exact_codes(u, lo, hi, inv_norm, codes, levels, origin, inv_width, first,
-                          threshold, top)
-    best_err = uu - 2.0 * ref_scale * uc + ref_scale * ref_scale * cc
     inv_t = _search(u, lo, hi, uu, norm, levels, anchors, factors, lloyd_steps, approx, origin,
                     inv_width, top)
-    uc, cc = _exact_codes(u[lo:hi], 0, hi - lo, inv_t, alt_codes, levels, origin, inv_width,
-                          first, threshold, top)
+    uc_r, cc_r, uc, cc = _exact_pair(u, lo, hi, inv_norm, inv_t, codes, alt_codes, levels,
+                                     origin, inv_width, first, threshold, top)
+    ref_err = uu - 2.0 * ref_scale * uc_r + ref_scale * ref_scale * cc_r
     scale = _fp16_round(max(uc / cc, 0.0))
     err = uu - 2.0 * scale * uc + scale * scale * cc
-    if err < best_err:
+    if err < ref_err:
         codes[lo:hi] = alt_codes[: hi - lo]
         return scale, err
-    return ref_scale, best_err
+    return ref_scale, ref_err
 
 
 @_inline

@@ -1,7 +1,8 @@
 """Error metrics between a weight and its reconstruction, accumulated in float64.
 
 (A cosine summed in float32 over 16M elements can exceed 1.0.) The sums run in
-a parallel numba kernel that reads bf16 or fp32 values in place.
+a parallel numba kernel that reads bf16 or fp32 values in place; other float
+dtypes are compared at fp32 precision.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def _as_rows(t: torch.Tensor) -> tuple[np.ndarray, bool]:
     t = t.detach().cpu()
     if t.dtype != torch.bfloat16:
         t = t.float()
-    t = t.contiguous().reshape(t.shape[0] if t.dim() > 1 else 1, -1)
+    rows = t.shape[0] if t.dim() > 1 else 1
+    t = t.contiguous().reshape(rows, t.numel() // rows if rows else 0)
     return t.view(torch.int16).numpy().view(np.uint16), t.dtype == torch.float32
 
 

@@ -274,3 +274,17 @@ def test_invalid_options(options, message):
     with pytest.raises(InvalidOptionError, match=message) as caught:
         quantize_tensor(gaussian(4, 128), name=NAME, **options)
     assert NAME in str(caught.value)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("codebook", torch.zeros(16), "codebook is torch.float32 \\(16,\\)"),
+    ("codes", torch.zeros(4, 79, dtype=torch.uint8), "codes is torch.uint8 \\(4, 79\\)"),
+    ("scales", torch.zeros(4, 1), "scales is torch.float32"),
+    ("bits", 9, "bits=9"),
+])
+def test_inconsistent_packed_tensor_is_rejected_before_decoding(field, value, message):
+    import dataclasses
+
+    packed = dataclasses.replace(quantize_tensor(gaussian(4, 128)), **{field: value})
+    with pytest.raises((InvalidTensorError, InvalidOptionError), match=message):
+        dequantize(packed)

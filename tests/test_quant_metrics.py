@@ -43,3 +43,17 @@ def test_mixed_dtypes_are_compared_in_float64():
 def test_shape_mismatch():
     with pytest.raises(InvalidTensorError, match="shapes differ"):
         tensor_metrics(torch.zeros(2, 3), torch.zeros(3, 2))
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (3, 5), (2, 3, 4)])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.bfloat16), (torch.float64, torch.float16)])
+def test_matches_float64_torch_for_any_rank_and_dtype(shape, dtypes):
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(shape, generator=gen).to(dtypes[0])
+    approx = (ref.float() + 0.1 * torch.randn(shape, generator=gen)).to(dtypes[1])
+    r = ref.float().double()        # the kernel reads float32 / bfloat16 values
+    a = approx.float().double()
+    m = tensor_metrics(ref, approx)
+    assert m["rel_mse"] == pytest.approx(float(((a - r) ** 2).sum() / (r * r).sum()), rel=1e-9)
+    assert m["cosine"] == pytest.approx(float((a * r).sum() / (a.norm() * r.norm())), rel=1e-9)
+    assert m["max_abs_err"] == pytest.approx(float((a - r).abs().max()), rel=1e-12)
