@@ -23,8 +23,9 @@ Each worker loads its decode kernels, resets the peak mark (CPU: the kernel's
 RSS high-water mark via ``/proc/self/clear_refs``; CUDA: the allocator's peak),
 loads the model, runs one warm-up step and ``--repeats`` timed steps (bf16
 activations, >= 1,024 video tokens, prompts padded to 1,024 tokens as the
-pipelines do), and reports the peak growth and the best timed step (on a shared
-machine other load only ever adds time).
+pipelines do), and reports its peak growth and step times. The models take
+turns for ``--rounds`` rounds; each reports its largest peak and its best step
+(on a shared machine other load only ever adds time).
 ``max_rel_diff`` compares packed and BF16 outputs: max |a - b| / max |b| over
 the video and audio predictions, in float64.
 """
@@ -58,7 +59,9 @@ BITS = 5
 @click.option("--frames", default=4, show_default=True, help="Latent frames (x 16 x 16 tokens).")
 @click.option("--text-tokens", default=1024, show_default=True,
               help="Prompt tokens (the pipelines pad prompts to 1,024).")
-@click.option("--repeats", default=2, show_default=True, help="Timed steps per process.")
+@click.option("--repeats", default=1, show_default=True, help="Timed steps per process.")
+@click.option("--rounds", default=2, show_default=True,
+              help="Processes per model, run in turns so that other load hits them alike.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the fixture and artifacts are kept between runs "
                    "[default: <tmp>/hlwq-bench-runtime].")
@@ -66,7 +69,7 @@ BITS = 5
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help=f"Result file [default: {RESULTS} (runtime-cuda.json for cuda)].")
 def bench_runtime(as_json: bool, layers: int, frames: int, text_tokens: int, repeats: int,
-                  work_dir: Path | None, device: str, out: Path | None) -> None:
+                  rounds: int, work_dir: Path | None, device: str, out: Path | None) -> None:
     """Peak memory and step latency: packed runtime vs BF16 (separate processes)."""
     from quant.atomic import atomic_write_text
 
@@ -76,10 +79,13 @@ def bench_runtime(as_json: bool, layers: int, frames: int, text_tokens: int, rep
     artifacts = {p: prepare_artifact(source, work / f"artifact-{p}-{layers}", p) for p in POLICIES}
     inputs = write_inputs(work / f"inputs-{frames}-{text_tokens}.safetensors", source, frames,
                           text_tokens)
-    outputs = {name: work / f"out-{name}.safetensors" for name in ("bf16", *POLICIES)}
-    runs = {"bf16": run_worker("bf16", source, inputs, outputs["bf16"], repeats, device)}
-    for policy, artifact in artifacts.items():
-        runs[policy] = run_worker("packed", artifact, inputs, outputs[policy], repeats, device)
+    models = {"bf16": ("bf16", source), **{p: ("packed", a) for p, a in artifacts.items()}}
+    outputs = {name: work / f"out-{name}.safetensors" for name in models}
+    measured: dict[str, list[dict]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, (mode, model) in models.items():
+            measured[name].append(run_worker(mode, model, inputs, outputs[name], repeats, device))
+    runs = {name: combine(found) for name, found in measured.items()}
     result = summarize(runs, outputs, device, layers, frames, text_tokens)
     atomic_write_text(out, json.dumps(result, indent=2, sort_keys=True) + "\n")
     click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else report(result, out))
@@ -164,6 +170,14 @@ def run_worker(mode: str, model: Path, inputs: Path, out: Path, repeats: int, de
         raise click.ClickException(f"{mode} worker failed ({shlex.join(command)}):\n"
                                    f"{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def combine(runs: list[dict]) -> dict:
+    """Rounds of one model: its best step, its largest peak."""
+    return {"peak_growth_bytes": max(r["peak_growth_bytes"] for r in runs),
+            "step_s": min(r["step_s"] for r in runs), "load_s": min(r["load_s"] for r in runs),
+            "step_times_s": [t for r in runs for t in r["step_times_s"]],
+            "peaks_bytes": [r["peak_growth_bytes"] for r in runs], "threads": runs[0]["threads"]}
 
 
 # ---------------------------------------------------------------- the worker process
@@ -310,6 +324,7 @@ def summarize(runs: dict, outputs: dict[str, Path], device: str, layers: int, fr
             "latency_ratio": run["step_s"] / bf16["step_s"],
             "max_rel_diff": max_rel_diff(outputs[policy], outputs["bf16"]),
             "load_s": run["load_s"], "step_times_s": run["step_times_s"],
+            "peaks_bytes": run["peaks_bytes"],
         }
     head = variants[HEADLINE]
     return {
@@ -318,7 +333,8 @@ def summarize(runs: dict, outputs: dict[str, Path], device: str, layers: int, fr
         "packed_step_s": head["step_s"], "latency_ratio": head["latency_ratio"],
         "max_rel_diff": head["max_rel_diff"], "device": device, "packed_policy": HEADLINE,
         "variants": variants, "targets": TARGETS[device],
-        "bf16": {"load_s": bf16["load_s"], "step_times_s": bf16["step_times_s"]},
+        "bf16": {"load_s": bf16["load_s"], "step_times_s": bf16["step_times_s"],
+                 "peaks_bytes": bf16["peaks_bytes"]},
         "setup": {"layers": layers, "video_tokens": frames * 256, "text_tokens": text_tokens,
                   "audio_tokens": audio_frames(frames), "activations": "bf16", "bits": BITS,
                   "torch_threads": bf16["threads"],

@@ -18,8 +18,9 @@ damage one skipped hull step would have saved.
 The damage model: ``damage = sensitivity * relative_error``, where the relative error
 of a bit width is measured by quantizing a sample of the tensor (optionally weighted by
 the mean squared input activation of each input channel, :func:`relative_error`) and the
-sensitivity says how much of the model's output error one unit of that tensor's
-relative error causes (tasks/budget.py estimates it).
+sensitivity says how much of the model's output error one unit of that tensor's relative
+error causes (tasks/budget.py estimates it). Damages add up over tensors: a first-order
+model, good while each tensor's error is small.
 """
 
 from __future__ import annotations
@@ -88,22 +89,21 @@ def format_size(nbytes: int) -> str:
 
 def relative_error(reference: torch.Tensor, approx: torch.Tensor,
                    channel_weights: torch.Tensor | None = None) -> float:
-    """``sum((approx - reference)^2 * a) / sum(reference^2 * a)`` in float64.
+    """``sum((approx - reference)^2 * a) / sum(reference^2)`` in float64, ``a`` of mean 1.
 
-    ``channel_weights`` ``a`` (one per input column, e.g. the mean squared input
-    activation of that channel) turn the weight error into the expected error of the
-    layer's output, ``E||dW x||^2 / E||W x||^2``, for inputs with uncorrelated channels;
-    without them every channel counts the same (the plain relative MSE)."""
-    ref = reference.double()
-    err = (approx.double() - ref).square_()
-    ref = ref.square()
+    ``channel_weights`` (one per input column: the mean squared input activation of that
+    channel) scale each column's error by how loudly that channel is driven, relative to
+    the average channel: the error a layer's output sees, compared with white weight noise
+    of the same energy. Without them (or with equal ones) it is the plain relative MSE."""
+    ref_energy = float(reference.double().square().sum())
+    err = (approx.double() - reference.double()).square_()
     if channel_weights is not None:
         weights = channel_weights.double().reshape(1, -1)
-        err, ref = err * weights, ref * weights
-    total = float(ref.sum())
-    if total <= 0:
+        mean = float(weights.mean())
+        err = err * (weights / mean) if mean > 0 else err
+    if ref_energy <= 0:
         return 0.0 if float(err.sum()) == 0 else math.inf
-    return float(err.sum()) / total
+    return float(err.sum()) / ref_energy
 
 
 @dataclass(frozen=True)

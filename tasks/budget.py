@@ -15,12 +15,12 @@ Damage of tensor ``t`` at ``b`` bits is ``sensitivity_t * relative_error_t(b)``:
   as llama.cpp's K-quant mixes give the ends of the stack more bits). Damage is then a
   weighted mean relative MSE of the weights.
 
-  ``activations`` (where the model runs; :func:`activation_stats`): forward hooks capture
-  the mean squared input of every input channel on real inputs (e.g. the first denoising
-  step of the prompt suite), which weights the sampled error per channel, and a probe
-  per layer adds white noise of known energy to that layer's output and measures how much
-  of it reaches the model output. Damage is then the predicted relative MSE of the model
-  output (summed contributions, first order).
+  ``activations`` (where the model runs; :func:`activation_stats`): on real inputs (e.g.
+  the first denoising step of prompts of the suite), forward hooks capture the mean squared
+  input of every input channel, which weights the sampled error per channel, and one probe
+  per layer adds white noise of known relative energy to its weight and measures the
+  relative error that reaches the model output. Damage is then the predicted relative MSE
+  of the model output (contributions summed, first order).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ SAMPLE_WEIGHTS = 1 << 16      # values quantized per tensor and width: ~500 bloc
 MIN_SAMPLE_ROWS = 8
 EDGE_FRACTION = 1 / 8         # "params" prior: the first and last eighth of the blocks ...
 EDGE_WEIGHT = 2.0             # ... count twice
-PROBE_NOISE = 0.1             # probe noise rms, relative to the layer output's rms
+PROBE_NOISE = 0.02            # probe: relative weight MSE of the noise (between Q3 and Q4 errors)
 ERROR_UNITS = {"params": "weighted mean relative MSE of the quantized weights",
                "activations": "predicted relative MSE of the model output"}
 _BLOCK_INDEX = re.compile(r"\.(\d+)$")
@@ -149,7 +149,7 @@ class ActivationStats:
     """What one run of the model on real inputs says about each linear layer, keyed by
     ``tensor_key(component, "<module>.weight")``."""
     channel_mean_square: dict[str, torch.Tensor] = field(default_factory=dict)
-    output_gain: dict[str, float] = field(default_factory=dict)   # output rel MSE per unit energy
+    output_gain: dict[str, float] = field(default_factory=dict)   # output / weight rel MSE
 
 
 def params_sensitivity(rows: Sequence[Mapping]) -> dict[str, float]:
@@ -187,17 +187,13 @@ def activation_stats(model: torch.nn.Module, forward: Callable[[], object], comp
     linears = {name: module for name, module in model.named_modules()
                if isinstance(module, torch.nn.Linear)
                and (wanted is None or f"{name}.weight" in wanted)}
-    sums: dict[str, list] = {name: [0.0, 0, 0.0, 0] for name in linears}   # x^2 sum, tokens, y^2, y count
+    sums: dict[str, list] = {name: [0.0, 0] for name in linears}   # sum of x^2, tokens
 
     def recorder(name):
         def hook(module, inputs, output):
             x = inputs[0].detach().double().reshape(-1, module.in_features)
-            y = output.detach().double()
-            entry = sums[name]
-            entry[0] = entry[0] + x.square().sum(0)
-            entry[1] += x.shape[0]
-            entry[2] += float(y.square().sum())
-            entry[3] += y.numel()
+            sums[name][0] = sums[name][0] + x.square().sum(0)
+            sums[name][1] += x.shape[0]
         return hook
 
     handles = [module.register_forward_hook(recorder(name)) for name, module in linears.items()]
@@ -207,30 +203,35 @@ def activation_stats(model: torch.nn.Module, forward: Callable[[], object], comp
         for handle in handles:
             handle.remove()
     stats = ActivationStats()
-    ref_energy = float(reference.square().sum())
     for index, (name, module) in enumerate(linears.items()):
-        x_sum, tokens, y_sum, y_count = sums[name]
+        x_sum, tokens = sums[name]
         if not tokens:
             continue   # not used by this forward: no statistics, no gain
         key = tensor_key(component, f"{name}.weight")
         stats.channel_mean_square[key] = (x_sum / tokens).float()
-        sigma = noise * math.sqrt(y_sum / y_count)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        handle = module.register_forward_hook(_noise_hook(sigma, gen))
-        try:
-            perturbed = _flat_output(forward())
-        finally:
-            handle.remove()
-        output_rel_mse = float((perturbed - reference).square().sum()) / ref_energy
-        stats.output_gain[key] = output_rel_mse / (sigma * sigma * module.out_features)
+        stats.output_gain[key] = _weight_noise_gain(module.weight, forward, reference, noise, gen)
     return stats
 
 
-def _noise_hook(sigma: float, gen: torch.Generator):
-    """A forward hook adding white noise of rms ``sigma`` to a layer's output."""
-    def add_noise(module, inputs, output):
-        return output + sigma * torch.randn(output.shape, generator=gen).to(output)
-    return add_noise
+def _weight_noise_gain(weight: torch.nn.Parameter, forward: Callable[[], object],
+                       reference: torch.Tensor, noise: float, gen: torch.Generator) -> float:
+    """Output relative MSE per unit of relative weight MSE, from one forward with white noise
+    of relative energy ``noise`` added to the weight. Quantization error is close to white
+    within each rotation block, and it reaches the output the way this noise does: through
+    the same tokens, masks and softmaxes (noise added to the layer's output instead would
+    land on padding tokens that the quantization error barely touches)."""
+    original = weight.detach().clone()
+    reference_energy = float(original.double().square().sum())
+    delta = torch.randn(weight.shape, generator=gen, dtype=torch.float64)
+    delta *= math.sqrt(noise * reference_energy / float(delta.square().sum()))
+    weight.add_(delta.to(weight.dtype))
+    try:
+        applied = float((weight.double() - original.double()).square().sum()) / reference_energy
+        perturbed = _flat_output(forward())
+    finally:
+        weight.copy_(original)
+    return float((perturbed - reference).square().sum() / reference.square().sum()) / applied
 
 
 def _flat_output(output) -> torch.Tensor:
@@ -293,13 +294,9 @@ def measure_damages(rows: Sequence[Mapping], sampler: Sampler = synthetic_sample
             damages[key] = {b: shares[key] * e for b, e in cache[cache_key].items()}
             continue
         weights, gain = _activation_entry(stats, row)
-        sample = sampler(row, count, seed)
-        # Expected energy of the layer's output change per token, before the relative error:
-        # sum_ij W_ij^2 a_j over the whole tensor, estimated from the sampled rows.
-        energy = float((sample.double().square() * weights.double()).sum()) \
-            * row["shape"][0] / sample.shape[0]
-        errors = relative_errors(sample, bits, block_size, group_size, mode, weights, name=key)
-        damages[key] = {b: gain * energy * e for b, e in errors.items()}
+        errors = relative_errors(sampler(row, count, seed), bits, block_size, group_size, mode,
+                                 weights, name=key)
+        damages[key] = {b: gain * e for b, e in errors.items()}
     return damages
 
 

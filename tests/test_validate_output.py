@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,10 @@ import torch
 from flows.prefect_env import configure_prefect
 
 configure_prefect()
+# numba's OpenMP workers (quant/kernels.py) otherwise spin after quantizing and make every later
+# torch render in this process ~20x slower on a busy 2-core machine. Read when numba first
+# starts its thread pool, which no test does at import time.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from artifact_helpers import quantize_source
 from flow_support import write_diffusers_checkpoint
