@@ -17,10 +17,10 @@ Damage of tensor ``t`` at ``b`` bits is ``sensitivity_t * relative_error_t(b)``:
 
   ``activations`` (where the model runs; :func:`activation_stats`): on real inputs (e.g.
   the first denoising step of prompts of the suite), forward hooks capture the mean squared
-  input of every input channel, which weights the sampled error per channel, and one probe
-  per layer adds white noise of known relative energy to its weight and measures the
-  relative error that reaches the model output. Damage is then the predicted relative MSE
-  of the model output (contributions summed, first order).
+  input of every input channel, which weights the sampled error per channel; then one probe
+  per layer quantizes that layer alone (at :data:`PROBE_BITS`) and measures the relative
+  error that reaches the model output, per unit of the layer's own error. Damage is then
+  the predicted relative MSE of the model output (contributions summed, first order).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ SAMPLE_WEIGHTS = 1 << 16      # values quantized per tensor and width: ~500 bloc
 MIN_SAMPLE_ROWS = 8
 EDGE_FRACTION = 1 / 8         # "params" prior: the first and last eighth of the blocks ...
 EDGE_WEIGHT = 2.0             # ... count twice
-PROBE_NOISE = 0.02            # probe: relative weight MSE of the noise (between Q3 and Q4 errors)
+PROBE_BITS = 3                # the probe quantizes each layer at this width (error ~3 %)
 ERROR_UNITS = {"params": "weighted mean relative MSE of the quantized weights",
                "activations": "predicted relative MSE of the model output"}
 _BLOCK_INDEX = re.compile(r"\.(\d+)$")
@@ -176,13 +176,15 @@ def params_sensitivity(rows: Sequence[Mapping]) -> dict[str, float]:
 
 @torch.no_grad()
 def activation_stats(model: torch.nn.Module, forward: Callable[[], object], component: str,
-                     names: Iterable[str] | None = None, noise: float = PROBE_NOISE,
-                     seed: int = 0) -> ActivationStats:
+                     names: Iterable[str] | None = None, probe_bits: int = PROBE_BITS,
+                     block_size: int = 128, group_size: int | None = None,
+                     mode: str = "refined") -> ActivationStats:
     """Capture per-channel input mean squares and probe output gains of ``model``'s linears.
 
     ``forward()`` runs the model on fixed inputs and returns its output (a tensor or a
     tuple of tensors). ``names`` limits the work to those weight names (``"<module>.weight"``).
-    Costs one forward for the statistics plus one per probed layer."""
+    Costs one forward for the statistics plus, per probed layer, one quantization of its
+    weight and one forward."""
     wanted = None if names is None else set(names)
     linears = {name: module for name, module in model.named_modules()
                if isinstance(module, torch.nn.Linear)
@@ -203,35 +205,25 @@ def activation_stats(model: torch.nn.Module, forward: Callable[[], object], comp
         for handle in handles:
             handle.remove()
     stats = ActivationStats()
-    for index, (name, module) in enumerate(linears.items()):
+    for name, module in linears.items():
         x_sum, tokens = sums[name]
         if not tokens:
             continue   # not used by this forward: no statistics, no gain
         key = tensor_key(component, f"{name}.weight")
-        stats.channel_mean_square[key] = (x_sum / tokens).float()
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        stats.output_gain[key] = _weight_noise_gain(module.weight, forward, reference, noise, gen)
+        weights = (x_sum / tokens).float()
+        stats.channel_mean_square[key] = weights
+        original = module.weight.detach().clone()
+        approx = dequantize(quantize_tensor(original.float(), probe_bits, block_size, mode,
+                                            group_size, name=key))
+        module.weight.copy_(approx)
+        try:
+            output = _flat_output(forward())
+        finally:
+            module.weight.copy_(original)
+        output_error = float((output - reference).square().sum() / reference.square().sum())
+        weight_error = relative_error(original, approx, weights)
+        stats.output_gain[key] = output_error / weight_error if weight_error > 0 else 0.0
     return stats
-
-
-def _weight_noise_gain(weight: torch.nn.Parameter, forward: Callable[[], object],
-                       reference: torch.Tensor, noise: float, gen: torch.Generator) -> float:
-    """Output relative MSE per unit of relative weight MSE, from one forward with white noise
-    of relative energy ``noise`` added to the weight. Quantization error is close to white
-    within each rotation block, and it reaches the output the way this noise does: through
-    the same tokens, masks and softmaxes (noise added to the layer's output instead would
-    land on padding tokens that the quantization error barely touches)."""
-    original = weight.detach().clone()
-    reference_energy = float(original.double().square().sum())
-    delta = torch.randn(weight.shape, generator=gen, dtype=torch.float64)
-    delta *= math.sqrt(noise * reference_energy / float(delta.square().sum()))
-    weight.add_(delta.to(weight.dtype))
-    try:
-        applied = float((weight.double() - original.double()).square().sum()) / reference_energy
-        perturbed = _flat_output(forward())
-    finally:
-        weight.copy_(original)
-    return float((perturbed - reference).square().sum() / reference.square().sum()) / applied
 
 
 def _flat_output(output) -> torch.Tensor:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -17,10 +16,6 @@ import torch
 from flows.prefect_env import configure_prefect
 
 configure_prefect()
-# numba's OpenMP workers (quant/kernels.py) otherwise spin after quantizing and make every later
-# torch render in this process ~20x slower on a busy 2-core machine. Read when numba first
-# starts its thread pool, which no test does at import time.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from artifact_helpers import quantize_source
 from flow_support import write_diffusers_checkpoint
@@ -76,6 +71,9 @@ def make_artifact(source: Path, out: Path, bits: int) -> Path:
                                    "code_version": "test"},
                      metrics=metrics,
                      validation={"validated": False, "tensor_gates": {"passed": True}})
+    # numba's parallel kernels share torch's OpenMP runtime and set its thread count back to
+    # the core count; on a busy machine that makes every later render many times slower.
+    torch.set_num_threads(1)
     return out
 
 
