@@ -172,9 +172,11 @@ def tiny_part(work: Path, log) -> dict:
     uniform_size = {b: size_table([{**r, "bits": b} for r in rows])["total_packed_bytes"]
                     for b in range(2, 9)}
     budgets = {"=Q3": uniform_size[3], "Q3-Q4 midpoint": (uniform_size[3] + uniform_size[4]) // 2,
-               "=Q4": uniform_size[4], "=Q5": uniform_size[5]}
-    sweep = {f"{f:.3f}": int(uniform_size[2] + f * (uniform_size[5] - uniform_size[2]))
-             for f in (0.1, 0.2, 0.3, 0.4, 0.5)}
+               "=Q4": uniform_size[4], "Q4-Q5 midpoint": (uniform_size[4] + uniform_size[5]) // 2,
+               "=Q5": uniform_size[5]}
+    # Fractions of the way from the uniform 2-bit size to the uniform 5-bit size.
+    sweep = {f"Q2+{f:.0%} of Q2..Q5": int(uniform_size[2] + f * (uniform_size[5] - uniform_size[2]))
+             for f in (0.2, 0.4, 0.6, 0.7, 0.8, 0.9)}
     gates = output_gates(load_gate_config())
     renders = work / "tiny-renders"
     renders.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,7 +68,6 @@ EDGE_WEIGHT = 2.0             # ... count twice
 PROBE_BITS = 3                # the probe quantizes each layer at this width (error ~3 %)
 ERROR_UNITS = {"params": "weighted mean relative MSE of the quantized weights",
                "activations": "predicted relative MSE of the model output"}
-_BLOCK_INDEX = re.compile(r"\.(\d+)$")
 
 
 # --------------------------------------------------------------------------- scope
@@ -276,13 +274,11 @@ def measure_damages(rows: Sequence[Mapping], sampler: Sampler = synthetic_sample
     damages = {}
     for row in rows:
         key, count = _key(row), sample_row_count(row["shape"], block_size)
-        sample = None
         if sensitivity == "params":
             cache_key = (row["shape"][1], count) if sampler is synthetic_sampler else (key,)
             if cache_key not in cache:
-                sample = sampler(row, count, seed)
-                cache[cache_key] = relative_errors(sample, bits, block_size, group_size, mode,
-                                                   name=key)
+                cache[cache_key] = relative_errors(sampler(row, count, seed), bits, block_size,
+                                                   group_size, mode, name=key)
             damages[key] = {b: shares[key] * e for b, e in cache[cache_key].items()}
             continue
         weights, gain = _activation_entry(stats, row)

@@ -251,8 +251,7 @@ th { background: #f2f2f2; } td.name { text-align: left; }
 .pass { background: #e3f6e3; } .fail { background: #fbe0e0; font-weight: bold; }
 .verdict { font-size: 1.4em; padding: 0.4em 0.8em; display: inline-block; }
 figure { margin: 1em 0; } figcaption { font-size: 0.9em; color: #555; }
-figure.sheet { overflow-x: auto; }
-img.sheet { image-rendering: pixelated; height: 260px; width: auto; }
+img.sheet { image-rendering: pixelated; width: 100%; max-width: 1200px; height: auto; }
 img.plot { max-width: 100%; }
 """
 
@@ -304,7 +303,7 @@ def _sheets(results: dict) -> str:
     for pid, entry in results["prompts"].items():
         verdict = "passed" if entry["passed"] else "FAILED " + ", ".join(entry["failed_gates"])
         parts.append(
-            f'<figure class="sheet"><img class="sheet" src="{SHEET_DIR}/{_e(pid)}.png" alt="{_e(pid)}">'
+            f'<figure><img class="sheet" src="{SHEET_DIR}/{_e(pid)}.png" alt="{_e(pid)}">'
             f'<figcaption><b>{_e(pid)}</b> ({_e(verdict)}): {_e(entry["prompt"])}; seed '
             f'{entry["seed"]}, PSNR {entry["psnr_mean"]:.2f} dB (worst frame '
             f'{entry["psnr_min"]:.2f}), SSIM {entry["ssim_mean"]:.4f}</figcaption></figure>')

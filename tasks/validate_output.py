@@ -110,11 +110,9 @@ def apply_output_gates(prompts: dict[str, dict], gates: dict[str, OutputGate]) -
     """Each gate over every prompt: its worst value, threshold, verdict and what failed.
 
     Sets ``passed`` and ``failed_gates`` on each prompt's entry; returns ``{"gates", "passed",
-    "failures", "failed_prompts", "failed_blocks"}``.
+    "failures" (one line per failing prompt), "failed_prompts", "failed_blocks"}``.
     """
-    verdicts, failures, failed_blocks = {}, [], []
-    for prompt in prompts.values():
-        prompt["failed_gates"] = []
+    verdicts, broken, failed_blocks = {}, {pid: [] for pid in prompts}, []
     for gate in gates.values():
         values = {pid: entry[gate.metric] for pid, entry in prompts.items()}
         worst = (min if gate.higher_is_better else max)(values.values(), key=_nan_worst(gate))
@@ -122,8 +120,7 @@ def apply_output_gates(prompts: dict[str, dict], gates: dict[str, OutputGate]) -
         verdict = {"metric": gate.metric, "value": worst, "threshold": gate.threshold,
                    "verdict": "fail" if failed else "pass", "failed_prompts": failed}
         for pid in failed:
-            prompts[pid]["failed_gates"].append(gate.name)
-            failures.append(f"prompt {pid}: {gate.describe(values[pid])}")
+            broken[pid].append(gate)
         if gate.name == BLOCK_GATE:
             blocks = [{"prompt": pid, **row} for pid in failed for row in prompts[pid]["blocks"]
                       if not gate.passes(row["rel_err"])]
@@ -131,10 +128,14 @@ def apply_output_gates(prompts: dict[str, dict], gates: dict[str, OutputGate]) -
                                               key=_block_order)
             failed_blocks += blocks
         verdicts[gate.name] = verdict
-    for prompt in prompts.values():
-        prompt["passed"] = not prompt["failed_gates"]
+    for pid, entry in prompts.items():
+        entry["failed_gates"] = [gate.name for gate in broken[pid]]
+        entry["passed"] = not broken[pid]
+    failures = [f"prompt {pid}: " + "; ".join(gate.describe(prompts[pid][gate.metric])
+                                              for gate in failing)
+                for pid, failing in broken.items() if failing]
     return {"gates": verdicts, "passed": not failures, "failures": failures,
-            "failed_prompts": [pid for pid, entry in prompts.items() if not entry["passed"]],
+            "failed_prompts": [pid for pid, failing in broken.items() if failing],
             "failed_blocks": failed_blocks}
 
 
