@@ -11,6 +11,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from flows.prefect_env import configure_prefect  # noqa: E402  (after PREFECT_HOME is set)
+# Imported after PREFECT_HOME is set, so Prefect reads the private home.
+from flows.prefect_env import configure_prefect
 
 configure_prefect()

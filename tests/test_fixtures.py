@@ -42,10 +42,10 @@ from runtime.ltx23_layout import (
     ltx23_22b_package_rows,
 )
 
-RENDER = dict(prompt="a red fox runs through fresh snow", negative_prompt="", num_frames=9,
-              height=32, width=32, num_inference_steps=2, guidance_scale=1.0, stg_scale=0.0,
-              audio_stg_scale=0.0, modality_scale=1.0, audio_modality_scale=1.0,
-              audio_guidance_scale=1.0, max_sequence_length=128, output_type="pt")
+RENDER = {"prompt": "a red fox runs through fresh snow", "negative_prompt": "", "num_frames": 9,
+          "height": 32, "width": 32, "num_inference_steps": 2, "guidance_scale": 1.0, "stg_scale": 0.0,
+          "audio_stg_scale": 0.0, "modality_scale": 1.0, "audio_modality_scale": 1.0,
+          "audio_guidance_scale": 1.0, "max_sequence_length": 128, "output_type": "pt"}
 OFFICIAL_PREFIXES = ("model.diffusion_model.", "text_embedding_projection.", "vae.",
                      "audio_vae.", "vocoder.")
 
@@ -116,7 +116,7 @@ def test_tiny_keeps_the_real_flags_and_128_multiple_block_linears(tiny_dir):
 
 def test_tiny_weights_are_bf16(tiny_dir):
     with safe_open(tiny_dir / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as f:
-        dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}
+        dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     assert dtypes == {"BF16"}
 
 
