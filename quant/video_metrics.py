@@ -15,7 +15,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from quant.errors import InvalidOptionError, InvalidTensorError
 from quant.metrics import tensor_metrics
@@ -68,11 +67,22 @@ def frame_psnr(reference, candidate) -> torch.Tensor:
     return torch.tensor([_ratio_db(1.0, float(m)) for m in mse], dtype=torch.float64)
 
 
-def _gaussian_window(size: int) -> torch.Tensor:
+def _gaussian_taps(size: int) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-x.square() / (2 * SSIM_SIGMA ** 2))
-    g = g / g.sum()
-    return torch.outer(g, g)
+    taps = torch.exp(-x.square() / (2 * SSIM_SIGMA ** 2))
+    return taps / taps.sum()
+
+
+def _blur(image: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian over the last two axes, 'valid' borders, as sums of shifted slices
+    (float64 convolutions in torch are many times slower)."""
+    for axis in (-1, -2):
+        size = image.shape[axis] - len(taps) + 1
+        out = taps[0] * image.narrow(axis, 0, size)
+        for offset in range(1, len(taps)):
+            out += taps[offset] * image.narrow(axis, offset, size)
+        image = out
+    return image
 
 
 def frame_ssim(reference, candidate) -> torch.Tensor:
@@ -83,22 +93,17 @@ def frame_ssim(reference, candidate) -> torch.Tensor:
     """
     ref, cand = as_frames(reference, "reference frames"), as_frames(candidate, "candidate frames")
     _same_shape(ref, cand, "frames")
-    size = min(SSIM_WINDOW, ref.shape[1], ref.shape[2])
-    window = _gaussian_window(size).expand(3, 1, size, size)
-    return torch.cat([_ssim(ref[i:i + SSIM_CHUNK], cand[i:i + SSIM_CHUNK], window)
+    taps = _gaussian_taps(min(SSIM_WINDOW, ref.shape[1], ref.shape[2]))
+    return torch.cat([_ssim(ref[i:i + SSIM_CHUNK], cand[i:i + SSIM_CHUNK], taps)
                       for i in range(0, ref.shape[0], SSIM_CHUNK)])
 
 
-def _ssim(ref: torch.Tensor, cand: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+def _ssim(ref: torch.Tensor, cand: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     x, y = ref.permute(0, 3, 1, 2), cand.permute(0, 3, 1, 2)        # (T, 3, H, W)
-
-    def blur(image):
-        return F.conv2d(image, window, groups=3)
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x.square()
-    var_y = blur(y * y) - mu_y.square()
-    cov = blur(x * y) - mu_x * mu_y
+    mu_x, mu_y = _blur(x, taps), _blur(y, taps)
+    var_x = _blur(x * x, taps) - mu_x.square()
+    var_y = _blur(y * y, taps) - mu_y.square()
+    cov = _blur(x * y, taps) - mu_x * mu_y
     c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / \
                ((mu_x.square() + mu_y.square() + c1) * (var_x + var_y + c2))

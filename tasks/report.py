@@ -37,6 +37,7 @@ REPORT_NAME = "report.html"
 DIFF_GAIN = 10          # the difference panel shows |packed - source| x this
 SHEET_FRAME_SIDE = 192  # frames in a sheet are shrunk to this longer side (real renders are large)
 LABEL_HEIGHT = 14
+THUMBNAIL_WIDTH = 960   # contact sheets attached to the Prefect run are JPEGs this wide at most
 TABLE_METRICS = (("psnr_mean", "PSNR mean dB", "{:.2f}"), ("psnr_min", "PSNR worst frame dB", "{:.2f}"),
                  ("ssim_mean", "SSIM mean", "{:.4f}"), ("ssim_min", "SSIM worst frame", "{:.4f}"),
                  ("temporal_diff", "temporal diff", "{:.4f}"),
@@ -377,7 +378,8 @@ def report_markdown(results: dict) -> str:
 
 
 def publish_report(results: dict, report_dir: str | os.PathLike) -> None:
-    """Attach the verdict (markdown) and every PNG (image artifacts, data URLs) to the run."""
+    """Attach the verdict (markdown), the plots and the contact sheets (image artifacts as data
+    URLs: the UI cannot open local files) and a link to the report to the current run."""
     from prefect.artifacts import (
         create_image_artifact,
         create_link_artifact,
@@ -389,8 +391,22 @@ def publish_report(results: dict, report_dir: str | os.PathLike) -> None:
                              description="output gate verdicts and per-prompt metrics")
     create_link_artifact(Path(results["report"]).resolve().as_uri(), link_text="report.html",
                          key="output-report", description="the full HTML validation report")
-    for path in sorted((report_dir / PLOT_DIR).glob("*.png")) + \
-            sorted((report_dir / SHEET_DIR).glob("*.png")):
-        url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    images = [(path, "image/png", path.read_bytes())
+              for path in sorted((report_dir / PLOT_DIR).glob("*.png"))]
+    images += [(path, "image/jpeg", _thumbnail_jpeg(path))
+               for path in sorted((report_dir / SHEET_DIR).glob("*.png"))]
+    for path, kind, data in images:
         key = re.sub(r"[^a-z0-9-]+", "-", f"validation-{path.parent.name}-{path.stem}".lower())
-        create_image_artifact(url, key=key.strip("-"), description=path.name)
+        create_image_artifact(f"data:{kind};base64,{base64.b64encode(data).decode()}",
+                              key=key.strip("-"), description=path.name)
+
+
+def _thumbnail_jpeg(path: Path) -> bytes:
+    """A contact sheet small enough for a Prefect artifact (events over ~1 MB are dropped)."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if image.width > THUMBNAIL_WIDTH:
+            image = image.resize((THUMBNAIL_WIDTH, round(image.height * THUMBNAIL_WIDTH / image.width)))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=80)
+    return buffer.getvalue()

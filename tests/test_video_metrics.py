@@ -76,6 +76,35 @@ def test_ssim_is_one_for_equal_frames_and_falls_with_noise():
     assert 1.0 > scores[0] > scores[1] > scores[2]
 
 
+def reference_ssim(x: np.ndarray, y: np.ndarray, size: int = 11, sigma: float = 1.5) -> float:
+    """SSIM the slow, literal way: Gaussian-weighted statistics of every full window."""
+    taps = np.exp(-((np.arange(size) - (size - 1) / 2) ** 2) / (2 * sigma ** 2))
+    weights = np.outer(taps, taps) / np.outer(taps, taps).sum()
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    scores = []
+    for channel in range(3):
+        for top in range(x.shape[0] - size + 1):
+            for left in range(x.shape[1] - size + 1):
+                a = x[top:top + size, left:left + size, channel]
+                b = y[top:top + size, left:left + size, channel]
+                mu_a, mu_b = (weights * a).sum(), (weights * b).sum()
+                var_a = (weights * (a - mu_a) ** 2).sum()
+                var_b = (weights * (b - mu_b) ** 2).sum()
+                cov = (weights * (a - mu_a) * (b - mu_b)).sum()
+                scores.append((2 * mu_a * mu_b + c1) * (2 * cov + c2)
+                              / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)))
+    return float(np.mean(scores))
+
+
+def test_ssim_matches_a_window_by_window_reference():
+    reference = clip(frames=2, height=16, width=18).astype(np.float64)
+    candidate = np.clip(reference + np.random.default_rng(7).normal(0, 0.05, reference.shape), 0, 1)
+    fast = frame_ssim(reference, candidate)
+    for frame in range(2):
+        assert float(fast[frame]) == pytest.approx(
+            reference_ssim(reference[frame], candidate[frame]), rel=1e-9)
+
+
 def test_ssim_of_a_long_clip_is_the_ssim_of_each_frame():
     reference = clip(frames=19)                       # more frames than one SSIM pass holds
     candidate = np.clip(reference + np.random.default_rng(6).normal(0, 0.05, reference.shape), 0, 1)
