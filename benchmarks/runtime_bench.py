@@ -2,7 +2,7 @@
 
 The real-width transformer fixture (``make_real_width_transformer``, 2 blocks
 by default) is quantized into artifacts (quant.core, packaged with
-tasks.package), then every measurement runs in its own process
+tasks.package), then every model runs in its own process
 (``python -m benchmarks.runtime_bench worker ...``), so one model's memory
 never hides another's:
 
@@ -20,14 +20,14 @@ model's numbers under ``ltx23`` are given by arithmetic (``full_model``:
 quant.sizes over the transformer built on the meta device).
 
 Each worker loads its decode kernels, resets the peak mark (CPU: the kernel's
-RSS high-water mark via ``/proc/self/clear_refs``; CUDA: the allocator's peak),
-loads the model, runs one warm-up step and ``--repeats`` timed steps (bf16
-activations, >= 1,024 video tokens, prompts padded to 1,024 tokens as the
-pipelines do), and reports its peak growth and step times. The models take
-turns for ``--rounds`` rounds; each reports its largest peak and its best step
-(on a shared machine other load only ever adds time).
-``max_rel_diff`` compares packed and BF16 outputs: max |a - b| / max |b| over
-the video and audio predictions, in float64.
+RSS high-water mark via ``/proc/self/clear_refs``; CUDA: the allocator's peak)
+and loads its model; then the parent has the workers take one denoising step
+each in turn (bf16 activations, >= 1,024 video tokens, prompts padded to 1,024
+tokens as the pipelines do): a warm-up round, then ``--steps`` timed rounds.
+Taking turns spreads a shared machine's other load evenly over the models;
+each reports its peak growth and its best timed step (other load only ever
+adds time). ``max_rel_diff`` compares packed and BF16 outputs: max |a - b| /
+max |b| over the video and audio predictions, in float64.
 """
 
 from __future__ import annotations
@@ -59,17 +59,16 @@ BITS = 5
 @click.option("--frames", default=4, show_default=True, help="Latent frames (x 16 x 16 tokens).")
 @click.option("--text-tokens", default=1024, show_default=True,
               help="Prompt tokens (the pipelines pad prompts to 1,024).")
-@click.option("--repeats", default=1, show_default=True, help="Timed steps per process.")
-@click.option("--rounds", default=2, show_default=True,
-              help="Processes per model, run in turns so that other load hits them alike.")
+@click.option("--steps", default=3, show_default=True,
+              help="Timed steps per model (after one warm-up step), taken in turns.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the fixture and artifacts are kept between runs "
                    "[default: <tmp>/hlwq-bench-runtime].")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help=f"Result file [default: {RESULTS} (runtime-cuda.json for cuda)].")
-def bench_runtime(as_json: bool, layers: int, frames: int, text_tokens: int, repeats: int,
-                  rounds: int, work_dir: Path | None, device: str, out: Path | None) -> None:
+def bench_runtime(as_json: bool, layers: int, frames: int, text_tokens: int, steps: int,
+                  work_dir: Path | None, device: str, out: Path | None) -> None:
     """Peak memory and step latency: packed runtime vs BF16 (separate processes)."""
     from quant.atomic import atomic_write_text
 
@@ -81,11 +80,7 @@ def bench_runtime(as_json: bool, layers: int, frames: int, text_tokens: int, rep
                           text_tokens)
     models = {"bf16": ("bf16", source), **{p: ("packed", a) for p, a in artifacts.items()}}
     outputs = {name: work / f"out-{name}.safetensors" for name in models}
-    measured: dict[str, list[dict]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, (mode, model) in models.items():
-            measured[name].append(run_worker(mode, model, inputs, outputs[name], repeats, device))
-    runs = {name: combine(found) for name, found in measured.items()}
+    runs = measure_in_turns(models, inputs, outputs, steps, device)
     result = summarize(runs, outputs, device, layers, frames, text_tokens)
     atomic_write_text(out, json.dumps(result, indent=2, sort_keys=True) + "\n")
     click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else report(result, out))
@@ -161,35 +156,77 @@ def audio_frames(latent_frames: int) -> int:
     return round(video_frames / 24.0 * 16000 / 160 / 4)
 
 
-def run_worker(mode: str, model: Path, inputs: Path, out: Path, repeats: int, device: str) -> dict:
-    command = [sys.executable, "-m", "benchmarks.runtime_bench", "worker", mode, str(model),
-               str(inputs), str(out), "--repeats", str(repeats), "--device", device]
-    done = subprocess.run(command, capture_output=True, text=True, check=False,
-                          cwd=Path(__file__).resolve().parents[1])
-    if done.returncode != 0:
-        raise click.ClickException(f"{mode} worker failed ({shlex.join(command)}):\n"
-                                   f"{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def measure_in_turns(models: dict, inputs: Path, outputs: dict[str, Path], steps: int,
+                     device: str) -> dict[str, dict]:
+    """One worker process per model, all loaded first, then stepped in turns.
+
+    Each process measures its own memory; taking turns spreads the load of a
+    shared machine evenly over the models, which one-after-another runs do not.
+    """
+    workers = {}
+    try:
+        for name, (mode, model) in models.items():
+            workers[name] = Worker(mode, model, inputs, outputs[name], device)
+        for _ in range(1 + steps):               # the first step warms caches and kernels up
+            for worker in workers.values():
+                worker.step()
+        return {name: worker.finish() for name, worker in workers.items()}
+    finally:
+        for worker in workers.values():
+            worker.close()
 
 
-def combine(runs: list[dict]) -> dict:
-    """Rounds of one model: its best step, its largest peak."""
-    return {"peak_growth_bytes": max(r["peak_growth_bytes"] for r in runs),
-            "step_s": min(r["step_s"] for r in runs), "load_s": min(r["load_s"] for r in runs),
-            "step_times_s": [t for r in runs for t in r["step_times_s"]],
-            "peaks_bytes": [r["peak_growth_bytes"] for r in runs], "threads": runs[0]["threads"]}
+class Worker:
+    """A ``runtime_bench worker`` process driven over its stdin/stdout, one JSON line a reply."""
+
+    def __init__(self, mode: str, model: Path, inputs: Path, out: Path, device: str):
+        self.command = [sys.executable, "-m", "benchmarks.runtime_bench", "worker", mode,
+                        str(model), str(inputs), str(out), "--device", device]
+        self.errors = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in close())
+        self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=self.errors, text=True,
+                                        cwd=Path(__file__).resolve().parents[1])
+        self.times: list[float] = []
+        self.ready = self._reply()
+
+    def step(self) -> None:
+        self.times.append(self._ask("step")["step_s"])
+
+    def finish(self) -> dict:
+        return {**self.ready, **self._ask("finish"), "step_s": min(self.times[1:]),
+                "step_times_s": self.times}
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.errors.close()
+
+    def _ask(self, command: str) -> dict:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self._reply()
+
+    def _reply(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait()
+            self.errors.seek(0)
+            raise click.ClickException(f"worker failed ({shlex.join(self.command)}):\n"
+                                       f"{self.errors.read()[-3000:]}")
+        return json.loads(line)
 
 
 # ---------------------------------------------------------------- the worker process
 
 
 def worker_main(argv: list[str]) -> None:
+    """Load one model, then answer ``step`` (one timed step) and ``finish`` on stdin."""
     parser = argparse.ArgumentParser(prog="runtime_bench worker")
     parser.add_argument("mode", choices=("bf16", "packed"))
     parser.add_argument("model", type=Path)
     parser.add_argument("inputs", type=Path)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
@@ -212,18 +249,22 @@ def worker_main(argv: list[str]) -> None:
             args.model / "transformer", torch_dtype=torch.bfloat16).eval().to(device)
     else:
         model = load_component(args.model, "transformer", device=device, dtype=torch.bfloat16)
-    load_s = time.perf_counter() - started
-    times = []
-    with torch.inference_mode():
-        for _ in range(1 + args.repeats):        # the first step warms caches and kernels up
+    reply({"load_s": time.perf_counter() - started, "threads": torch.get_num_threads()})
+    for command in sys.stdin:
+        if command.strip() == "finish":
+            break
+        with torch.inference_mode():
             started = time.perf_counter()
             video, audio = model(**step)
             memory.synchronize()
-            times.append(time.perf_counter() - started)
+        reply({"step_s": time.perf_counter() - started})
     save_file({"video": video.contiguous().cpu(), "audio": audio.contiguous().cpu()}, args.out)
-    print(json.dumps({"mode": args.mode, "peak_growth_bytes": memory.growth(), "load_s": load_s,
-                      "first_step_s": times[0], "step_s": min(times[1:]),
-                      "step_times_s": times, "threads": torch.get_num_threads()}))
+    reply({"peak_growth_bytes": memory.growth()})
+
+
+def reply(message: dict) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
 
 
 def step_arguments(inputs: dict, path: Path) -> dict:
@@ -324,7 +365,6 @@ def summarize(runs: dict, outputs: dict[str, Path], device: str, layers: int, fr
             "latency_ratio": run["step_s"] / bf16["step_s"],
             "max_rel_diff": max_rel_diff(outputs[policy], outputs["bf16"]),
             "load_s": run["load_s"], "step_times_s": run["step_times_s"],
-            "peaks_bytes": run["peaks_bytes"],
         }
     head = variants[HEADLINE]
     return {
@@ -333,8 +373,7 @@ def summarize(runs: dict, outputs: dict[str, Path], device: str, layers: int, fr
         "packed_step_s": head["step_s"], "latency_ratio": head["latency_ratio"],
         "max_rel_diff": head["max_rel_diff"], "device": device, "packed_policy": HEADLINE,
         "variants": variants, "targets": TARGETS[device],
-        "bf16": {"load_s": bf16["load_s"], "step_times_s": bf16["step_times_s"],
-                 "peaks_bytes": bf16["peaks_bytes"]},
+        "bf16": {"load_s": bf16["load_s"], "step_times_s": bf16["step_times_s"]},
         "setup": {"layers": layers, "video_tokens": frames * 256, "text_tokens": text_tokens,
                   "audio_tokens": audio_frames(frames), "activations": "bf16", "bits": BITS,
                   "torch_threads": bf16["threads"],
