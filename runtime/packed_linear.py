@@ -191,7 +191,7 @@ def decode_weight(packed: PackedTensor, out: torch.Tensor) -> torch.Tensor:
     factor = 1.0 / (rotation_gain(packed.block_size) * packed.block_size)
     if out.device.type == "cuda" and triton_kernels.available():
         return triton_kernels.decode_rotated_into(packed, out, factor)
-    return decode_rotated_into(packed, out, factor)
+    return decode_rotated_into(packed, out, factor, threads=torch.get_num_threads())
 
 
 # ------------------------------------------------------- buffers and caching

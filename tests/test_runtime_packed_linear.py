@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from quant import dequant_into
 from quant.core import dequantize, quantize_tensor
 from quant.dequant_into import decode_rotated, decode_rotated_into
 from quant.errors import InvalidTensorError
@@ -160,6 +161,16 @@ def test_numba_decoder_matches_portable_path(layers, index):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         out = torch.empty(packed.shape[0], packed.in_padded, dtype=dtype)
         assert torch.equal(decode_rotated_into(packed, out, 0.37), reference.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_threaded_decode_equals_one_thread(dtype, monkeypatch):
+    monkeypatch.setattr(dequant_into, "PARALLEL_MIN_VALUES", 1)
+    packed = quantize_tensor(weight(37, 256))
+    one, three = (torch.empty(37, 256, dtype=dtype) for _ in range(2))
+    decode_rotated_into(packed, one, threads=1)
+    decode_rotated_into(packed, three, threads=3)
+    assert torch.equal(one, three)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
