@@ -173,15 +173,9 @@ def contact_sheet_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def thumbnail_base64(path: str) -> str:
-    from PIL import Image
+    from runtime.video import thumbnail_jpeg
 
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        if image.width > THUMBNAIL_WIDTH:
-            image = image.resize((THUMBNAIL_WIDTH, round(image.height * THUMBNAIL_WIDTH / image.width)))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=80)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return base64.b64encode(thumbnail_jpeg(path, THUMBNAIL_WIDTH)).decode("ascii")
 
 
 def current_flow_run_id() -> str | None:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quant.core import check_packed
 from quant.dequant_into import decode_rotated_into
 from quant.errors import InvalidTensorError
 from quant.hadamard import hadamard_matrix
@@ -137,23 +138,6 @@ class PackedLinear(nn.Module):
 
 
 # ------------------------------------------------------------------ the math
-
-
-def check_packed(packed: PackedTensor, name: str = "PackedLinear") -> None:
-    """Raise InvalidTensorError unless the parts have the dtypes and shapes packed.py defines."""
-    out_features, in_padded = packed.shape[0], packed.in_padded
-    expected = {
-        "codes": (torch.uint8, (out_features, in_padded * packed.bits // 8)),
-        "scales": (torch.float16, (out_features, in_padded // packed.group_size)),
-        "codebook": (torch.float32, (2 ** packed.bits,)),
-    }
-    for part, (dtype, shape) in expected.items():
-        tensor = getattr(packed, part)
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise InvalidTensorError(
-                f"{name}: {part} is {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} "
-                f"{shape} for shape {tuple(packed.shape)} at {packed.bits} bits, block "
-                f"{packed.block_size}, group {packed.group_size}")
 
 
 def rotation_gain(block_size: int) -> float:

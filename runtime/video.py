@@ -192,3 +192,14 @@ def write_contact_sheet(path: str | Path, frames: np.ndarray, samples: int = 8, 
     contact_sheet(frames, samples=samples, columns=columns).save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
+
+
+def thumbnail_jpeg(path: str | Path, max_width: int) -> bytes:
+    """A JPEG of an image at most ``max_width`` wide: small enough for a Prefect artifact."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if image.width > max_width:
+            image = image.resize((max_width, round(image.height * max_width / image.width)))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=80)
+    return buffer.getvalue()

@@ -128,6 +128,22 @@ def output_stem(request: RenderRequest, render_key: str) -> str:
     return f"{request.id}-{render_key[:12]}"
 
 
+def render_arguments(request: RenderRequest, device_name: str) -> dict[str, Any]:
+    """The pipeline call of a text-to-video request (image-to-video adds ``image``)."""
+    return {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt or None,
+        "width": request.width,
+        "height": request.height,
+        "num_frames": request.frames,
+        "frame_rate": request.fps,
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.guidance,
+        "generator": torch.Generator(device=device_name).manual_seed(request.seed),
+        "output_type": "np",
+    }
+
+
 def render_request(
     request: RenderRequest,
     artifact: str,
@@ -140,18 +156,7 @@ def render_request(
     """Render one request to `<output_dir>/videos/<id>-<key>.mp4` plus its contact sheet; return its catalog row."""
     pipeline = cached_pipeline(artifact, request.image_to_video, device, factory)
     device_name, _ = resolve_device(device)
-    arguments = {
-        "prompt": request.prompt,
-        "negative_prompt": request.negative_prompt or None,
-        "width": request.width,
-        "height": request.height,
-        "num_frames": request.frames,
-        "frame_rate": request.fps,
-        "num_inference_steps": request.steps,
-        "guidance_scale": request.guidance,
-        "generator": torch.Generator(device=device_name).manual_seed(request.seed),
-        "output_type": "np",
-    }
+    arguments = render_arguments(request, device_name)
     if request.image_to_video:
         from PIL import Image
 

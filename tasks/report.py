@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from quant.atomic import atomic_write_bytes, atomic_write_text
-from runtime.video import contact_sheet, to_uint8_frames
+from runtime.video import contact_sheet, thumbnail_jpeg, to_uint8_frames
 
 SHEET_DIR, PLOT_DIR = "sheets", "plots"
 REPORT_NAME = "report.html"
@@ -393,20 +393,9 @@ def publish_report(results: dict, report_dir: str | os.PathLike) -> None:
                          key="output-report", description="the full HTML validation report")
     images = [(path, "image/png", path.read_bytes())
               for path in sorted((report_dir / PLOT_DIR).glob("*.png"))]
-    images += [(path, "image/jpeg", _thumbnail_jpeg(path))
+    images += [(path, "image/jpeg", thumbnail_jpeg(path, THUMBNAIL_WIDTH))
                for path in sorted((report_dir / SHEET_DIR).glob("*.png"))]
     for path, kind, data in images:
         key = re.sub(r"[^a-z0-9-]+", "-", f"validation-{path.parent.name}-{path.stem}".lower())
         create_image_artifact(f"data:{kind};base64,{base64.b64encode(data).decode()}",
                               key=key.strip("-"), description=path.name)
-
-
-def _thumbnail_jpeg(path: Path) -> bytes:
-    """A contact sheet small enough for a Prefect artifact (events over ~1 MB are dropped)."""
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        if image.width > THUMBNAIL_WIDTH:
-            image = image.resize((THUMBNAIL_WIDTH, round(image.height * THUMBNAIL_WIDTH / image.width)))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=80)
-    return buffer.getvalue()

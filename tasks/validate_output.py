@@ -41,7 +41,7 @@ from runtime.block_probe import BlockProbe, compare_block_outputs
 from tasks.gates import load_gate_config
 from tasks.package import file_record, fresh_partial_dir, replace_directory
 from tasks.prompts import FRAME_STEP, SIDE_MULTIPLE, RenderRequest, load_prompts
-from tasks.render import audio_sample_rate, resolve_device, resolve_factory
+from tasks.render import audio_sample_rate, render_arguments, resolve_device, resolve_factory
 
 DEFAULT_SUITE = Path(__file__).with_name("prompt_suite") / "v1.jsonl"
 SOURCE_FACTORY = "runtime.ltx23_layout:load_ltx23_pipeline"
@@ -246,16 +246,6 @@ def output_gates_skip_reason(source_root: str | os.PathLike, gates: bool = True)
 
 
 # --------------------------------------------------------------------------- rendering
-
-
-def render_arguments(request: RenderRequest, device: str) -> dict:
-    """The pipeline call of a text-to-video request, as tasks/render.py makes it."""
-    return {"prompt": request.prompt, "negative_prompt": request.negative_prompt or None,
-            "width": request.width, "height": request.height, "num_frames": request.frames,
-            "frame_rate": request.fps, "num_inference_steps": request.steps,
-            "guidance_scale": request.guidance,
-            "generator": torch.Generator(device=device).manual_seed(request.seed),
-            "output_type": "np"}
 
 
 def render_for_comparison(pipeline, request: RenderRequest, device: str, path: Path) -> Path:
