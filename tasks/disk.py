@@ -1,9 +1,10 @@
 """Disk space: estimate what a run writes and refuse to start when it cannot fit.
 
-Peak use is the staged results still to be written plus the whole artifact:
-packaging streams staged tensors into shards and deletes them only after the
-artifact is renamed into place (docs/FORMAT.md section 6). Carried files cost
-nothing when they can be hard-linked (same file system as the source).
+Packaging streams staged tensors into shards and deletes each staged file once
+its shard is on disk (docs/FORMAT.md section 6), so when staging and output
+share a file system the peak is the artifact plus at most one shard's worth of
+staged results, not the packed size twice. Carried files cost nothing when
+they can be hard-linked (same file system as the source).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from quant.artifact import DEFAULT_MAX_SHARD_BYTES
 from quant.errors import InsufficientDiskError
 
 MARGIN_FRACTION = 0.02            # headroom for file system overhead and estimates
@@ -25,6 +27,7 @@ MARGIN_MIN_BYTES = 64 << 20
 class DiskEstimate:
     output_bytes: int             # the artifact: rewritten shards, carried copies, manifest etc.
     staging_bytes: int            # staged results not written yet
+    overlap_bytes: int = 0        # staged results still on disk beside the shard being written
 
     @property
     def margin_bytes(self) -> int:
@@ -32,7 +35,8 @@ class DiskEstimate:
 
 
 def estimate_disk(rows: list[dict], source_files: dict[str, int], staged_keys: set[str],
-                  carried_are_linked: bool) -> DiskEstimate:
+                  carried_are_linked: bool,
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> DiskEstimate:
     """Bytes a run will write.
 
     ``rows``: inventory rows (``file``, ``action``, ``packed_bytes``) plus ``key`` for
@@ -43,28 +47,32 @@ def estimate_disk(rows: list[dict], source_files: dict[str, int], staged_keys: s
     shards = sum(row["packed_bytes"] for row in rows if row["file"] in rewritten)
     carried = 0 if carried_are_linked else sum(
         size for name, size in source_files.items() if name not in rewritten)
-    staging = sum(row["packed_bytes"] for row in rows
-                  if row["action"] == "quantize" and row["key"] not in staged_keys)
-    return DiskEstimate(output_bytes=shards + carried, staging_bytes=staging)
+    quantized = [row for row in rows if row["action"] == "quantize"]
+    staging = sum(row["packed_bytes"] for row in quantized if row["key"] not in staged_keys)
+    already = sum(row["packed_bytes"] for row in quantized if row["key"] in staged_keys)
+    # Already-staged bytes are on disk now and freed as their shards are written.
+    overlap = min(max_shard_bytes, staging + already) - already
+    return DiskEstimate(output_bytes=shards + carried, staging_bytes=staging, overlap_bytes=overlap)
 
 
 def check_disk(estimate: DiskEstimate, output_dir: str | os.PathLike,
                staging_dir: str | os.PathLike) -> None:
     """Raise InsufficientDiskError, with the numbers, if the estimate does not fit."""
     output_at, staging_at = existing_ancestor(output_dir), existing_ancestor(staging_dir)
-    needs = {output_at: estimate.output_bytes}
+    artifact = ("artifact", estimate.output_bytes)
     if same_file_system(output_at, staging_at):
-        needs[output_at] += estimate.staging_bytes
+        needs = {output_at: [artifact, ("staged results beside it at peak", estimate.overlap_bytes)]}
     else:
-        needs[staging_at] = estimate.staging_bytes
-    for where, need in needs.items():
-        need += estimate.margin_bytes
+        needs = {output_at: [artifact], staging_at: [("staging", estimate.staging_bytes)]}
+    for where, parts in needs.items():
+        parts.append(("margin", estimate.margin_bytes))
+        need = sum(nbytes for _, nbytes in parts)
         free = shutil.disk_usage(where).free
         if need > free:
+            detail = " + ".join(f"{label} {gb(nbytes)}" for label, nbytes in parts)
             raise InsufficientDiskError(
-                f"{where}: need {gb(need)} (artifact {gb(estimate.output_bytes)} + staging "
-                f"{gb(estimate.staging_bytes)} + margin {gb(estimate.margin_bytes)}) but only "
-                f"{gb(free)} is free; free space, or give --out / --staging on a larger disk")
+                f"{where}: need {gb(need)} ({detail}) but only {gb(free)} is free; free space, "
+                "or give --out / --staging on a larger disk")
 
 
 def existing_ancestor(path: str | os.PathLike) -> Path:

@@ -81,7 +81,10 @@ def package_artifact(source_root: str | os.PathLike, inventory, staged: Mapping[
       code_version), stored as given.
     - ``metrics``: the per-tensor metrics (Arrow table, Parquet path or None).
     - ``validation``: the gates' results, ``{"validated": bool, ...}``.
-    - ``remove_staged``: delete the staged files once the artifact is in place.
+    - ``remove_staged``: delete each staged file as soon as the shard holding it is written
+      and fsynced, so disk use peaks near the artifact's size plus one shard, not twice the
+      packed size. A crash before the artifact is in place then costs re-quantizing the
+      consumed tensors on the rerun (results are deterministic: the artifact is the same).
     """
     if max_shard_bytes < 1:
         raise InvalidOptionError(f"max_shard_bytes={max_shard_bytes}: must be positive")
@@ -94,7 +97,8 @@ def package_artifact(source_root: str | os.PathLike, inventory, staged: Mapping[
     layout = layout or _layout_of(inventory, root)
     partial = fresh_partial_dir(target)
     try:
-        files, entries = _assemble(partial, root, rows, staged, lineage, max_shard_bytes)
+        files, entries = _assemble(partial, root, rows, staged, lineage, max_shard_bytes,
+                                   remove_staged)
         metrics_table = _write_metrics(partial, metrics)
         if metrics_table is not None:
             files[METRICS_NAME] = file_record(partial / METRICS_NAME)
@@ -118,9 +122,6 @@ def package_artifact(source_root: str | os.PathLike, inventory, staged: Mapping[
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if remove_staged:
-        for path in staged.values():
-            Path(path).unlink(missing_ok=True)
     return {"path": str(target), "files": len(manifest["files"]), "tensors": len(entries),
             "quantized_tensors": manifest["sizes"]["quantized_tensors"],
             "total_bytes": sum(f["size"] for f in manifest["files"].values()) +
@@ -184,7 +185,7 @@ def _validation_section(validation: dict | None) -> dict:
 
 
 def _assemble(partial: Path, root: Path, rows: list[dict], staged: Mapping, lineage: dict,
-              max_shard_bytes: int) -> tuple[dict, dict]:
+              max_shard_bytes: int, remove_staged: bool) -> tuple[dict, dict]:
     """Write shards and carried files into ``partial``; return (files, tensor entries)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
@@ -195,7 +196,7 @@ def _assemble(partial: Path, root: Path, rows: list[dict], staged: Mapping, line
     entries: dict[str, dict] = {}
     for group in sorted(rewritten):
         group_files, group_entries = _write_group(partial, root, group, groups[group], staged,
-                                                  max_shard_bytes)
+                                                  max_shard_bytes, remove_staged)
         files.update(group_files)
         entries.update(group_entries)
     files.update(_carry_files(partial, root, lineage, rewritten))
@@ -226,7 +227,7 @@ def join_path(directory: str, name: str) -> str:
 
 
 def _write_group(partial: Path, root: Path, group: tuple[str, str], rows: list[dict],
-                 staged: Mapping, max_shard_bytes: int) -> tuple[dict, dict]:
+                 staged: Mapping, max_shard_bytes: int, remove_staged: bool) -> tuple[dict, dict]:
     """Rewrite one weight group into new shards; returns their file records and entries."""
     directory, stem = group
     base = root if root.is_dir() else root.parent
@@ -269,6 +270,8 @@ def _write_group(partial: Path, root: Path, group: tuple[str, str], rows: list[d
         weight_map.update(dict.fromkeys(names, shard_name))
         for key in keys:
             entries[key]["file"] = relative
+            if remove_staged and key in staged:   # write_shard fsynced: its bytes are safe
+                Path(staged[key]).unlink(missing_ok=True)
     if len(plan) > 1:
         total = sum(s.tensor.nbytes for stored in units.values() for s in stored)
         index_path = target_dir / index_file_name(stem)

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,6 +127,32 @@ def test_staged_files_removed_after_packaging_and_missing_ones_refused(tmp_path)
         package_artifact(fetched.root, inventory, {}, tmp_path / "art2", lineage=fetched.lineage)
     assert not (tmp_path / "art2").exists()
     assert not list(tmp_path.glob(".art2.hlwq-partial-*"))
+
+
+def test_staged_files_are_consumed_shard_by_shard(tmp_path, monkeypatch):
+    """Disk never holds all staged results and all shards at once: each shard's staged
+    inputs are gone before the next shard is written."""
+    import tasks.package as package
+
+    source = make_diffusers_source(tmp_path / "src")
+    (tmp_path / "staging").mkdir()
+    fetched, inventory, staged, _ = quantize_source(source, tmp_path / "staging")
+    left_when_written = []
+    real_write_shard = package.write_shard
+
+    def spying_write_shard(*args, **kwargs):
+        left_when_written.append(sum(Path(p).exists() for p in staged.values()))
+        return real_write_shard(*args, **kwargs)
+
+    monkeypatch.setattr(package, "write_shard", spying_write_shard)
+    package_artifact(fetched.root, inventory, staged, tmp_path / "art", lineage=fetched.lineage,
+                     max_shard_bytes=12_000)
+    transformer_shards = left_when_written[-len(list((tmp_path / "art/transformer").glob(
+        "*.safetensors"))):]
+    assert len(transformer_shards) > 1
+    assert transformer_shards == sorted(transformer_shards, reverse=True)
+    assert transformer_shards[0] > transformer_shards[-1]
+    assert verify_artifact(tmp_path / "art") == []
 
 
 def test_crash_leaves_no_complete_looking_directory_and_keeps_the_old_one(tmp_path, monkeypatch):

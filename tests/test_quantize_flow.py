@@ -96,12 +96,15 @@ def test_disk_estimate_and_refusal(tmp_path, monkeypatch):
             {"file": "t.safetensors", "action": "keep", "packed_bytes": 50, "key": None},
             {"file": "vae.safetensors", "action": "keep", "packed_bytes": 1000, "key": None}]
     files = {"t.safetensors": 2000, "vae.safetensors": 1000, "config.json": 10}
-    assert estimate_disk(rows, files, set(), carried_are_linked=True) == DiskEstimate(350, 300)
-    assert estimate_disk(rows, files, {"k1"}, carried_are_linked=False) == DiskEstimate(1360, 0)
+    # Staged files are consumed shard by shard: at most one shard's worth sits beside the artifact.
+    assert estimate_disk(rows, files, set(), carried_are_linked=True) == DiskEstimate(350, 300, 300)
+    assert estimate_disk(rows, files, set(), True, max_shard_bytes=100) == DiskEstimate(350, 300, 100)
+    assert estimate_disk(rows, files, {"k1"}, carried_are_linked=False) == DiskEstimate(1360, 0, 0)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 10**6, 10**6))
-    with pytest.raises(InsufficientDiskError, match=r"need 0\.07 GB .* but only 0\.00 GB is free"):
-        check_disk(DiskEstimate(350, 300), tmp_path / "out", tmp_path / "staging")
+    with pytest.raises(InsufficientDiskError, match=r"need 0\.07 GB \(artifact 0\.00 GB \+ staged "
+                                                    r"results .* but only 0\.00 GB is free"):
+        check_disk(DiskEstimate(350, 300, 300), tmp_path / "out", tmp_path / "staging")
 
 
 def test_groups_are_blocks_and_keys_follow_every_setting():
@@ -206,7 +209,7 @@ def test_nonfinite_tensor_fails_naming_it_or_is_kept(checkpoint, tmp_path, clust
 def test_disk_refusal_happens_before_any_work(checkpoint, tmp_path, cluster, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 1000, 1000))
-    with pytest.raises(InsufficientDiskError, match=r"need .* GB \(artifact .* staging .*\) but only"):
+    with pytest.raises(InsufficientDiskError, match=r"need .* GB \(artifact .* staged results .*\) but only"):
         run_quantize(str(checkpoint), str(tmp_path / "artifact"), dask_address=cluster)
     assert not list((tmp_path / "artifact.staging").glob("*.safetensors"))
 
