@@ -39,7 +39,9 @@ so the gathers use 32-bit offsets.
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 
 import numba
 import numpy as np
@@ -577,3 +579,32 @@ def metric_sums(ref, ref_fp32, approx, approx_fp32, cols):
         out[i, 3] = err_sq
         out[i, 4] = max_abs
     return out
+
+
+# ---------------------------------------------------------------- thread count
+
+def _keeping_torch_threads(kernel):
+    """Call ``kernel``, then restore torch's intra-op thread count.
+
+    numba's OpenMP threading layer shares the process's OpenMP runtime with
+    torch and sets its thread count on every parallel launch; without this, one
+    quantize call silently switches a process pinned to 1 torch thread to one
+    per core (a render after it then fights its own threads). torch is only
+    consulted when the process already imported it: this module stays numpy-only.
+    """
+    @functools.wraps(kernel)
+    def call(*args):
+        torch = sys.modules.get("torch")
+        threads = torch.get_num_threads() if torch is not None else None
+        try:
+            return kernel(*args)
+        finally:
+            if threads is not None and torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+    return call
+
+
+encode = _keeping_torch_threads(encode)
+decode = _keeping_torch_threads(decode)
+level_sums = _keeping_torch_threads(level_sums)
+metric_sums = _keeping_torch_threads(metric_sums)

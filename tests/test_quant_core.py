@@ -288,3 +288,17 @@ def test_inconsistent_packed_tensor_is_rejected_before_decoding(field, value, me
     packed = dataclasses.replace(quantize_tensor(gaussian(4, 128)), **{field: value})
     with pytest.raises((InvalidTensorError, InvalidOptionError), match=message):
         dequantize(packed)
+
+
+def test_kernels_leave_torch_thread_count_alone():
+    """numba's OpenMP layer resets the shared thread count; the kernels put torch's back."""
+    from quant.metrics import tensor_metrics
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        weight = torch.randn(64, 256)
+        tensor_metrics(weight, dequantize(quantize_tensor(weight, bits=5)))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
