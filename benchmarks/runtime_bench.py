@@ -19,7 +19,8 @@ blocks packs 99 % of the weights, close to the real model's 97 %. The real
 model's numbers under ``ltx23`` are given by arithmetic (``full_model``:
 quant.sizes over the transformer built on the meta device).
 
-Each worker loads its decode kernels, resets the peak mark (CPU: the kernel's
+Each worker imports diffusers' LTX-2 module and loads its decode kernels (code:
+~170 MB of RSS in either mode, a per-process constant), resets the peak mark (CPU: the kernel's
 RSS high-water mark via ``/proc/self/clear_refs``; CUDA: the allocator's peak)
 and loads its model; then the parent has the workers take one denoising step
 each in turn (bf16 activations, >= 1,024 video tokens, prompts padded to 1,024
@@ -238,7 +239,11 @@ def worker_main(argv: list[str]) -> None:
     from runtime.packed_linear import PackedLinear
 
     device = torch.device(args.device)
-    for dtype in (torch.float32, torch.bfloat16):  # load the decode kernels before the baseline
+    # Code is loaded before the baseline in both modes: importing diffusers' LTX-2 module
+    # (about 170 MB of RSS, mostly libraries) and the decode kernels is a per-process
+    # constant, not memory the model's weights or activations need.
+    import diffusers.models.transformers.transformer_ltx2  # noqa: F401
+    for dtype in (torch.float32, torch.bfloat16):
         PackedLinear.from_packed(_tiny_packed()).to(device)(
             torch.zeros(1, 128, dtype=dtype, device=device))
     step = step_arguments(load_file(args.inputs, device=str(device)), args.inputs)

@@ -10,7 +10,6 @@ when any render failed or any row was rejected.
 from __future__ import annotations
 
 import base64
-import io
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

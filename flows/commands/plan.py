@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
+from flows.commands.options import target_size_options
 from quant.errors import InvalidOptionError
-from tasks.budget import SCOPE_HELP, SCOPES
 
 AUTO_POLICY = "auto"
 PACKAGE_LAYOUTS = ("ltx23-22b",)
@@ -38,11 +38,7 @@ COUNT_UNITS = (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3))
                                                "Repeatable.")
 @click.option("--overrides", type=click.Path(dir_okay=False),
               help="TOML/YAML file with include, exclude and per-pattern bits.")
-@click.option("--target-size", help="Choose bits per tensor (2..8) so the --target-scope fits "
-                                    "SIZE (e.g. 15GB, 14.5GiB, 800MB) with the least expected "
-                                    "damage.")
-@click.option("--target-scope", type=click.Choice(SCOPES), default="package", show_default=True,
-              help=f"What --target-size counts. {SCOPE_HELP}.")
+@target_size_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(source, package_layout, policy_name, bits, block_size, revision, include, exclude,
          overrides, target_size, target_scope, as_json):

@@ -10,7 +10,7 @@ from flows.prefect_env import configure_prefect
 
 configure_prefect()   # first: Prefect reads its settings when it is imported
 
-from tasks.budget import SCOPE_HELP, SCOPES  # imports Prefect
+from flows.commands.options import target_size_options  # imports Prefect
 
 
 @click.command()
@@ -36,11 +36,7 @@ from tasks.budget import SCOPE_HELP, SCOPES  # imports Prefect
               help="TOML merged over the default thresholds (tasks/gates.toml).")
 @click.option("--on-nonfinite", type=click.Choice(["fail", "keep"]), default="fail",
               show_default=True, help="A tensor with NaN/Inf fails the run, or is kept unquantized.")
-@click.option("--target-size", help="Instead of one --bits: bits per tensor (2..8) chosen so "
-                                    "--target-scope fits SIZE (e.g. 15GB, 14.5GiB) with the least "
-                                    "measured damage.")
-@click.option("--target-scope", type=click.Choice(SCOPES), default="package", show_default=True,
-              help=f"What --target-size counts. {SCOPE_HELP}.")
+@target_size_options
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 def quantize(source, out, policy, bits, mode, group_size, workers, dask_address, revision, staging,
              gates, gates_file, on_nonfinite, target_size, target_scope, as_json):
