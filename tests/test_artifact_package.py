@@ -132,7 +132,7 @@ def test_staged_files_removed_after_packaging_and_missing_ones_refused(tmp_path)
 def test_staged_files_are_consumed_shard_by_shard(tmp_path, monkeypatch):
     """Disk never holds all staged results and all shards at once: each shard's staged
     inputs are gone before the next shard is written."""
-    import tasks.package as package
+    from tasks import package
 
     source = make_diffusers_source(tmp_path / "src")
     (tmp_path / "staging").mkdir()
