@@ -49,6 +49,7 @@ from quant.errors import (
     SourceError,
 )
 from quant.safetensors_io import MAX_HEADER_BYTES, SafetensorsHeader, parse_header
+from tasks.hash_cache import file_sha256
 
 HUB_REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^@\s]+))?")
 HEADER_PREFETCH_BYTES = 1 << 20  # one ranged GET covers most headers, even LTX-2.3's config
@@ -436,9 +437,8 @@ def _hash_files(root: Path, names: list[str]) -> list[dict]:
     """[{path, size, sha256}] of ``names`` under ``root``; threads help (hashlib drops the GIL)."""
 
     def record(name: str) -> dict:
-        with open(root / name, "rb") as handle:
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
-            return {"path": name, "size": os.fstat(handle.fileno()).st_size, "sha256": digest}
+        size, digest = file_sha256(root / name)
+        return {"path": name, "size": size, "sha256": digest}
 
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         return list(pool.map(record, names))

@@ -5,6 +5,7 @@ import tempfile
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="hlwq-test-prefect-")
 os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
+os.environ.setdefault("HLWQ_CACHE_DIR", os.path.join(_PREFECT_HOME, "hlwq-cache"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
