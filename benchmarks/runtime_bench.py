@@ -29,6 +29,11 @@ Taking turns spreads a shared machine's other load evenly over the models;
 each reports its peak growth and its best timed step (other load only ever
 adds time). ``max_rel_diff`` compares packed and BF16 outputs: max |a - b| /
 max |b| over the video and audio predictions, in float64.
+
+The whole measurement runs once per allocator setting (``ALLOCATORS``), both
+models under the same one each time: with glibc's defaults, freed activation
+memory stays in the process and counts in both peaks; with ``compact`` it goes
+back to the OS. The headline keys are the glibc round; ``allocators`` holds both.
 """
 
 from __future__ import annotations
@@ -52,6 +57,11 @@ HEADLINE = "generic"
 TARGETS = {"cpu": {"memory_ratio": 0.40, "latency_ratio": 1.25},
            "cuda": {"memory_ratio": 0.35, "latency_ratio": 1.15}}
 BITS = 5
+# Process settings every worker of a round shares. glibc keeps freed activation memory
+# for reuse (its mmap threshold grows to 32 MiB after the first large free), which
+# inflates both models' peak RSS alike; "compact" pins the threshold at 1 MiB so large
+# tensors go back to the OS when freed (slower: their pages fault in again).
+ALLOCATORS = {"glibc": {}, "compact": {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}}
 
 
 @click.command("runtime")
@@ -66,10 +76,13 @@ BITS = 5
               help="Where the fixture and artifacts are kept between runs "
                    "[default: <tmp>/hlwq-bench-runtime].")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--allocator", "allocators", type=click.Choice([*ALLOCATORS, "both"]), default="both",
+              show_default=True, help="glibc defaults, a 1 MiB mmap threshold (compact), or "
+                                      "both in turn; the headline keys are the first.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help=f"Result file [default: {RESULTS} (runtime-cuda.json for cuda)].")
 def bench_runtime(as_json: bool, layers: int, frames: int, text_tokens: int, steps: int,
-                  work_dir: Path | None, device: str, out: Path | None) -> None:
+                  work_dir: Path | None, device: str, allocators: str, out: Path | None) -> None:
     """Peak memory and step latency: packed runtime vs BF16 (separate processes)."""
     from quant.atomic import atomic_write_text
 
@@ -80,9 +93,12 @@ def bench_runtime(as_json: bool, layers: int, frames: int, text_tokens: int, ste
     inputs = write_inputs(work / f"inputs-{frames}-{text_tokens}.safetensors", source, frames,
                           text_tokens)
     models = {"bf16": ("bf16", source), **{p: ("packed", a) for p, a in artifacts.items()}}
-    outputs = {name: work / f"out-{name}.safetensors" for name in models}
-    runs = measure_in_turns(models, inputs, outputs, steps, device)
-    result = summarize(runs, outputs, device, layers, frames, text_tokens)
+    rounds = {}
+    for allocator in ALLOCATORS if allocators == "both" else [allocators]:
+        outputs = {name: work / f"out-{allocator}-{name}.safetensors" for name in models}
+        runs = measure_in_turns(models, inputs, outputs, steps, device, ALLOCATORS[allocator])
+        rounds[allocator] = summarize(runs, outputs, device, layers, frames, text_tokens)
+    result = combine_rounds(rounds)
     atomic_write_text(out, json.dumps(result, indent=2, sort_keys=True) + "\n")
     click.echo(json.dumps(result, indent=2, sort_keys=True) if as_json else report(result, out))
 
@@ -158,7 +174,7 @@ def audio_frames(latent_frames: int) -> int:
 
 
 def measure_in_turns(models: dict, inputs: Path, outputs: dict[str, Path], steps: int,
-                     device: str) -> dict[str, dict]:
+                     device: str, env: dict[str, str]) -> dict[str, dict]:
     """One worker process per model, all loaded first, then stepped in turns.
 
     Each process measures its own memory; taking turns spreads the load of a
@@ -167,7 +183,7 @@ def measure_in_turns(models: dict, inputs: Path, outputs: dict[str, Path], steps
     workers = {}
     try:
         for name, (mode, model) in models.items():
-            workers[name] = Worker(mode, model, inputs, outputs[name], device)
+            workers[name] = Worker(mode, model, inputs, outputs[name], device, env)
         for _ in range(1 + steps):               # the first step warms caches and kernels up
             for worker in workers.values():
                 worker.step()
@@ -180,13 +196,15 @@ def measure_in_turns(models: dict, inputs: Path, outputs: dict[str, Path], steps
 class Worker:
     """A ``runtime_bench worker`` process driven over its stdin/stdout, one JSON line a reply."""
 
-    def __init__(self, mode: str, model: Path, inputs: Path, out: Path, device: str):
+    def __init__(self, mode: str, model: Path, inputs: Path, out: Path, device: str,
+                 env: dict[str, str]):
         self.command = [sys.executable, "-m", "benchmarks.runtime_bench", "worker", mode,
                         str(model), str(inputs), str(out), "--device", device]
         self.errors = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in close())
         self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=self.errors, text=True,
-                                        cwd=Path(__file__).resolve().parents[1])
+                                        cwd=Path(__file__).resolve().parents[1],
+                                        env={**os.environ, **env})
         self.times: list[float] = []
         self.ready = self._reply()
 
@@ -391,6 +409,21 @@ def summarize(runs: dict, outputs: dict[str, Path], device: str, layers: int, fr
     }
 
 
+def combine_rounds(rounds: dict[str, dict]) -> dict:
+    """The first round's result, with every round's headline figures under ``allocators``."""
+    first = next(iter(rounds.values()))
+    keys = ("bf16_peak_bytes", "packed_peak_bytes", "memory_ratio", "bf16_step_s",
+            "packed_step_s", "latency_ratio", "max_rel_diff")
+    first["allocator"] = next(iter(rounds))
+    first["allocators"] = {
+        name: {"env": ALLOCATORS[name], **{key: result[key] for key in keys},
+               "variants": {policy: {key: v[key] for key in ("peak_bytes", "memory_ratio",
+                                                             "step_s", "latency_ratio")}
+                            for policy, v in result["variants"].items()}}
+        for name, result in rounds.items()}
+    return first
+
+
 def full_model_residency() -> dict:
     """What the real 48-block LTX-2.3 transformer keeps resident under ``ltx23``, by arithmetic."""
     sizes = _transformer_sizes(48, "ltx23")
@@ -452,6 +485,10 @@ def report(result: dict, out: Path) -> str:
                      f"({v['memory_ratio']:.2f}x)   step {v['step_s']:7.2f} s "
                      f"({v['latency_ratio']:.2f}x)   max rel diff {v['max_rel_diff']:.1e}   "
                      f"[memory floor {v['memory_floor_ratio']:.2f}x]")
+    for name, figures in result["allocators"].items():
+        lines.append(f"  allocator {name:<8} packed {result['packed_policy']}: memory "
+                     f"{figures['memory_ratio']:.3f}x, latency {figures['latency_ratio']:.3f}x "
+                     f"(env {figures['env'] or 'default'})")
     full = result["full_model"]
     lines.append(f"  targets ({result['packed_policy']} policy): memory <= "
                  f"{targets['memory_ratio']}x, latency <= {targets['latency_ratio']}x")
