@@ -23,16 +23,21 @@ import click
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results" / "scale.json"
+RESULTS_DIR = REPO / "benchmarks" / "results"
+FULL_LAYERS = 48                  # the real layout: its results are scale.json, others scale-<N>L.json
 SAMPLE_INTERVAL_S = 0.2
 
 
-class TreeRSS:
-    """Peak of the RSS summed over a process and all its descendants, sampled in a thread."""
+class RunSampler:
+    """Sampled in a thread: the peak RSS summed over a process and all its descendants,
+    and the peak growth of the used space on the file system holding ``disk_path``."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, disk_path: Path):
         self.root = psutil.Process(pid)
         self.peak = 0
+        self.disk_path = disk_path
+        self.disk_start = shutil.disk_usage(disk_path).used
+        self.disk_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -50,12 +55,14 @@ class TreeRSS:
                 except psutil.NoSuchProcess:
                     pass
             self.peak = max(self.peak, total)
+            self.disk_peak = max(self.disk_peak,
+                                 shutil.disk_usage(self.disk_path).used - self.disk_start)
             self._stop.wait(SAMPLE_INTERVAL_S)
 
-    def stop(self) -> int:
+    def stop(self) -> tuple[int, int]:
         self._stop.set()
         self._thread.join()
-        return self.peak
+        return self.peak, self.disk_peak
 
 
 def run_flow(fixture: Path, out: Path, workers: int) -> dict:
@@ -69,10 +76,10 @@ def run_flow(fixture: Path, out: Path, workers: int) -> dict:
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    sampler = TreeRSS(process.pid)
+    sampler = RunSampler(process.pid, out.parent)
     stdout, stderr = process.communicate()
     wall_s = time.perf_counter() - started
-    peak = sampler.stop()
+    peak, disk_peak = sampler.stop()
     if process.returncode != 0:
         raise click.ClickException(f"hlwq quantize with {workers} worker(s) failed:\n{stderr[-3000:]}")
     summary = json.loads(stdout[stdout.index("{"):])
@@ -85,6 +92,8 @@ def run_flow(fixture: Path, out: Path, workers: int) -> dict:
         "cluster_start_s": summary["cluster_start_s"],
         "input_bytes": input_bytes, "gb_per_s": input_bytes / 1e9 / wall_s,
         "quantize_gb_per_s": summary["gb_per_s"], "peak_rss_bytes": peak,
+        # Staging is consumed shard by shard, so this stays near the artifact's size.
+        "peak_disk_growth_bytes": disk_peak,
         "overhead_fraction": summary["overhead_fraction"],
         "prefect_tasks": summary["prefect_tasks"], "prefect_task_s": summary["prefect_task_s"],
         "artifact_bytes": summary["artifact_bytes"], "quantized_tensors": summary["quantized"],
@@ -128,13 +137,15 @@ def bench_scale(layers, workdir, as_json):
         "machine": machine_description(),
         "wall_s": two["wall_s"], "gb_per_s": two["gb_per_s"],
         "peak_rss_bytes": max(one["peak_rss_bytes"], two["peak_rss_bytes"]),
+        "peak_disk_growth_bytes": max(one["peak_disk_growth_bytes"], two["peak_disk_growth_bytes"]),
         "overhead_fraction": two["overhead_fraction"],
         "speedup_2_vs_1": one["wall_s"] / two["wall_s"],
         "quantize_speedup_2_vs_1": one["quantize_wall_s"] / two["quantize_wall_s"],
         "runs": {"1": one, "2": two},
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    results = RESULTS_DIR / ("scale.json" if layers == FULL_LAYERS else f"scale-{layers}L.json")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(result, indent=2) + "\n")
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -143,5 +154,7 @@ def bench_scale(layers, workdir, as_json):
     for run in (one, two):
         click.echo(f"  {run['workers']} worker(s): {run['wall_s']:.1f} s, {run['gb_per_s']:.3f} GB/s, "
                    f"peak RSS {run['peak_rss_bytes'] / 1e9:.2f} GB, overhead "
-                   f"{100 * run['overhead_fraction']:.1f} %")
-    click.echo(f"  speedup 2 vs 1: {result['speedup_2_vs_1']:.2f}x; written to {RESULTS}")
+                   f"{100 * run['overhead_fraction']:.1f} %, disk peak "
+                   f"+{run['peak_disk_growth_bytes'] / 1e9:.2f} GB for a "
+                   f"{run['artifact_bytes'] / 1e9:.2f} GB artifact")
+    click.echo(f"  speedup 2 vs 1: {result['speedup_2_vs_1']:.2f}x; written to {results}")
