@@ -64,7 +64,7 @@ def _lookup(path: str, identity: tuple) -> str | None:
             row = connection.execute(
                 "SELECT sha256 FROM hashes WHERE path = ? AND device = ? AND inode = ? AND "
                 "size = ? AND mtime_ns = ? AND ctime_ns = ?", (path, *identity)).fetchone()
-    except (OSError, sqlite3.Error):
+    except (OSError, RuntimeError, sqlite3.Error):   # RuntimeError: no home directory
         return None
     return row[0] if row else None
 
@@ -74,5 +74,5 @@ def _remember(path: str, identity: tuple, digest: str) -> None:
         with closing(_connect()) as connection, connection:
             connection.execute("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?, ?, ?)",
                                (path, *identity, digest))
-    except (OSError, sqlite3.Error):
+    except (OSError, RuntimeError, sqlite3.Error):   # RuntimeError: no home directory
         pass
