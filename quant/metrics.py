@@ -13,18 +13,44 @@ import numpy as np
 import torch
 
 from quant import kernels
+from quant.core import dequantize
 from quant.errors import InvalidTensorError
+from quant.packed import PackedTensor
+
+CHUNK_VALUES = 1 << 22     # weights decoded per pass by packed_metrics (16 MiB in fp32)
 
 
 def tensor_metrics(reference: torch.Tensor, approx: torch.Tensor) -> dict[str, float]:
     """``cosine``, ``rel_mse`` (||a-r||^2 / ||r||^2), ``sqnr_db`` and ``max_abs_err`` as floats."""
+    return _from_row_sums(_row_sums(reference, approx))
+
+
+def packed_metrics(reference: torch.Tensor, packed: PackedTensor) -> dict[str, float]:
+    """``tensor_metrics(reference, dequantize(packed))`` with the same values, decoding
+    ``CHUNK_VALUES`` weights at a time so the fp32 copy of a large weight never exists."""
+    if tuple(reference.shape) != tuple(packed.shape):
+        raise InvalidTensorError(f"metrics: shapes differ, reference {tuple(reference.shape)} "
+                                 f"vs packed {tuple(packed.shape)}")
+    rows = packed.shape[0]
+    step = max(1, CHUNK_VALUES // max(1, packed.shape[1]))
+    chunks = [(start, min(rows, start + step)) for start in range(0, rows, step)]
+    return _from_row_sums(np.concatenate(
+        [_row_sums(reference[start:stop], dequantize(packed.rows(start, stop)))
+         for start, stop in chunks]))
+
+
+def _row_sums(reference: torch.Tensor, approx: torch.Tensor) -> np.ndarray:
     if reference.shape != approx.shape:
         raise InvalidTensorError(f"metrics: shapes differ, reference {tuple(reference.shape)} "
                                  f"vs approximation {tuple(approx.shape)}")
     ref_bits, ref_fp32 = _as_rows(reference)
     approx_bits, approx_fp32 = _as_rows(approx)
-    per_row = kernels.metric_sums(ref_bits, ref_fp32, approx_bits, approx_fp32,
-                                  ref_bits.shape[1] // (1 + ref_fp32))
+    return kernels.metric_sums(ref_bits, ref_fp32, approx_bits, approx_fp32,
+                               ref_bits.shape[1] // (1 + ref_fp32))
+
+
+def _from_row_sums(per_row: np.ndarray) -> dict[str, float]:
+    """The metrics from per-row sums (r^2, a^2, r*a, (a-r)^2, max |a-r|), summed in row order."""
     ref_sq, approx_sq, dot, err_sq = (float(x) for x in per_row[:, :4].sum(axis=0))
     return {
         "cosine": _cosine(dot, ref_sq, approx_sq),

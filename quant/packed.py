@@ -24,7 +24,7 @@ Semantics (the artifact format, docs/FORMAT.md, stores exactly these fields):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -50,3 +50,10 @@ class PackedTensor:
     def nbytes(self) -> int:
         """Bytes the packed form occupies (codes + scales + codebook)."""
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.codebook))
+
+    def rows(self, start: int, stop: int) -> PackedTensor:
+        """Output rows ``[start, stop)`` (views: each row is stored independently)."""
+        if (start, stop) == (0, self.shape[0]):
+            return self
+        return replace(self, codes=self.codes[start:stop], scales=self.scales[start:stop],
+                       shape=(stop - start, self.shape[1]))

@@ -23,7 +23,6 @@ import functools
 import math
 import threading
 from collections import OrderedDict
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +102,7 @@ class PackedLinear(nn.Module):
         for start in range(0, self.out_features, step):
             stop = min(start + step, self.out_features)
             weight = workspace((stop - start, self.in_padded), rotated.dtype, rotated.device)
-            decode_weight(packed_rows(self.packed, start, stop), weight)
+            decode_weight(self.packed.rows(start, stop), weight)
             part = F.linear(rotated, weight, None if bias is None else bias[start:stop])
             if out is None:
                 return part
@@ -157,14 +156,6 @@ def rotate_activations(x: torch.Tensor, block_size: int, in_padded: int) -> torc
         x = F.pad(x, (0, in_padded - x.shape[-1]))
     blocks = x.reshape(*x.shape[:-1], in_padded // block_size, block_size)
     return (blocks @ _rotation(block_size, x.dtype, x.device)).reshape(x.shape)
-
-
-def packed_rows(packed: PackedTensor, start: int, stop: int) -> PackedTensor:
-    """Output rows ``[start, stop)`` of a packed weight (views: rows are stored independently)."""
-    if (start, stop) == (0, packed.shape[0]):
-        return packed
-    return replace(packed, codes=packed.codes[start:stop], scales=packed.scales[start:stop],
-                   shape=(stop - start, packed.shape[1]))
 
 
 def decode_weight(packed: PackedTensor, out: torch.Tensor) -> torch.Tensor:

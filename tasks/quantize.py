@@ -25,9 +25,9 @@ from pathlib import Path
 
 import quant
 from quant.atomic import atomic_write_text
-from quant.core import dequantize, quantize_tensor
+from quant.core import quantize_tensor
 from quant.errors import NonFiniteTensorError
-from quant.metrics import tensor_metrics
+from quant.metrics import packed_metrics
 from quant.safetensors_io import TensorEntry, read_tensor
 from quant.sizes import original_nbytes, packed_nbytes
 from quant.staging import is_staged, write_staged
@@ -101,7 +101,7 @@ def quantize_unit(job: TensorJob) -> dict:
         row = _row(job, "keep", f"kept unquantized: {exc}", None)
     else:
         write_staged(job.staging_dir, job.key, job.tensor, packed)
-        row = _row(job, "quantize", "", tensor_metrics(weight, dequantize(packed)))
+        row = _row(job, "quantize", "", packed_metrics(weight, packed))
     row.update(seconds=time.perf_counter() - started, worker=_worker_name())
     atomic_write_text(row_path(job), json.dumps(row, sort_keys=True))
     return {**row, "skipped": False}

@@ -57,3 +57,17 @@ def test_matches_float64_torch_for_any_rank_and_dtype(shape, dtypes):
     assert m["rel_mse"] == pytest.approx(float(((a - r) ** 2).sum() / (r * r).sum()), rel=1e-9)
     assert m["cosine"] == pytest.approx(float((a * r).sum() / (a.norm() * r.norm())), rel=1e-9)
     assert m["max_abs_err"] == pytest.approx(float((a - r).abs().max()), rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("chunk", [1 << 22, 3 * 200])   # one pass; 3 rows a pass, last one short
+def test_packed_metrics_equal_metrics_of_the_whole_dequantized_weight(dtype, chunk, monkeypatch):
+    from quant import metrics
+    from quant.core import dequantize, quantize_tensor
+
+    monkeypatch.setattr(metrics, "CHUNK_VALUES", chunk)
+    weight = torch.randn(17, 200, generator=torch.Generator().manual_seed(3)).to(dtype)
+    packed = quantize_tensor(weight, bits=5)
+    assert metrics.packed_metrics(weight, packed) == tensor_metrics(weight, dequantize(packed))
+    with pytest.raises(InvalidTensorError, match="shapes differ"):
+        metrics.packed_metrics(weight[:3], packed)
