@@ -35,6 +35,8 @@ class DeploymentSettings:
     nightly_prompts: str = "prompts/nightly.jsonl"
     nightly_output: str = "renders/nightly"
     output_suite: str | None = None  # prompt suite of requantize's output gates (None: the default suite)
+    files: tuple[str, ...] = ()      # globs choosing the source's files (env: comma-separated)
+    exclude_files: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, **overrides) -> DeploymentSettings:
@@ -44,8 +46,9 @@ class DeploymentSettings:
             if raw and field.type == "int" and not raw.isdigit():
                 raise InvalidOptionError(f"HLWQ_{field.name.upper()} must be a whole number, got {raw!r}")
             if raw:
-                values[field.name] = int(raw) if field.type == "int" else raw
-        values.update({name: value for name, value in overrides.items() if value is not None})
+                values[field.name] = _parsed(raw, field.type)
+        values.update({name: value for name, value in overrides.items()
+                       if value is not None and value != ()})
         return cls(**values).checked()
 
     def checked(self) -> DeploymentSettings:
@@ -57,10 +60,24 @@ class DeploymentSettings:
             raise InvalidOptionError(f"watch interval must be at least 60 s, got {self.watch_interval_s}")
         return self
 
+    def source_files(self) -> dict:
+        """The file-choosing parameters of a quantize run (none when no globs are set)."""
+        return {name: list(value) for name in ("files", "exclude_files")
+                if (value := getattr(self, name))}
+
     def absolute_paths(self) -> DeploymentSettings:
         """Paths as seen from here, so runs started elsewhere read the same files."""
         return replace(self, **{name: str(Path(value).expanduser().resolve())
                                 for name in PATH_FIELDS if (value := getattr(self, name))})
+
+
+def _parsed(raw: str, annotation: str):
+    """An HLWQ_* value as its field's type: whole numbers, comma-separated globs, or text."""
+    if annotation == "int":
+        return int(raw)
+    if annotation.startswith("tuple"):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    return raw
 
 
 def build_deployments(settings: DeploymentSettings) -> list:
@@ -77,6 +94,7 @@ def build_deployments(settings: DeploymentSettings) -> list:
         REQUANTIZE,
         description="Quantize a checkpoint (Hub id@revision, folder or file) into a packed HLWQ artifact. On demand.",
         parameters={"source": settings.watch_source, "bits": settings.bits, "policy": settings.policy,
+                    **settings.source_files(),
                     **({"output_suite": settings.output_suite} if settings.output_suite else {})},
         tags=TAGS,
         entrypoint_type=module,
@@ -86,7 +104,7 @@ def build_deployments(settings: DeploymentSettings) -> list:
         description="Check the source repo's latest Hub revision; trigger requantize when it changes.",
         schedule=Interval(timedelta(seconds=settings.watch_interval_s), timezone=settings.timezone),
         parameters={"source": settings.watch_source, "output_root": settings.artifacts_dir,
-                    "bits": settings.bits, "policy": settings.policy,
+                    "bits": settings.bits, "policy": settings.policy, **settings.source_files(),
                     "requantize_deployment": f"{quantize_checkpoint.name}/{REQUANTIZE}"},
         tags=TAGS,
         entrypoint_type=module,

@@ -192,11 +192,15 @@ def run_tags(source: str, revision: str | None, bits: int, policy: str | None) -
 def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: int = 5,
                         mode: str = "refined", group_size: int | None = None,
                         workers: int | None = None, dask_address: str | None = None,
-                        revision: str | None = None, staging: str | None = None,
+                        revision: str | None = None, files: list[str] | None = None,
+                        exclude_files: list[str] | None = None, staging: str | None = None,
                         gates: bool = True, gates_file: str | None = None,
                         on_nonfinite: str = "fail", output_suite: str | None = None,
                         target_size: str | None = None, target_scope: str = "package") -> dict:
     """Quantize a checkpoint (Hub id, folder or .safetensors file) into a packed HLWQ artifact.
+
+    ``files`` / ``exclude_files``: globs choosing which of the source's files count (only
+    those are downloaded, inventoried and carried), e.g. one checkpoint of a repo holding several.
 
     After packaging, the output gates render ``output_suite`` (default: the versioned suite
     of tasks/validate_output.py) with the source and the artifact; only then is the artifact
@@ -213,17 +217,18 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
     staging_dir = Path(staging).absolute() if staging else default_staging(out_dir)
     staging_dir.mkdir(parents=True, exist_ok=True)
 
-    fetched = FetchResult.from_dict(fetch_source_task(source, revision))
+    fetched = FetchResult.from_dict(fetch_source_task(source, revision, files, exclude_files))
     lineage = fetched.lineage
     inventory_root = Path(lineage["path"]) if lineage["kind"] == "file" else fetched.root
-    layout = detect_layout(inventory_root)
+    source_files = [f["path"] for f in lineage["files"]]
+    layout = detect_layout(inventory_root, source_files)
     policy = policy or ("generic" if layout == "generic" else "ltx23")
     settings = {"bits": bits, "block_size": BLOCK_SIZE, "group_size": group_size, "mode": mode,
                 "policy": policy, "code_version": code_version(), "on_nonfinite": on_nonfinite}
     with tags(f"revision:{lineage['commit_sha'][:12]}", f"policy:{policy}"):
         inventory_path = staging_dir / "inventory.parquet"
         inventory_task(str(inventory_root), str(inventory_path), policy=policy, bits=bits,
-                       block_size=BLOCK_SIZE, group_size=group_size)
+                       block_size=BLOCK_SIZE, group_size=group_size, files=source_files)
         budget = None
         if target_size is not None:
             budget = budget_task(str(inventory_path), str(inventory_root), target_size,

@@ -69,6 +69,8 @@ def watch_upstream(
     bits: int = 5,
     policy: str = "ltx23",
     requantize_deployment: str = REQUANTIZE_DEPLOYMENT,
+    files: list[str] | None = None,
+    exclude_files: list[str] | None = None,
 ) -> dict[str, Any]:
     """Check `source`'s latest revision on the Hub; trigger `requantize` when it is new."""
     logger = get_run_logger()
@@ -83,7 +85,9 @@ def watch_upstream(
         logger.info("%s at %s: the earlier requantize run %s; triggering again", source, revision,
                     f"ended {previous}" if previous else "is gone")
     parameters = {"source": source, "revision": revision, "bits": bits, "policy": policy,
-                  "out": artifact_output(output_root, source, revision, bits)}
+                  "out": artifact_output(output_root, source, revision, bits),
+                  **({"files": files} if files else {}),
+                  **({"exclude_files": exclude_files} if exclude_files else {})}
     flow_run_id = trigger_requantize(requantize_deployment, parameters)
     Variable.set(state_variable_name(source), {"source": source, "revision": revision,
                                                "flow_run_id": flow_run_id}, overwrite=True)

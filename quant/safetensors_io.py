@@ -254,5 +254,6 @@ def read_headers(files: Iterable[str | os.PathLike]) -> dict[Path, SafetensorsHe
             if first != path:
                 raise CorruptCheckpointError(
                     f"tensor {name!r} appears in both {first} and {path}; shards of one component "
-                    "must not repeat a tensor (two checkpoints in one folder? select one)")
+                    "must not repeat a tensor (two checkpoints in one folder? choose one with "
+                    "hlwq's --files GLOB or --exclude-files GLOB)")
     return headers

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from quant.atomic import atomic_path
-from quant.errors import InvalidOptionError
+from quant.errors import InvalidOptionError, SourceError
 from quant.policy import BitPolicy, load_policy
 from quant.safetensors_io import SafetensorsHeader, iter_safetensors_files, read_headers
 from quant.sizes import size_table, tensor_nbytes
@@ -46,12 +46,12 @@ INVENTORY_SCHEMA = pa.schema([
 ])
 
 
-def detect_layout(root: str | os.PathLike) -> str:
+def detect_layout(root: str | os.PathLike, files: list[str] | None = None) -> str:
     """"ltx23-single", "diffusers" or "generic" (with a warning) for a local checkpoint."""
     root = Path(root)
     if has_model_index(root):
         return "diffusers"
-    return layout_of(local_headers(root), has_model_index=False, source=root)
+    return layout_of(local_headers(root, files), has_model_index=False, source=root)
 
 
 def layout_of(headers: Mapping[str, SafetensorsHeader], has_model_index: bool, source=None) -> str:
@@ -106,10 +106,12 @@ def rows_from_headers(headers: Mapping[str, SafetensorsHeader], layout: str, pol
     """One inventory row per tensor; shared by local inventories and plans of Hub repos
     (``headers`` maps file paths relative to the checkpoint root to their headers)."""
     rows = []
+    seen: dict[tuple[str, str], str] = {}
     for file, header in headers.items():
         for name, entry in header.tensors.items():
             shape = list(entry.shape)
             component = component_of(layout, file, name)
+            _check_once(seen, component, name, file)
             decision = policy.decide(name, tuple(shape), entry.dtype, component)
             original, packed = tensor_nbytes(shape, entry.dtype, decision.bits, block_size, group_size)
             rows.append({
@@ -121,15 +123,27 @@ def rows_from_headers(headers: Mapping[str, SafetensorsHeader], layout: str, pol
     return rows
 
 
+def _check_once(seen: dict, component: str, name: str, file: str) -> None:
+    """One checkpoint per component: a repo holding several (dev and distilled, say) must
+    be narrowed to one before it is planned or quantized."""
+    other = seen.setdefault((component, name), file)
+    if other != file:
+        raise SourceError(f"tensor {name!r} of component {component!r} is in both {other} and "
+                          f"{file}: the source holds more than one checkpoint of {component}; "
+                          "choose one with --files GLOB (or --exclude-files GLOB)")
+
+
 def build_inventory(root: str | os.PathLike, policy: BitPolicy | str, block_size: int = 128,
-                    group_size: int | None = None) -> pa.Table:
+                    group_size: int | None = None, files: list[str] | None = None) -> pa.Table:
     """Read every header under ``root`` (never tensor data) into an inventory table.
 
-    The table's schema metadata records the layout, policy and block size."""
+    ``files`` (paths relative to the checkpoint, e.g. the fetch's lineage files) limits
+    it to those weight files. The table's schema metadata records the layout, policy and
+    block size."""
     root = Path(root)
     if isinstance(policy, str):
         policy = load_policy(policy)
-    headers = local_headers(root)
+    headers = local_headers(root, files)
     layout = layout_of(headers, has_model_index=has_model_index(root), source=root)
     rows = rows_from_headers(headers, layout, policy, block_size, group_size)
     table = pa.Table.from_pylist(rows, schema=INVENTORY_SCHEMA)
@@ -139,10 +153,13 @@ def build_inventory(root: str | os.PathLike, policy: BitPolicy | str, block_size
     })
 
 
-def local_headers(root: Path) -> dict[str, SafetensorsHeader]:
-    """Headers of every weight file under ``root``, keyed by path relative to the checkpoint."""
+def local_headers(root: Path, files: list[str] | None = None) -> dict[str, SafetensorsHeader]:
+    """Headers of every weight file under ``root`` (only those named in ``files``, when
+    given), keyed by path relative to the checkpoint."""
     base = root if root.is_dir() else root.parent
-    headers = read_headers(iter_safetensors_files(root))
+    paths = [path for path in iter_safetensors_files(root)
+             if files is None or path.relative_to(base).as_posix() in set(files)]
+    headers = read_headers(paths)
     return {path.relative_to(base).as_posix(): header for path, header in headers.items()}
 
 
@@ -161,11 +178,11 @@ def save_inventory(table: pa.Table, path: str | os.PathLike) -> Path:
 @task(name="inventory", persist_result=False)
 def inventory_task(root: str, out_path: str, policy: str = "ltx23", bits: int = 5,
                    block_size: int = 128, group_size: int | None = None, include=(), exclude=(),
-                   overrides_file: str | None = None) -> dict:
+                   overrides_file: str | None = None, files: list[str] | None = None) -> dict:
     """Build and save the inventory; returns where it is and its totals (small, JSON-able)."""
     bit_policy = load_policy(policy, bits=bits, include=include, exclude=exclude,
                              overrides_file=overrides_file)
-    table = build_inventory(root, bit_policy, block_size, group_size)
+    table = build_inventory(root, bit_policy, block_size, group_size, files)
     save_inventory(table, out_path)
     sizes = size_table(table, block_size, group_size)
     return {

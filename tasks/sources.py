@@ -210,7 +210,10 @@ def fetch_source_task(
 # ---- local sources ---------------------------------------------------------------------------
 
 
-def _fetch_local(path: Path, allow_patterns, ignore_patterns) -> FetchResult:
+def local_source_files(path: Path, allow_patterns=None, ignore_patterns=None
+                       ) -> tuple[str, Path, list[str]]:
+    """(kind, root, names relative to root) of a local source after the file patterns;
+    nothing is read. Raises SourceError when no .safetensors file is left."""
     path = path.resolve()
     if path.is_dir():
         kind, root, names = "local_dir", path, _visible_files(path)
@@ -225,6 +228,12 @@ def _fetch_local(path: Path, allow_patterns, ignore_patterns) -> FetchResult:
         filter_repo_objects(names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
     )
     _require_safetensors(names, str(path), allow_patterns, ignore_patterns)
+    return kind, root, names
+
+
+def _fetch_local(path: Path, allow_patterns, ignore_patterns) -> FetchResult:
+    path = path.resolve()
+    kind, root, names = local_source_files(path, allow_patterns, ignore_patterns)
     records = _hash_files(root, names)
     lineage = _lineage(
         kind, str(path), _content_sha256(records), "content-sha256", records,

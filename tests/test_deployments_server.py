@@ -60,6 +60,17 @@ def test_settings_come_from_options_then_environment(monkeypatch):
         DeploymentSettings.from_env()
 
 
+def test_file_globs_reach_requantize_and_watch(monkeypatch):
+    monkeypatch.setenv("HLWQ_FILES", "ltx-2.3-22b-dev.safetensors, ltx-2.3-spatial-*")
+    settings = DeploymentSettings.from_env(exclude_files=(), files=())   # empty options: env wins
+    assert settings.files == ("ltx-2.3-22b-dev.safetensors", "ltx-2.3-spatial-*")
+    assert DeploymentSettings.from_env(files=("x.safetensors",)).files == ("x.safetensors",)
+    served = {d.name: d for d in build_deployments(settings)}
+    for name in ("requantize", "watch-upstream"):
+        assert served[name].parameters["files"] == list(settings.files)
+        assert "exclude_files" not in served[name].parameters
+
+
 def test_watch_names_are_valid_prefect_names():
     assert state_variable_name("Lightricks/LTX-2.3") == "hlwq_watch_lightricks_ltx-2_3"
     assert artifact_output("art/", "Lightricks/LTX-2.3", "0123456789abcdef", 5) == "art/LTX-2.3-0123456789ab-q5"

@@ -119,24 +119,25 @@ def test_plan_of_hub_repo_reads_headers_only(single_file, monkeypatch):
 
     calls = []
 
-    def list_remote_files(repo, revision):
-        calls.append(("list", repo, revision))
+    def list_remote_files(repo, revision, allow_patterns, ignore_patterns):
+        calls.append(("list", repo, revision, allow_patterns, ignore_patterns))
         return "c0ffee" * 6 + "abcd", {"model_index.json": 100, "transformer/m.safetensors": 1}
 
-    def remote_safetensors_headers(repo, revision):
-        calls.append(("headers", repo, revision))
+    def remote_safetensors_headers(repo, revision, allow_patterns, ignore_patterns):
+        calls.append(("headers", repo, revision, allow_patterns, ignore_patterns))
         return {"transformer/m.safetensors": read_header(single_file)}
 
     monkeypatch.setattr(sources, "list_remote_files", list_remote_files)
     monkeypatch.setattr(sources, "remote_safetensors_headers", remote_safetensors_headers)
-    result = run("owner/ltx-repo", "--revision", "v1", "--json")
+    result = run("owner/ltx-repo", "--revision", "v1", "--files", "transformer/*", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["layout"] == "diffusers" and report["source"].startswith("owner/ltx-repo@v1")
     assert list(report["components"]) == ["transformer"]
     assert report["quantized_tensors"] == 2
     commit = "c0ffee" * 6 + "abcd"
-    assert calls == [("list", "owner/ltx-repo", "v1"), ("headers", "owner/ltx-repo", commit)]
+    assert calls == [("list", "owner/ltx-repo", "v1", ["transformer/*"], None),
+                     ("headers", "owner/ltx-repo", commit, ["transformer/*"], None)]
 
 
 def test_plan_real_ltx23_transformer_layout(monkeypatch):
@@ -167,3 +168,15 @@ def test_plan_bad_input(tmp_path, single_file):
     assert isinstance(run(single_file, "--bits", "9").exception, InvalidOptionError)
     assert isinstance(run(single_file, "--block-size", "100").exception, InvalidOptionError)
     assert isinstance(run(single_file, "--policy", "nope").exception, PolicyError)
+
+
+def test_a_folder_with_two_checkpoints_needs_files(single_file):
+    """The real repo holds dev and distilled checkpoints side by side: plan one of them."""
+    (single_file.parent / "ltx-2.3-tiny-distilled.safetensors").write_bytes(single_file.read_bytes())
+    error = str(run(single_file.parent).exception)
+    assert "ltx-2.3-tiny-distilled.safetensors" in error and "--files" in error
+    for options in (["--files", single_file.name], ["--exclude-files", "*distilled*"]):
+        result = run(single_file.parent, *options, "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["total_tensors"] == 4
+    assert "--layout reads no checkpoint" in str(run("--layout", "ltx23-22b", "--files", "x").exception)

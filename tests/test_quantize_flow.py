@@ -24,6 +24,7 @@ from quant.artifact import open_artifact, read_manifest, verify_artifact
 from quant.core import quantize_tensor
 from quant.errors import (
     GateFailedError,
+    HLWQError,
     InsufficientDiskError,
     InvalidOptionError,
     NonFiniteTensorError,
@@ -230,10 +231,18 @@ def test_tiny_ltx23_single_file(tmp_path, cluster):
     from runtime.fixtures import make_tiny_ltx23
 
     source = make_tiny_ltx23(tmp_path / "tiny", single_file=True)
+    # Like the real repo, the folder holds a second checkpoint of the same model.
+    distilled = "ltx-2.3-tiny-distilled.safetensors"
+    shutil.copyfile(source / "ltx-2.3-tiny.safetensors", source / distilled)
     out = tmp_path / "artifact"
+    with pytest.raises(HLWQError, match=r"ltx-2.3-tiny-distilled.safetensors.*--files GLOB"):
+        run_quantize(str(source), str(out), dask_address=cluster, gates=False)
     # --no-gates: the output gates (renders of the prompt suite) are tested with validation.
-    summary = run_quantize(str(source), str(out), dask_address=cluster, gates=False)
+    summary = run_quantize(str(source), str(out), dask_address=cluster, gates=False,
+                           exclude_files=["*distilled*"])
     manifest = read_manifest(out)
+    assert distilled not in {f["path"] for f in manifest["source"]["files"]}
+    assert not (out / distilled).exists()
     assert manifest["source"]["layout"] == "ltx23-single"
     assert summary["policy"] == "ltx23" and summary["quantized"] == manifest["sizes"]["quantized_tensors"] > 0
     assert summary["gates"]["passed"] is True                 # recorded even when not enforced

@@ -16,3 +16,15 @@ def target_size_options(command):
     scope = click.option("--target-scope", type=click.Choice(SCOPES), default="package",
                          show_default=True, help=f"What --target-size counts. {SCOPE_HELP}.")
     return size(scope(command))
+
+
+def source_file_options(command):
+    """``--files`` / ``--exclude-files``: which of the source's files count (globs over
+    paths relative to the folder or repo root, as huggingface_hub's allow/ignore patterns)."""
+    files = click.option(
+        "--files", multiple=True, metavar="GLOB",
+        help="Only the source files matching GLOB (repeatable), e.g. --files "
+             "'ltx-2.3-22b-dev.safetensors' when a repo holds several checkpoints.")
+    exclude = click.option("--exclude-files", multiple=True, metavar="GLOB",
+                           help="Leave out the source files matching GLOB (repeatable).")
+    return files(exclude(command))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from flows.commands.options import target_size_options
+from flows.commands.options import source_file_options, target_size_options
 from quant.errors import InvalidOptionError
 
 AUTO_POLICY = "auto"
@@ -32,6 +32,7 @@ COUNT_UNITS = (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3))
 @click.option("--block-size", default=128, show_default=True, type=int,
               help="Rotation block size (a power of two).")
 @click.option("--revision", help="Branch, tag or commit of a Hub SOURCE.")
+@source_file_options
 @click.option("--include", multiple=True, help="Also quantize tensors matching this glob "
                                                "(or re:REGEX). Repeatable.")
 @click.option("--exclude", multiple=True, help="Keep tensors matching this glob (or re:REGEX). "
@@ -40,8 +41,8 @@ COUNT_UNITS = (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3))
               help="TOML/YAML file with include, exclude and per-pattern bits.")
 @target_size_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(source, package_layout, policy_name, bits, block_size, revision, include, exclude,
-         overrides, target_size, target_scope, as_json):
+def plan(source, package_layout, policy_name, bits, block_size, revision, files, exclude_files,
+         include, exclude, overrides, target_size, target_scope, as_json):
     """Per-component tensors, parameters, original and packed bytes of SOURCE
     (a Hub repo id, a folder or a .safetensors file)."""
     from quant.core import check_options
@@ -52,7 +53,8 @@ def plan(source, package_layout, policy_name, bits, block_size, revision, includ
     check_options(bits, block_size, None, "refined")
     if (source is None) == (package_layout is None):
         raise click.UsageError("give exactly one of SOURCE or --layout")
-    label, layout, headers, package_rows, base = _planned_source(source, package_layout, revision)
+    label, layout, headers, package_rows, base = _planned_source(
+        source, package_layout, revision, list(files) or None, list(exclude_files) or None)
     if policy_name == AUTO_POLICY:
         policy_name = default_policy_for(layout)
     policy = load_policy(policy_name, bits=bits, include=include, exclude=exclude,
@@ -72,13 +74,14 @@ def plan(source, package_layout, policy_name, bits, block_size, revision, includ
     click.echo(json.dumps(report, indent=2) if as_json else format_plan(report))
 
 
-def _planned_source(source, package_layout, revision):
+def _planned_source(source, package_layout, revision, files, exclude_files):
     """(label, layout, headers, package rows): headers for checkpoints, rows for --layout."""
     from tasks import inventory
 
     if package_layout:
-        if revision:
-            raise InvalidOptionError(f"--revision {revision!r}: --layout reads no checkpoint")
+        if revision or files or exclude_files:
+            raise InvalidOptionError("--revision, --files and --exclude-files choose what to "
+                                     "read of a SOURCE; --layout reads no checkpoint")
         from runtime.ltx23_layout import ltx23_22b_package_rows
 
         return package_layout, package_layout, None, ltx23_22b_package_rows(), None
@@ -87,7 +90,10 @@ def _planned_source(source, package_layout, revision):
         if revision:
             raise InvalidOptionError(f"--revision {revision!r}: only a Hub source has revisions, "
                                      f"but {source!r} is a local path")
-        headers = inventory.local_headers(path)
+        from tasks.sources import local_source_files
+
+        _, _, names = local_source_files(path, files, exclude_files)
+        headers = inventory.local_headers(path, names)
         layout = inventory.layout_of(headers, inventory.has_model_index(path), path)
         label = str(path)
         base = path if path.is_dir() else path.parent
@@ -95,9 +101,11 @@ def _planned_source(source, package_layout, revision):
         from tasks.sources import list_remote_files, parse_hub_source, remote_safetensors_headers
 
         hub = parse_hub_source(source, revision)
-        commit, files = list_remote_files(hub.repo, hub.revision)
-        headers = remote_safetensors_headers(hub.repo, commit)   # that commit, even if the branch moves
-        layout = inventory.layout_of(headers, inventory.MODEL_INDEX in files, hub.repo)
+        patterns = {"allow_patterns": files, "ignore_patterns": exclude_files}
+        commit, listed = list_remote_files(hub.repo, hub.revision, **patterns)
+        # that commit, even if the branch moves
+        headers = remote_safetensors_headers(hub.repo, commit, **patterns)
+        layout = inventory.layout_of(headers, inventory.MODEL_INDEX in listed, hub.repo)
         label = f"{hub.repo}@{hub.revision} (commit {commit})"
         base = None
     return label, layout, headers, None, base

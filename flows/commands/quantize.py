@@ -10,7 +10,10 @@ from flows.prefect_env import configure_prefect
 
 configure_prefect()   # first: Prefect reads its settings when it is imported
 
-from flows.commands.options import target_size_options  # imports Prefect
+from flows.commands.options import (  # imports Prefect
+    source_file_options,
+    target_size_options,
+)
 
 
 @click.command()
@@ -27,6 +30,7 @@ from flows.commands.options import target_size_options  # imports Prefect
 @click.option("--dask-address", help="Scheduler of an existing Dask cluster (e.g. tcp://host:8786); "
                                      "staging and output must be on storage every worker sees.")
 @click.option("--revision", help="Branch, tag or commit of a Hub SOURCE.")
+@source_file_options
 @click.option("--staging", type=click.Path(file_okay=False),
               help="Where per-tensor results wait for packaging [default: OUT.staging].")
 @click.option("--gates/--no-gates", default=True, show_default=True,
@@ -38,8 +42,9 @@ from flows.commands.options import target_size_options  # imports Prefect
               show_default=True, help="A tensor with NaN/Inf fails the run, or is kept unquantized.")
 @target_size_options
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
-def quantize(source, out, policy, bits, mode, group_size, workers, dask_address, revision, staging,
-             gates, gates_file, on_nonfinite, target_size, target_scope, as_json):
+def quantize(source, out, policy, bits, mode, group_size, workers, dask_address, revision, files,
+             exclude_files, staging, gates, gates_file, on_nonfinite, target_size, target_scope,
+             as_json):
     """Quantize SOURCE (a Hub repo id, a folder or a .safetensors file) into a packed HLWQ
     artifact at OUT. Re-running skips tensors already quantized."""
     if target_size is not None:
@@ -50,6 +55,7 @@ def quantize(source, out, policy, bits, mode, group_size, workers, dask_address,
 
     summary = run_quantize(source, out, policy=policy, bits=bits, mode=mode, group_size=group_size,
                            workers=workers, dask_address=dask_address, revision=revision,
+                           files=list(files) or None, exclude_files=list(exclude_files) or None,
                            staging=staging, gates=gates, gates_file=gates_file,
                            on_nonfinite=on_nonfinite, target_size=target_size,
                            target_scope=target_scope)

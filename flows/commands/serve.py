@@ -243,6 +243,10 @@ def server_status(home: str | None) -> None:
               help="Seconds between upstream checks (HLWQ_WATCH_INTERVAL_S, default 3600).")
 @click.option("--bits", type=int, default=None, help="Bits for requantize (HLWQ_BITS, default 5).")
 @click.option("--policy", default=None, help="Bit policy for requantize (HLWQ_POLICY, default ltx23).")
+@click.option("--files", multiple=True, metavar="GLOB",
+              help="Source files requantize uses (repeatable; HLWQ_FILES, comma-separated).")
+@click.option("--exclude-files", multiple=True, metavar="GLOB",
+              help="Source files requantize leaves out (repeatable; HLWQ_EXCLUDE_FILES).")
 @click.option("--artifacts-dir", default=None, help="Where requantize writes artifacts (HLWQ_ARTIFACTS_DIR).")
 @click.option("--nightly-artifact", default=None, help="Artifact the nightly render uses (HLWQ_NIGHTLY_ARTIFACT).")
 @click.option("--nightly-prompts", default=None, help="Prompt file of the nightly render (HLWQ_NIGHTLY_PROMPTS).")
