@@ -65,6 +65,22 @@ class RunSampler:
         return self.peak, self.disk_peak
 
 
+def pressure_totals() -> dict[str, float]:
+    """Seconds stalled so far (Linux PSI): CPU "some", I/O "some" and "full"; {} without PSI."""
+    totals = {}
+    for resource, kinds in (("cpu", ("some",)), ("io", ("some", "full"))):
+        try:
+            lines = Path(f"/proc/pressure/{resource}").read_text().splitlines()
+        except OSError:
+            return {}
+        for line in lines:
+            kind, *fields = line.split()
+            if kind in kinds:
+                total = next(f for f in fields if f.startswith("total="))
+                totals[f"{resource}_{kind}"] = int(total.split("=")[1]) / 1e6
+    return totals
+
+
 def run_flow(fixture: Path, out: Path, workers: int) -> dict:
     """One `hlwq quantize` process; returns its JSON summary plus wall time and peak RSS."""
     for stale in (out, out.with_name(out.name + ".staging")):
@@ -73,6 +89,7 @@ def run_flow(fixture: Path, out: Path, workers: int) -> dict:
                str(fixture), "--out", str(out), "--workers", str(workers), "--json"]
     env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
     env.pop("PREFECT_API_URL", None)     # the temporary local API, as a user's first run gets
+    stalls_before = pressure_totals()
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
@@ -80,6 +97,9 @@ def run_flow(fixture: Path, out: Path, workers: int) -> dict:
     stdout, stderr = process.communicate()
     wall_s = time.perf_counter() - started
     peak, disk_peak = sampler.stop()
+    # Share of the run's wall time the machine spent stalled (other load, a slow disk).
+    stalls = {name: (pressure_totals()[name] - before) / wall_s
+              for name, before in stalls_before.items()}
     if process.returncode != 0:
         raise click.ClickException(f"hlwq quantize with {workers} worker(s) failed:\n{stderr[-3000:]}")
     summary = json.loads(stdout[stdout.index("{"):])
@@ -93,7 +113,7 @@ def run_flow(fixture: Path, out: Path, workers: int) -> dict:
         "input_bytes": input_bytes, "gb_per_s": input_bytes / 1e9 / wall_s,
         "quantize_gb_per_s": summary["gb_per_s"], "peak_rss_bytes": peak,
         # Staging is consumed shard by shard, so this stays near the artifact's size.
-        "peak_disk_growth_bytes": disk_peak,
+        "peak_disk_growth_bytes": disk_peak, "stall_fractions": stalls,
         "overhead_fraction": summary["overhead_fraction"],
         "prefect_tasks": summary["prefect_tasks"], "prefect_task_s": summary["prefect_task_s"],
         "artifact_bytes": summary["artifact_bytes"], "quantized_tensors": summary["quantized"],
@@ -156,5 +176,6 @@ def bench_scale(layers, workdir, as_json):
                    f"peak RSS {run['peak_rss_bytes'] / 1e9:.2f} GB, overhead "
                    f"{100 * run['overhead_fraction']:.1f} %, disk peak "
                    f"+{run['peak_disk_growth_bytes'] / 1e9:.2f} GB for a "
-                   f"{run['artifact_bytes'] / 1e9:.2f} GB artifact")
+                   f"{run['artifact_bytes'] / 1e9:.2f} GB artifact; stalled on I/O "
+                   f"{100 * run['stall_fractions'].get('io_full', 0):.0f} % of the time")
     click.echo(f"  speedup 2 vs 1: {result['speedup_2_vs_1']:.2f}x; written to {results}")
