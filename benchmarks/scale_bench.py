@@ -98,8 +98,8 @@ def run_flow(fixture: Path, out: Path, workers: int) -> dict:
     wall_s = time.perf_counter() - started
     peak, disk_peak = sampler.stop()
     # Share of the run's wall time the machine spent stalled (other load, a slow disk).
-    stalls = {name: (pressure_totals()[name] - before) / wall_s
-              for name, before in stalls_before.items()}
+    stalls_after = pressure_totals()
+    stalls = {name: (stalls_after[name] - before) / wall_s for name, before in stalls_before.items()}
     if process.returncode != 0:
         raise click.ClickException(f"hlwq quantize with {workers} worker(s) failed:\n{stderr[-3000:]}")
     summary = json.loads(stdout[stdout.index("{"):])

@@ -157,8 +157,9 @@ def local_headers(root: Path, files: list[str] | None = None) -> dict[str, Safet
     """Headers of every weight file under ``root`` (only those named in ``files``, when
     given), keyed by path relative to the checkpoint."""
     base = root if root.is_dir() else root.parent
+    chosen = None if files is None else set(files)
     paths = [path for path in iter_safetensors_files(root)
-             if files is None or path.relative_to(base).as_posix() in set(files)]
+             if chosen is None or path.relative_to(base).as_posix() in chosen]
     headers = read_headers(paths)
     return {path.relative_to(base).as_posix(): header for path, header in headers.items()}
 
