@@ -34,11 +34,11 @@ from pathlib import Path
 import click
 import torch
 
-from quant.atomic import atomic_write_text
-from quant.budget import parse_size
-from quant.core import dequantize, quantize_tensor
-from quant.errors import BudgetError
-from quant.sizes import size_table
+from hlwq.quant.budget import parse_size
+from hlwq.quant.core import dequantize, quantize_tensor
+from hlwq.quant.errors import BudgetError
+from hlwq.quant.sizes import size_table
+from hlwq.store.atomic import atomic_write_text
 
 RESULTS = Path(__file__).with_name("results") / "budget.json"
 EVAL_PROMPTS = ("face-old-man-laughs", "sound-drummer")
@@ -92,9 +92,9 @@ def output_rel_err(reference: list, candidate: list) -> float:
 
 def configurations(rows, scope, budgets: dict[str, int], damages: dict[str, dict]) -> list[dict]:
     """For each budget: the best uniform width that fits and one allocation per damage model."""
-    from quant.artifact import tensor_key
-    from quant.budget import best_uniform_bits, tensor_options
-    from tasks.budget import allocate_rows, rows_in_scope
+    from hlwq.quant.budget import best_uniform_bits, tensor_options
+    from hlwq.store.artifact import tensor_key
+    from hlwq.tasks.budget import allocate_rows, rows_in_scope
 
     def _key(row):
         return tensor_key(row["component"], row["tensor"])
@@ -133,11 +133,10 @@ def configurations(rows, scope, budgets: dict[str, int], damages: dict[str, dict
 
 
 def tiny_part(work: Path, log) -> dict:
-    from runtime.fixtures import load_tiny_pipeline, make_tiny_ltx23
-    from tasks.budget import activation_stats, file_sampler, measure_damages
-    from tasks.gates import load_gate_config
-    from tasks.inventory import build_inventory
-    from tasks.validate_output import (
+    from hlwq.tasks.budget import activation_stats, file_sampler, measure_damages
+    from hlwq.tasks.gates import load_gate_config
+    from hlwq.tasks.inventory import build_inventory
+    from hlwq.tasks.validate_output import (
         apply_output_gates,
         compare_renderings,
         load_rendering,
@@ -145,6 +144,7 @@ def tiny_part(work: Path, log) -> dict:
         output_gates,
         render_for_comparison,
     )
+    from hlwq.testing.fixtures import load_tiny_pipeline, make_tiny_ltx23
 
     root = make_tiny_ltx23(work / "tiny")
     rows = [r for r in build_inventory(root, "ltx23").to_pylist() if r["component"] == "transformer"]
@@ -246,7 +246,7 @@ class _Captured(Exception):
 
 def first_step_inputs(pipeline, request) -> dict:
     """The keyword arguments of the transformer's first call when rendering ``request``."""
-    from tasks.validate_output import render_arguments
+    from hlwq.tasks.validate_output import render_arguments
 
     captured = {}
 
@@ -295,9 +295,9 @@ def real_width_inputs(config: dict, seed: int, frames: int = 2, side: int = 8,
 def real_width_part(work: Path, layers: int, log) -> dict:
     from diffusers import LTX2VideoTransformer3DModel
 
-    from runtime.fixtures import make_real_width_transformer
-    from tasks.budget import activation_stats, file_sampler, measure_damages
-    from tasks.inventory import build_inventory
+    from hlwq.tasks.budget import activation_stats, file_sampler, measure_damages
+    from hlwq.tasks.inventory import build_inventory
+    from hlwq.testing.fixtures import make_real_width_transformer
 
     root = make_real_width_transformer(work / f"real-width-{layers}", layers)
     rows = build_inventory(root, "ltx23").to_pylist()
@@ -346,10 +346,10 @@ def real_width_part(work: Path, layers: int, log) -> dict:
 
 
 def ltx23_part(log) -> dict:
-    from flows.commands.plan import apply_policy
-    from quant.policy import load_policy
-    from runtime.ltx23_layout import ltx23_22b_package_rows
-    from tasks.budget import SCOPES, plan_budget, rows_in_scope
+    from hlwq.cli.commands.plan import apply_policy
+    from hlwq.runtime.ltx23_layout import ltx23_22b_package_rows
+    from hlwq.store.policy import load_policy
+    from hlwq.tasks.budget import SCOPES, plan_budget, rows_in_scope
 
     log("building the LTX-2.3 package on the meta device")
     layout_rows = ltx23_22b_package_rows()

@@ -46,7 +46,7 @@ TARGETS = {"speedup_reference_mode": 25.0, "reference_mode_mb_s": 400.0, "speedu
               show_default=True)
 def bench_quantize(as_json: bool, quick: bool, repeats: int, out: Path) -> None:
     """Quantize speed and error vs polarquant 0.6.0 and GGUF Q5_0."""
-    from quant.atomic import atomic_write_text
+    from hlwq.store.atomic import atomic_write_text
 
     load_before = os.getloadavg()
     warmup_s = warm_up()
@@ -89,7 +89,7 @@ def timed(fn, key: str | None = None):
 
 def warm_up() -> float:
     """Compile (or load the cached) numba kernels outside the timed runs."""
-    from quant.core import dequantize, quantize_tensor
+    from hlwq.quant.core import dequantize, quantize_tensor
 
     start = time.perf_counter()
     small = heavy_tailed_bf16((64, 256), seed=99)
@@ -102,7 +102,7 @@ def warm_up() -> float:
 
 def polarquant_dequantize(result: dict, shape: tuple[int, int], block: int = 128) -> torch.Tensor:
     """The reference formula ``n * (ct_scaled[code] @ H^T)``, in row chunks."""
-    from quant.hadamard import hadamard_matrix
+    from hlwq.quant.hadamard import hadamard_matrix
 
     rows, cols = shape
     h_t = hadamard_matrix(block).T
@@ -116,7 +116,7 @@ def polarquant_dequantize(result: dict, shape: tuple[int, int], block: int = 128
 
 
 def squared_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
-    from quant.metrics import tensor_metrics
+    from hlwq.quant.metrics import tensor_metrics
 
     reference_sq = float(weight.double().pow(2).sum())
     return tensor_metrics(weight, approx)["rel_mse"] * reference_sq
@@ -136,8 +136,8 @@ def measure_tensor(shape: tuple[int, int], seed: int, repeats: int) -> dict:
     """Alternate polarquant and our encoders on one tensor; return times and errors."""
     from polarengine_vllm.quantizer import PolarQuantizer
 
-    from quant.core import dequantize, quantize_tensor
-    from quant.packing import unpack_codes
+    from hlwq.quant.core import dequantize, quantize_tensor
+    from hlwq.quant.packing import unpack_codes
 
     weight = heavy_tailed_bf16(shape, seed)
     polar = PolarQuantizer(block_size=128)

@@ -84,7 +84,7 @@ ALLOCATORS = {"glibc": {}, "compact": {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}}
 def bench_runtime(as_json: bool, layers: int, frames: int, text_tokens: int, steps: int,
                   work_dir: Path | None, device: str, allocators: str, out: Path | None) -> None:
     """Peak memory and step latency: packed runtime vs BF16 (separate processes)."""
-    from quant.atomic import atomic_write_text
+    from hlwq.store.atomic import atomic_write_text
 
     work = work_dir or Path(tempfile.gettempdir()) / "hlwq-bench-runtime"
     out = out or (RESULTS if device == "cpu" else RESULTS.with_name("runtime-cuda.json"))
@@ -107,20 +107,20 @@ def bench_runtime(as_json: bool, layers: int, frames: int, text_tokens: int, ste
 
 
 def prepare_source(work: Path, layers: int) -> Path:
-    from runtime.fixtures import make_real_width_transformer
+    from hlwq.testing.fixtures import make_real_width_transformer
 
     return make_real_width_transformer(work / f"source-{layers}", layers)
 
 
 def prepare_artifact(source: Path, out: Path, policy_name: str) -> Path:
     """Quantize every tensor the policy selects (quant.core) and package an artifact (once)."""
-    from quant.core import quantize_tensor
-    from quant.policy import load_policy
-    from quant.safetensors_io import TensorEntry, read_tensor
-    from quant.staging import write_staged
-    from tasks.inventory import build_inventory
-    from tasks.package import package_artifact
-    from tasks.sources import fetch_source
+    from hlwq.quant.core import quantize_tensor
+    from hlwq.store.policy import load_policy
+    from hlwq.store.safetensors_io import TensorEntry, read_tensor
+    from hlwq.store.staging import write_staged
+    from hlwq.tasks.inventory import build_inventory
+    from hlwq.tasks.package import package_artifact
+    from hlwq.tasks.sources import fetch_source
 
     if (out / "manifest.json").is_file():
         return out
@@ -198,7 +198,7 @@ class Worker:
 
     def __init__(self, mode: str, model: Path, inputs: Path, out: Path, device: str,
                  env: dict[str, str]):
-        self.command = [sys.executable, "-m", "benchmarks.runtime_bench", "worker", mode,
+        self.command = [sys.executable, "-m", "hlwq.benchmarks.runtime_bench", "worker", mode,
                         str(model), str(inputs), str(out), "--device", device]
         self.errors = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in close())
         self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE,
@@ -253,8 +253,8 @@ def worker_main(argv: list[str]) -> None:
     from diffusers import LTX2VideoTransformer3DModel
     from safetensors.torch import load_file, save_file
 
-    from runtime.loader import load_component
-    from runtime.packed_linear import PackedLinear
+    from hlwq.runtime.loader import load_component
+    from hlwq.runtime.packed_linear import PackedLinear
 
     device = torch.device(args.device)
     # Code is loaded before the baseline in both modes: importing diffusers' LTX-2 module
@@ -341,8 +341,8 @@ class PeakMemory:
 def _tiny_packed():
     import torch
 
-    from quant.codebook import lloyd_max_codebook
-    from quant.packed import PackedTensor
+    from hlwq.quant.codebook import lloyd_max_codebook
+    from hlwq.quant.packed import PackedTensor
 
     return PackedTensor(torch.zeros(8, 80, dtype=torch.uint8), torch.ones(8, 1, dtype=torch.float16),
                         lloyd_max_codebook(BITS), (8, 128), BITS, 128, 128, "refined")
@@ -436,11 +436,11 @@ def full_model_residency() -> dict:
 
 def _transformer_sizes(layers: int, policy_name: str) -> dict:
     """Params and bytes of the LTX-2.3 transformer with ``layers`` blocks under a policy."""
-    from quant.policy import load_policy
-    from quant.sizes import padded_in_features, size_table
-    from runtime.ltx23_config import real_width_transformer_config
-    from runtime.ltx23_layout import build_model, checkpoint_tensors
-    from runtime.packed_linear import CHUNK_ELEMENTS
+    from hlwq.quant.sizes import padded_in_features, size_table
+    from hlwq.runtime.ltx23_layout import build_model, checkpoint_tensors
+    from hlwq.runtime.packed_linear import CHUNK_ELEMENTS
+    from hlwq.store.ltx23_config import real_width_transformer_config
+    from hlwq.store.policy import load_policy
 
     model = build_model("transformer", real_width_transformer_config(layers), device="meta")
     policy = load_policy(policy_name, bits=BITS)

@@ -85,7 +85,7 @@ def run_flow(fixture: Path, out: Path, workers: int) -> dict:
     """One `hlwq quantize` process; returns its JSON summary plus wall time and peak RSS."""
     for stale in (out, out.with_name(out.name + ".staging")):
         shutil.rmtree(stale, ignore_errors=True)
-    command = [sys.executable, "-c", "from flows.cli import main; main()", "quantize",
+    command = [sys.executable, "-c", "from hlwq.cli.main import main; main()", "quantize",
                str(fixture), "--out", str(out), "--workers", str(workers), "--json"]
     env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
     env.pop("PREFECT_API_URL", None)     # the temporary local API, as a user's first run gets
@@ -145,7 +145,7 @@ def machine_description() -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def bench_scale(layers, workdir, as_json):
     """Run the quantize flow on the real-width transformer with 1 and 2 workers."""
-    from runtime.fixtures import make_real_width_transformer
+    from hlwq.testing.fixtures import make_real_width_transformer
 
     workdir = Path(workdir)
     fixture = make_real_width_transformer(workdir / f"ltx23-transformer-{layers}L", layers)

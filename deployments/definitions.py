@@ -13,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from quant.errors import InvalidOptionError
+from hlwq.quant.errors import InvalidOptionError
 
 REQUANTIZE, WATCH_UPSTREAM, NIGHTLY_RENDER = "requantize", "watch-upstream", "nightly-render"
 NIGHTLY_CRON = "0 2 * * *"
@@ -85,9 +85,9 @@ def build_deployments(settings: DeploymentSettings) -> list:
     from prefect.schedules import Cron, Interval
     from prefect.types.entrypoint import EntrypointType
 
-    from flows.quantize_flow import quantize_checkpoint
-    from flows.render_flow import render_batch
-    from flows.watch_flow import watch_upstream
+    from hlwq.flows.quantize_flow import quantize_checkpoint
+    from hlwq.flows.render_flow import render_batch
+    from hlwq.flows.watch_flow import watch_upstream
 
     module = EntrypointType.MODULE_PATH  # runs import the installed package, whatever the directory
     requantize = quantize_checkpoint.to_deployment(

@@ -32,22 +32,22 @@ from prefect.artifacts import (
 )
 from prefect_dask import DaskTaskRunner
 
-from quant.artifact import tensor_key
-from quant.atomic import atomic_path
-from quant.core import check_options
-from quant.errors import InvalidOptionError
-from quant.packed import MODES
-from quant.sizes import size_table
-from quant.staging import staged_key, staged_path
-from tasks.budget import budget_task
-from tasks.disk import disk_check_task
-from tasks.gates import tensor_gates_task
-from tasks.inventory import detect_layout, inventory_task
-from tasks.package import package_artifact_task
-from tasks.quantize import ON_NONFINITE, TensorJob, code_version, finished_row, row_path
-from tasks.quantize_group import RunProgress, dask_client, quantize_group, submit_units
-from tasks.sources import FetchResult, fetch_source_task
-from tasks.validate_output import output_gates_skip_reason, output_gates_task
+from hlwq.quant.core import check_options
+from hlwq.quant.errors import InvalidOptionError
+from hlwq.quant.packed import MODES
+from hlwq.quant.sizes import size_table
+from hlwq.store.artifact import tensor_key
+from hlwq.store.atomic import atomic_path
+from hlwq.store.staging import staged_key, staged_path
+from hlwq.store.tensor_jobs import ON_NONFINITE, TensorJob, code_version, finished_row, row_path
+from hlwq.tasks.budget import budget_task
+from hlwq.tasks.disk import disk_check_task
+from hlwq.tasks.gates import tensor_gates_task
+from hlwq.tasks.inventory import detect_layout, inventory_task
+from hlwq.tasks.package import package_artifact_task
+from hlwq.tasks.quantize import RunProgress, dask_client, quantize_group, submit_units
+from hlwq.tasks.sources import FetchResult, fetch_source_task
+from hlwq.tasks.validate_output import output_gates_skip_reason, output_gates_task
 
 BLOCK_SIZE = 128
 WORKER_MEMORY_BYTES = 3 << 30        # one worker quantizing LTX-2.3's largest linear (16384 x 4096)

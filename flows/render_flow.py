@@ -21,9 +21,9 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import MissingResult
 from prefect.states import Completed, Failed, State
 
-from tasks.catalog import FAILED, append_catalog, artifact_id, completed_renders, read_catalog
-from tasks.prompts import PromptBatch, RenderRequest, load_prompts, request_key
-from tasks.render import DEFAULT_PIPELINE_FACTORY, render_task
+from hlwq.store.catalog import FAILED, append_catalog, artifact_id, completed_renders, read_catalog
+from hlwq.store.prompts import PromptBatch, RenderRequest, load_prompts, request_key
+from hlwq.tasks.render import DEFAULT_PIPELINE_FACTORY, render_task
 
 EMBEDDED_SHEETS = 24  # contact sheets embedded in the markdown artifact (bounds its size)
 THUMBNAIL_WIDTH = 640
@@ -172,7 +172,7 @@ def contact_sheet_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def thumbnail_base64(path: str) -> str:
-    from runtime.video import thumbnail_jpeg
+    from hlwq.runtime.video import thumbnail_jpeg
 
     return base64.b64encode(thumbnail_jpeg(path, THUMBNAIL_WIDTH)).decode("ascii")
 

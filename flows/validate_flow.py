@@ -12,7 +12,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.states import Completed, Failed, State
 
-from tasks.validate_output import CANDIDATE_FACTORY, failure_message, output_gates_task
+from hlwq.tasks.validate_output import CANDIDATE_FACTORY, failure_message, output_gates_task
 
 
 @flow(name="validate_artifact", flow_run_name="validate {artifact}", persist_result=False)

@@ -17,7 +17,7 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.variables import Variable
 
-from tasks.sources import latest_revision
+from hlwq.tasks.sources import latest_revision
 
 REQUANTIZE_DEPLOYMENT = "quantize_checkpoint/requantize"
 RETRIGGER_STATES = {"FAILED", "CRASHED", "CANCELLED"}

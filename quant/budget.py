@@ -33,9 +33,9 @@ from decimal import Decimal, InvalidOperation
 
 import torch
 
-from quant.codebook import MAX_BITS, MIN_BITS
-from quant.errors import BudgetError
-from quant.sizes import packed_nbytes
+from hlwq.quant.codebook import MAX_BITS, MIN_BITS
+from hlwq.quant.errors import BudgetError
+from hlwq.quant.sizes import packed_nbytes
 
 CANDIDATE_BITS = tuple(range(MIN_BITS, MAX_BITS + 1))
 SIZE_UNITS = {
@@ -123,7 +123,7 @@ class TensorOptions:
 
 def tensor_options(name: str, shape: Sequence[int], damages: Mapping[int, float],
                    block_size: int = 128, group_size: int | None = None) -> TensorOptions:
-    """Candidates of a 2-D tensor from its damage per bit width; bytes from quant.sizes."""
+    """Candidates of a 2-D tensor from its damage per bit width; bytes from hlwq.quant.sizes."""
     out_features, in_features = shape
     candidates = tuple(Candidate(bits, packed_nbytes((out_features, in_features), bits,
                                                      block_size, group_size), float(damage))

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from quant.errors import InvalidOptionError
+from hlwq.quant.errors import InvalidOptionError
 
 MIN_BITS, MAX_BITS = 2, 8
 LLOYD_ITERATIONS = 100

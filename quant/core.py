@@ -24,12 +24,12 @@ import numba
 import numpy as np
 import torch
 
-from quant import kernels
-from quant.codebook import check_bits, lloyd_max_codebook
-from quant.errors import InvalidOptionError, InvalidTensorError, NonFiniteTensorError
-from quant.hadamard import check_power_of_two
-from quant.packed import MODES, PackedTensor
-from quant.packing import packed_row_bytes
+from hlwq.quant import kernels
+from hlwq.quant.codebook import check_bits, lloyd_max_codebook
+from hlwq.quant.errors import InvalidOptionError, InvalidTensorError, NonFiniteTensorError
+from hlwq.quant.hadamard import check_power_of_two
+from hlwq.quant.packed import MODES, PackedTensor
+from hlwq.quant.packing import packed_row_bytes
 
 MIN_BLOCK, MAX_BLOCK = 32, 256
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -30,9 +30,9 @@ import numba
 import numpy as np
 import torch
 
-from quant.errors import InvalidTensorError
-from quant.packed import PackedTensor
-from quant.packing import unpack_codes
+from hlwq.quant.errors import InvalidTensorError
+from hlwq.quant.packed import PackedTensor
+from hlwq.quant.packing import unpack_codes
 
 # Below this many values per thread a split costs more than it saves.
 PARALLEL_MIN_VALUES = 1 << 19

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from quant.errors import InvalidOptionError
+from hlwq.quant.errors import InvalidOptionError
 
 
 def check_power_of_two(n: int, option: str = "block_size", low: int = 1, high: int = 1 << 16) -> None:

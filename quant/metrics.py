@@ -12,10 +12,10 @@ import math
 import numpy as np
 import torch
 
-from quant import kernels
-from quant.core import dequantize
-from quant.errors import InvalidTensorError
-from quant.packed import PackedTensor
+from hlwq.quant import kernels
+from hlwq.quant.core import dequantize
+from hlwq.quant.errors import InvalidTensorError
+from hlwq.quant.packed import PackedTensor
 
 CHUNK_VALUES = 1 << 22     # weights decoded per pass by packed_metrics (16 MiB in fp32)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from quant.codebook import check_bits
-from quant.errors import InvalidOptionError, InvalidTensorError
+from hlwq.quant.codebook import check_bits
+from hlwq.quant.errors import InvalidOptionError, InvalidTensorError
 
 
 def packed_row_bytes(n_codes: int, bits: int) -> int:

@@ -16,8 +16,8 @@ import math
 import numpy as np
 import torch
 
-from quant.errors import InvalidOptionError, InvalidTensorError
-from quant.metrics import tensor_metrics
+from hlwq.quant.errors import InvalidOptionError, InvalidTensorError
+from hlwq.quant.metrics import tensor_metrics
 
 DB_CAP = 100.0             # PSNR / SNR of identical signals
 SSIM_WINDOW = 11           # Wang et al. 2004: 11x11 Gaussian window, sigma 1.5

@@ -17,8 +17,8 @@ from typing import Self
 import torch
 from torch import nn
 
-from quant.errors import InvalidOptionError
-from quant.video_metrics import activation_error
+from hlwq.quant.errors import InvalidOptionError
+from hlwq.quant.video_metrics import activation_error
 
 STREAMS = ("video", "audio")      # the two outputs of an LTX-2 transformer block, in order
 DEFAULT_MAX_VALUES = 1 << 18

@@ -24,16 +24,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quant.artifact import Artifact, TensorRecord, open_artifact
-from quant.errors import ArtifactError, InvalidOptionError
-from runtime.ltx23_config import (
+from hlwq.quant.errors import ArtifactError, InvalidOptionError
+from hlwq.runtime.ltx23_layout import CONFIG_METADATA_KEY, build_model, model_class
+from hlwq.runtime.packed_linear import PACKED_BUFFERS, PackedLinear
+from hlwq.store.artifact import Artifact, TensorRecord, open_artifact
+from hlwq.store.ltx23_config import (
     SINGLE_FILE_COMPONENTS,
     TRANSFORMER_PREFIX,
     official_to_diffusers_key,
     real_config,
 )
-from runtime.ltx23_layout import CONFIG_METADATA_KEY, build_model, model_class
-from runtime.packed_linear import PACKED_BUFFERS, PackedLinear
 
 WEIGHT_SUFFIX = ".weight"
 

@@ -45,9 +45,9 @@ from typing import Any
 
 import torch
 
-from quant.atomic import atomic_path
-from quant.errors import CorruptCheckpointError, SourceError
-from runtime.ltx23_config import (
+from hlwq.quant.errors import CorruptCheckpointError, SourceError
+from hlwq.store.atomic import atomic_path
+from hlwq.store.ltx23_config import (
     PIPELINE_CLASSES,
     SINGLE_FILE_COMPONENTS,
     UPSAMPLER_CLASS,

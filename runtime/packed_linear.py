@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.core import check_packed
-from quant.dequant_into import decode_rotated_into
-from quant.errors import InvalidTensorError
-from quant.hadamard import hadamard_matrix
-from quant.packed import PackedTensor
-from quant.sizes import padded_in_features
-from runtime import triton_kernels
+from hlwq.quant.core import check_packed
+from hlwq.quant.dequant_into import decode_rotated_into
+from hlwq.quant.errors import InvalidTensorError
+from hlwq.quant.hadamard import hadamard_matrix
+from hlwq.quant.packed import PackedTensor
+from hlwq.quant.sizes import padded_in_features
+from hlwq.runtime import triton_kernels
 
 PACKED_BUFFERS = ("codes", "scales", "codebook")
 # Weights decoded per pass: bounds the transient buffer (32 MiB in bf16) whatever the layer;

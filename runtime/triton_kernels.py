@@ -21,8 +21,8 @@ import os
 
 import torch
 
-from quant.dequant_into import scaled_levels
-from quant.packed import PackedTensor
+from hlwq.quant.dequant_into import scaled_levels
+from hlwq.quant.packed import PackedTensor
 
 BLOCK = 1024
 

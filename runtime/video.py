@@ -17,8 +17,8 @@ import av
 import numpy as np
 from PIL import Image
 
-from quant.atomic import atomic_path, atomic_write_bytes
-from quant.errors import InvalidOptionError
+from hlwq.quant.errors import InvalidOptionError
+from hlwq.store.atomic import atomic_path, atomic_write_bytes
 
 VIDEO_CODEC = "libx264"
 AUDIO_CODEC = "aac"

@@ -37,8 +37,7 @@ import pyarrow.parquet as pq
 import torch
 from prefect import task
 
-from quant.artifact import tensor_key
-from quant.budget import (
+from hlwq.quant.budget import (
     CANDIDATE_BITS,
     Allocation,
     allocate,
@@ -51,10 +50,11 @@ from quant.budget import (
     tensor_options,
     uniform_allocation,
 )
-from quant.core import dequantize, quantize_tensor
-from quant.errors import BudgetError, CorruptCheckpointError, InvalidOptionError
-from quant.safetensors_io import torch_dtype
-from quant.sizes import DTYPE_BYTES, bits_per_weight, tensor_nbytes
+from hlwq.quant.core import dequantize, quantize_tensor
+from hlwq.quant.errors import BudgetError, CorruptCheckpointError, InvalidOptionError
+from hlwq.quant.sizes import DTYPE_BYTES, bits_per_weight, tensor_nbytes
+from hlwq.store.artifact import tensor_key
+from hlwq.store.safetensors_io import torch_dtype
 
 SCOPES = ("package", "checkpoint", "transformer")
 SCOPE_HELP = ("package: every tensor the plan lists; checkpoint: all but the text encoder "
@@ -121,7 +121,7 @@ def read_rows(path: str | os.PathLike, row: Mapping, indices: torch.Tensor) -> t
 
 def synthetic_rows(in_features: int, count: int, seed: int = 0) -> torch.Tensor:
     """Trained-looking rows of width ``in_features``: Student-t(5), outlier columns x8."""
-    from runtime.fixtures import TensorSpec, synthetic_tensor
+    from hlwq.quant.synthetic import TensorSpec, synthetic_tensor
 
     spec = TensorSpec(f"budget/synthetic/{in_features}", "weight", (count, in_features), "linear")
     return synthetic_tensor(spec, seed)
@@ -300,7 +300,7 @@ def _stats_keys(row: Mapping) -> list[str]:
     """The row's key, and its diffusers-name key for an official single-file tensor."""
     keys = [_key(row)]
     try:
-        from runtime.ltx23_config import official_to_diffusers_key
+        from hlwq.store.ltx23_config import official_to_diffusers_key
 
         component, name = official_to_diffusers_key(row["tensor"])
         keys.append(tensor_key(component, name))
@@ -412,7 +412,7 @@ def budget_task(inventory_path: str, source_root: str, target_size: str, scope: 
     """Allocate bits for ``target_size`` on a saved inventory, measuring damage on the source's
     own rows, and rewrite the inventory with the allocated bits. Returns the report (without
     the per-tensor bits: the inventory and the manifest's tensor entries hold those)."""
-    from tasks.inventory import save_inventory
+    from hlwq.tasks.inventory import save_inventory
 
     table = pq.read_table(inventory_path)
     root = Path(source_root)

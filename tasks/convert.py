@@ -27,12 +27,13 @@ from pathlib import Path, PurePosixPath
 import torch
 from prefect import task
 
-from quant.artifact import DEFAULT_MAX_SHARD_BYTES, MANIFEST_NAME, Artifact, open_artifact
-from quant.errors import ArtifactError, InvalidOptionError
-from quant.packed import PackedTensor
-from quant.packing import pack_codes, unpack_codes
-from quant.safetensors_io import read_header, read_tensor
-from quant.shard_writer import (
+from hlwq.quant.errors import ArtifactError, InvalidOptionError
+from hlwq.quant.packed import PackedTensor
+from hlwq.quant.packing import pack_codes, unpack_codes
+from hlwq.quant.sizes import original_nbytes, packed_nbytes
+from hlwq.store.artifact import DEFAULT_MAX_SHARD_BYTES, MANIFEST_NAME, Artifact, open_artifact
+from hlwq.store.safetensors_io import read_header, read_tensor
+from hlwq.store.shard_writer import (
     ShardTensor,
     file_range_chunks,
     index_bytes,
@@ -43,10 +44,9 @@ from quant.shard_writer import (
     tensor_chunks,
     write_shard,
 )
-from quant.sizes import original_nbytes, packed_nbytes
-from quant.staging import staged_key, write_staged
-from tasks.export import carry_other_files, group_metadata, rewritten_groups
-from tasks.package import (
+from hlwq.store.staging import staged_key, write_staged
+from hlwq.tasks.export import carry_other_files, group_metadata, rewritten_groups
+from hlwq.tasks.package import (
     check_output_dir,
     file_record,
     fresh_partial_dir,
@@ -217,7 +217,7 @@ _DTYPE_NAMES = {torch.uint8: "U8", torch.int8: "I8", torch.float16: "F16", torch
 def from_polarquant(polar_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
     """Package a polarquant checkpoint as an HLWQ artifact (codes moved, not requantized)."""
-    from tasks.inventory import component_of, has_model_index, layout_of, local_headers
+    from hlwq.tasks.inventory import component_of, has_model_index, layout_of, local_headers
 
     root = Path(polar_dir)
     check_output_dir(Path(out_dir))
@@ -364,7 +364,7 @@ def _codebook(parts: dict, meta: dict, block: int) -> torch.Tensor:
 
 
 def _polar_lineage(root: Path, configs: dict) -> dict:
-    from tasks.sources import fetch_source
+    from hlwq.tasks.sources import fetch_source
 
     lineage = dict(fetch_source(str(root)).lineage)
     lineage["kind"] = "polarquant"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from quant.artifact import DEFAULT_MAX_SHARD_BYTES
-from quant.errors import InsufficientDiskError
+from hlwq.quant.errors import InsufficientDiskError
+from hlwq.store.artifact import DEFAULT_MAX_SHARD_BYTES
 
 MARGIN_FRACTION = 0.02            # headroom for file system overhead and estimates
 MARGIN_MIN_BYTES = 64 << 20

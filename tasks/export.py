@@ -16,16 +16,16 @@ from pathlib import Path
 
 from prefect import task
 
-from quant.artifact import (
+from hlwq.quant.core import dequantize
+from hlwq.store.artifact import (
     DEFAULT_MAX_SHARD_BYTES,
     SHARD_FORMAT_KEY,
     Artifact,
     TensorRecord,
     open_artifact,
 )
-from quant.core import dequantize
-from quant.safetensors_io import read_header, torch_dtype
-from quant.shard_writer import (
+from hlwq.store.safetensors_io import read_header, torch_dtype
+from hlwq.store.shard_writer import (
     ShardTensor,
     file_range_chunks,
     index_bytes,
@@ -35,7 +35,7 @@ from quant.shard_writer import (
     tensor_chunks,
     write_shard,
 )
-from tasks.package import (
+from hlwq.tasks.package import (
     ADDED_ROOT_FILES,
     check_output_dir,
     file_record,

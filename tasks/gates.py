@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from quant.errors import GateFailedError, InvalidOptionError
+from hlwq.quant.errors import GateFailedError, InvalidOptionError
 
 DEFAULT_GATES_FILE = Path(__file__).with_name("gates.toml")
 TENSOR_GATE_KEYS = ("min_cosine", "max_rel_mse", "max_mean_rel_mse")

@@ -18,12 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
-from quant.atomic import atomic_path
-from quant.errors import InvalidOptionError, SourceError
-from quant.policy import BitPolicy, load_policy
-from quant.safetensors_io import SafetensorsHeader, iter_safetensors_files, read_headers
-from quant.sizes import size_table, tensor_nbytes
-from runtime.ltx23_config import TRANSFORMER_PREFIX, official_to_diffusers_key
+from hlwq.quant.errors import InvalidOptionError, SourceError
+from hlwq.quant.sizes import size_table, tensor_nbytes
+from hlwq.store.atomic import atomic_path
+from hlwq.store.ltx23_config import TRANSFORMER_PREFIX, official_to_diffusers_key
+from hlwq.store.policy import BitPolicy, load_policy
+from hlwq.store.safetensors_io import SafetensorsHeader, iter_safetensors_files, read_headers
 
 log = logging.getLogger(__name__)
 

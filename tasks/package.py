@@ -19,7 +19,9 @@ from pathlib import Path, PurePosixPath
 
 from prefect import task
 
-from quant.artifact import (
+from hlwq.quant.errors import ArtifactError, CorruptCheckpointError, InvalidOptionError
+from hlwq.quant.sizes import packed_nbytes, size_table
+from hlwq.store.artifact import (
     DEFAULT_MAX_SHARD_BYTES,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -32,11 +34,10 @@ from quant.artifact import (
     packed_part_specs,
     tensor_key,
 )
-from quant.atomic import fsync_dir
-from quant.errors import ArtifactError, CorruptCheckpointError, InvalidOptionError
-from quant.model_card import quality_summary, render_model_card
-from quant.safetensors_io import read_header
-from quant.shard_writer import (
+from hlwq.store.atomic import fsync_dir
+from hlwq.store.model_card import quality_summary, render_model_card
+from hlwq.store.safetensors_io import read_header
+from hlwq.store.shard_writer import (
     ShardTensor,
     file_range_chunks,
     group_stem,
@@ -47,8 +48,7 @@ from quant.shard_writer import (
     shard_file_names,
     write_shard,
 )
-from quant.sizes import packed_nbytes, size_table
-from quant.staging import STAGED_METADATA_KEY
+from hlwq.store.staging import STAGED_METADATA_KEY
 
 ADDED_ROOT_FILES = (MANIFEST_NAME, METRICS_NAME, MODEL_CARD_NAME)
 LINEAGE_FIELDS = ("kind", "source", "repo", "revision", "commit_sha", "commit_sha_kind")
@@ -73,7 +73,7 @@ def package_artifact(source_root: str | os.PathLike, inventory, staged: Mapping[
     - ``inventory``: the inventory (Arrow table or row dicts; ``file`` relative to
       ``source_root``) as the run finally decided it: rows with ``action ==
       "quantize"`` must have a staged result.
-    - ``staged``: ``tensor_key(component, tensor)`` -> staged file (quant/staging.py).
+    - ``staged``: ``tensor_key(component, tensor)`` -> staged file (store/staging.py).
     - ``lineage``: ``FetchResult.lineage``; its ``files`` list says which source files
       exist (all of them are carried or rewritten). Without it, every visible file
       under ``source_root`` is.
@@ -161,7 +161,7 @@ def _layout_of(inventory, root: Path) -> str:
     metadata = getattr(getattr(inventory, "schema", None), "metadata", None) or {}
     if b"layout" in metadata:
         return metadata[b"layout"].decode()
-    from tasks.inventory import detect_layout
+    from hlwq.tasks.inventory import detect_layout
 
     return detect_layout(root)
 

@@ -21,12 +21,12 @@ import psutil
 import torch
 from prefect import task
 
-from quant.errors import InvalidOptionError
-from runtime.video import write_contact_sheet, write_mp4
-from tasks.catalog import RENDERED, file_sha256
-from tasks.prompts import RenderRequest
+from hlwq.quant.errors import InvalidOptionError
+from hlwq.runtime.video import write_contact_sheet, write_mp4
+from hlwq.store.catalog import RENDERED, file_sha256
+from hlwq.store.prompts import RenderRequest
 
-DEFAULT_PIPELINE_FACTORY = "runtime.loader:load_pipeline"
+DEFAULT_PIPELINE_FACTORY = "hlwq.runtime.loader:load_pipeline"
 VIDEO_DIR, SHEET_DIR = "videos", "contact-sheets"
 
 _PIPELINES: dict[tuple, Any] = {}        # (factory, artifact, device) -> text-to-video pipeline

@@ -42,14 +42,14 @@ from huggingface_hub.utils import (
 )
 from prefect import task
 
-from quant.errors import (
+from hlwq.quant.errors import (
     AuthenticationError,
     CorruptCheckpointError,
     InvalidOptionError,
     SourceError,
 )
-from quant.safetensors_io import MAX_HEADER_BYTES, SafetensorsHeader, parse_header
-from tasks.hash_cache import file_sha256
+from hlwq.store.hash_cache import file_sha256
+from hlwq.store.safetensors_io import MAX_HEADER_BYTES, SafetensorsHeader, parse_header
 
 HUB_REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^@\s]+))?")
 HEADER_PREFETCH_BYTES = 1 << 20  # one ranged GET covers most headers, even LTX-2.3's config

@@ -1,6 +1,6 @@
 """Output gates: does the packed model still make the same videos as its source?
 
-Every prompt of a versioned suite (``tasks/prompt_suite/v1.jsonl``) is rendered by the source
+Every prompt of a versioned suite (``store/prompt_suite/v1.jsonl``) is rendered by the source
 model and by the packed artifact with the same seed and settings. Per prompt the renders are
 compared (quant/video_metrics.py): per-frame PSNR and SSIM (mean and worst frame), temporal
 stability, waveform SNR and log-mel distance of the audio, relative error of the final latents,
@@ -10,7 +10,7 @@ names the prompts and the blocks.
 
 The two models never sit in memory together: the source renders every prompt first (kept
 in ``work_dir``, reusable across artifacts of the same source), is released, then the
-artifact renders. The report (tasks/report.py) goes to ``ARTIFACT/validation/`` by default and
+artifact renders. The report (runtime/report.py) goes to ``ARTIFACT/validation/`` by default and
 ``record_output_gates`` lists it in the manifest with the verdict.
 """
 
@@ -33,19 +33,18 @@ from prefect import get_run_logger, task
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from quant.artifact import MANIFEST_NAME, MODEL_CARD_NAME, manifest_bytes, read_manifest
-from quant.atomic import atomic_path, atomic_write_bytes, atomic_write_text
-from quant.errors import GateFailedError, InvalidOptionError, SourceError
-from quant.video_metrics import audio_metrics, relative_error, video_metrics
-from runtime.block_probe import BlockProbe, compare_block_outputs
-from tasks.gates import load_gate_config
-from tasks.package import file_record, fresh_partial_dir, replace_directory
-from tasks.prompts import FRAME_STEP, SIDE_MULTIPLE, RenderRequest, load_prompts
-from tasks.render import audio_sample_rate, render_arguments, resolve_device, resolve_factory
+from hlwq.quant.errors import GateFailedError, InvalidOptionError, SourceError
+from hlwq.quant.video_metrics import audio_metrics, relative_error, video_metrics
+from hlwq.runtime.block_probe import BlockProbe, compare_block_outputs
+from hlwq.store.artifact import MANIFEST_NAME, MODEL_CARD_NAME, manifest_bytes, read_manifest
+from hlwq.store.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from hlwq.store.prompts import DEFAULT_SUITE, FRAME_STEP, SIDE_MULTIPLE, RenderRequest, load_prompts
+from hlwq.tasks.gates import load_gate_config
+from hlwq.tasks.package import file_record, fresh_partial_dir, replace_directory
+from hlwq.tasks.render import audio_sample_rate, render_arguments, resolve_device, resolve_factory
 
-DEFAULT_SUITE = Path(__file__).with_name("prompt_suite") / "v1.jsonl"
-SOURCE_FACTORY = "runtime.ltx23_layout:load_ltx23_pipeline"
-CANDIDATE_FACTORY = "runtime.loader:load_pipeline"
+SOURCE_FACTORY = "hlwq.runtime.ltx23_layout:load_ltx23_pipeline"
+CANDIDATE_FACTORY = "hlwq.runtime.loader:load_pipeline"
 REPORT_DIR = "validation"
 RESULTS_NAME = "results.json"
 # What LTX2Pipeline needs to render: a source without all of them (a transformer alone)
@@ -227,7 +226,7 @@ def renderable_source(root: str | os.PathLike) -> str | None:
             return f"{index}: unreadable ({exc})"
         missing = [part for part in PIPELINE_PARTS if part not in names or not (root / part).is_dir()]
     else:
-        from runtime.ltx23_layout import find_single_file
+        from hlwq.runtime.ltx23_layout import find_single_file
 
         if not root.is_dir() or find_single_file(root) is None:
             return f"{root}: neither a diffusers pipeline folder nor an LTX-2.3 single-file folder"
@@ -382,7 +381,7 @@ def run_output_gates(source_root: str | os.PathLike, candidate: str | os.PathLik
 
 def _compare_and_report(source_root, candidate, suite, requests, gates, source_paths,
                         candidate_paths, report_dir: Path, device: str) -> dict:
-    from tasks.report import REPORT_NAME, SHEET_DIR, write_comparison_sheet, write_report
+    from hlwq.runtime.report import REPORT_NAME, SHEET_DIR, write_comparison_sheet, write_report
 
     partial = fresh_partial_dir(report_dir)
     try:
@@ -417,7 +416,7 @@ def gate_results(prompts: dict[str, dict], gates: dict[str, OutputGate], **ident
 
 
 def metrics_path(candidate: str | os.PathLike) -> Path | None:
-    from quant.artifact import METRICS_NAME
+    from hlwq.store.artifact import METRICS_NAME
 
     path = Path(candidate) / METRICS_NAME
     return path if path.is_file() else None
@@ -447,7 +446,7 @@ def record_output_gates(artifact_dir: str | os.PathLike, results: dict) -> dict:
     output gates passed. The model card is regenerated (it states the verdict); the manifest
     is written last, atomically. Returns the new ``validation`` section.
     """
-    from quant.model_card import quality_summary, render_model_card
+    from hlwq.store.model_card import quality_summary, render_model_card
 
     artifact = Path(artifact_dir)
     manifest = read_manifest(artifact)
@@ -500,7 +499,7 @@ def output_gates_task(source_root: str, artifact: str, suite: str | None = None,
     Raises GateFailedError when a gate fails and ``enforce`` (after recording: the artifact
     then says ``validated: false`` and holds the report that explains why).
     """
-    from tasks.report import publish_report
+    from hlwq.runtime.report import publish_report
 
     results = run_output_gates(source_root, artifact, suite, gates_file=gates_file,
                                report_dir=report_dir, work_dir=work_dir, device=device,

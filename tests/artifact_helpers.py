@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from quant.artifact import tensor_key
-from quant.core import dequantize, quantize_tensor
-from quant.metrics import tensor_metrics
-from quant.policy import load_policy
-from quant.safetensors_io import read_header, read_tensor
-from quant.staging import staged_key, write_staged
+from hlwq.quant.core import dequantize, quantize_tensor
+from hlwq.quant.metrics import tensor_metrics
+from hlwq.store.artifact import tensor_key
+from hlwq.store.policy import load_policy
+from hlwq.store.safetensors_io import read_header, read_tensor
+from hlwq.store.staging import staged_key, write_staged
 
 POLICY_TOML = """
 name = "test-transformer"
@@ -96,8 +96,8 @@ def quantize_source(root: Path, staging: Path, bits: int = 5, group_size: int | 
     ``reference`` mode by default: it is the fast encoder (the refined search costs
     about a second per small tensor on a loaded machine) and the format is the same.
     Returns (fetch result, inventory table, staged mapping, metrics rows)."""
-    from tasks.inventory import build_inventory
-    from tasks.sources import fetch_source
+    from hlwq.tasks.inventory import build_inventory
+    from hlwq.tasks.sources import fetch_source
 
     fetched = fetch_source(str(root))
     policy = load_policy(policy or write_policy(staging.parent), bits=bits)
@@ -121,7 +121,7 @@ def quantize_source(root: Path, staging: Path, bits: int = 5, group_size: int | 
 
 def package_source(root: Path, out: Path, staging: Path, remove_staged: bool = False,
                    mode: str = "reference", policy: str | None = None, **options):
-    from tasks.package import package_artifact
+    from hlwq.tasks.package import package_artifact
 
     fetched, inventory, staged, metrics = quantize_source(root, staging, mode=mode, policy=policy)
     package_artifact(fetched.root, inventory, staged, out, lineage=fetched.lineage,

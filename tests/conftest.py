@@ -13,6 +13,6 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Imported after PREFECT_HOME is set, so Prefect reads the private home.
-from flows.prefect_env import configure_prefect
+from hlwq.cli.prefect_env import configure_prefect
 
 configure_prefect()

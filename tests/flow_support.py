@@ -70,7 +70,7 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 def hlwq_command(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from flows.cli import main; main()", *args]
+    return [sys.executable, "-c", "from hlwq.cli.main import main; main()", *args]
 
 
 def cli_env(prefect_home: Path) -> dict[str, str]:

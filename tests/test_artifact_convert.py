@@ -12,12 +12,12 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from flows.commands.artifact import convert
-from quant.artifact import open_artifact, verify_artifact
-from quant.core import dequantize
-from quant.errors import InvalidOptionError
-from tasks.convert import POLAR_CONFIG, from_polarquant, to_polarquant
-from tasks.package import package_artifact
+from hlwq.cli.commands.artifact import convert
+from hlwq.quant.core import dequantize
+from hlwq.quant.errors import InvalidOptionError
+from hlwq.store.artifact import open_artifact, verify_artifact
+from hlwq.tasks.convert import POLAR_CONFIG, from_polarquant, to_polarquant
+from hlwq.tasks.package import package_artifact
 
 polar_packing = pytest.importorskip("polarengine_vllm.packing")
 polar_converter = pytest.importorskip("polarengine_vllm.weight_converter")
@@ -104,8 +104,8 @@ def test_checkpoint_in_polarquant_layout_converts_to_hlwq(tmp_path):
     """A folder laid out the way polarquant's quantize_model writes one: unpacked codes packed
     by polarquant's own packers, norms, ct_scaled, polar_config.json. (Codes come from our
     reference encoder, which matches polarquant's: importing its quantizer costs 5 s.)"""
-    from quant.core import quantize_tensor
-    from quant.packing import unpack_codes
+    from hlwq.quant.core import quantize_tensor
+    from hlwq.quant.packing import unpack_codes
 
     generator = torch.Generator().manual_seed(3)
     weights = {"layers.0.mlp.up.weight": (torch.randn(32, 384, generator=generator), 5),

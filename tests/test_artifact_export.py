@@ -15,11 +15,11 @@ from artifact_helpers import (
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from flows.commands.artifact import export_dequantized as export_command
-from quant.artifact import open_artifact
-from quant.core import dequantize
-from quant.safetensors_io import read_header
-from tasks.export import export_dequantized
+from hlwq.cli.commands.artifact import export_dequantized as export_command
+from hlwq.quant.core import dequantize
+from hlwq.store.artifact import open_artifact
+from hlwq.store.safetensors_io import read_header
+from hlwq.tasks.export import export_dequantized
 
 
 def _assert_export_matches(artifact_dir, exported_file, artifact_file_prefix):
@@ -88,7 +88,7 @@ def test_export_single_file_layout_is_one_file_with_config(tmp_path):
 
 
 def test_export_refuses_an_unsound_artifact(tmp_path):
-    from quant.errors import ArtifactError
+    from hlwq.quant.errors import ArtifactError
 
     source = make_diffusers_source(tmp_path / "src")
     (tmp_path / "staging").mkdir()

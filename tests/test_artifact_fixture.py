@@ -4,16 +4,16 @@ import pytest
 import torch
 from artifact_helpers import POLICY_TOML, package_source
 
-from quant.artifact import open_artifact, verify_artifact
-from quant.core import dequantize
-from quant.safetensors_io import read_header, read_tensor
-from tasks.export import export_dequantized
+from hlwq.quant.core import dequantize
+from hlwq.store.artifact import open_artifact, verify_artifact
+from hlwq.store.safetensors_io import read_header, read_tensor
+from hlwq.tasks.export import export_dequantized
 
 pytestmark = pytest.mark.slow
 
 
 def test_tiny_single_file_fixture_round_trip(tmp_path):
-    from runtime.fixtures import load_tiny_pipeline, make_tiny_ltx23
+    from hlwq.testing.fixtures import load_tiny_pipeline, make_tiny_ltx23
 
     source = make_tiny_ltx23(tmp_path / "tiny", single_file=True)
     (tmp_path / "staging").mkdir()

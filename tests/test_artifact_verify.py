@@ -8,8 +8,9 @@ import pytest
 from artifact_helpers import make_diffusers_source, package_source
 from click.testing import CliRunner
 
-from flows.commands.artifact import inspect, parse_byte_size, verify
-from quant.artifact import (
+from hlwq.cli.commands.artifact import inspect, parse_byte_size, verify
+from hlwq.quant.errors import ArtifactError, InvalidOptionError, UnsafePathError
+from hlwq.store.artifact import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     open_artifact,
@@ -17,7 +18,6 @@ from quant.artifact import (
     safe_relative_path,
     verify_artifact,
 )
-from quant.errors import ArtifactError, InvalidOptionError, UnsafePathError
 
 SHARD = "transformer/diffusion_pytorch_model.safetensors"
 
@@ -147,7 +147,7 @@ def test_manifest_symlinked_from_outside_is_refused(art, tmp_path):
 
 
 def test_outputs_never_replace_unrelated_directories(art, tmp_path):
-    from tasks.export import export_dequantized
+    from hlwq.tasks.export import export_dequantized
 
     keep = tmp_path / "precious"
     keep.mkdir()

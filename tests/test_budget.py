@@ -3,7 +3,7 @@ import json
 import math
 import random
 
-from flows.prefect_env import configure_prefect
+from hlwq.cli.prefect_env import configure_prefect
 
 configure_prefect()  # before Prefect loads its settings: the ephemeral API's longer start timeout
 
@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from flows.cli import cli
-from quant.budget import (
+from hlwq.cli.main import cli
+from hlwq.quant.budget import (
     Candidate,
     TensorOptions,
     allocate,
@@ -27,10 +27,10 @@ from quant.budget import (
     smallest_size,
     tensor_options,
 )
-from quant.core import dequantize, quantize_tensor
-from quant.errors import BudgetError, InvalidOptionError
-from quant.sizes import packed_nbytes, size_table
-from tasks.budget import (
+from hlwq.quant.core import dequantize, quantize_tensor
+from hlwq.quant.errors import BudgetError, InvalidOptionError
+from hlwq.quant.sizes import packed_nbytes, size_table
+from hlwq.tasks.budget import (
     activation_stats,
     allocate_rows,
     measure_damages,
@@ -38,7 +38,7 @@ from tasks.budget import (
     read_rows,
     rows_in_scope,
 )
-from tasks.inventory import build_inventory
+from hlwq.tasks.inventory import build_inventory
 
 OFFICIAL = "model.diffusion_model."
 
@@ -218,7 +218,7 @@ def test_read_rows_reads_only_the_sampled_rows(small_checkpoint):
 
 
 def test_measured_damage_allocation_fits_and_prefers_the_edges(small_checkpoint):
-    from tasks.budget import file_sampler
+    from hlwq.tasks.budget import file_sampler
 
     rows = build_inventory(small_checkpoint, "ltx23").to_pylist()
     quantized = [r for r in rows if r["action"] == "quantize"]
@@ -316,8 +316,8 @@ def test_quantize_flow_with_a_size_budget(tmp_path):
     from distributed import LocalCluster
     from flow_support import write_diffusers_checkpoint
 
-    from flows.quantize_flow import run_quantize
-    from quant.artifact import read_manifest, verify_artifact
+    from hlwq.flows.quantize_flow import run_quantize
+    from hlwq.store.artifact import read_manifest, verify_artifact
 
     source = write_diffusers_checkpoint(tmp_path / "ckpt", layers=2, width=128)
     rows = build_inventory(source, "ltx23").to_pylist()

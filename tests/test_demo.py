@@ -10,8 +10,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from flows.commands.serve import start_server, stop_server
-from runtime.video import probe_mp4
+from hlwq.cli.commands.serve import start_server, stop_server
+from hlwq.runtime.video import probe_mp4
 
 HLWQ = str(Path(sys.executable).parent / "hlwq")
 

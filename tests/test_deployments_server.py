@@ -16,17 +16,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.definitions import NIGHTLY_CRON, DeploymentSettings, build_deployments
-from flows.commands.demo import DEMO_PROMPTS, DEMO_SIZE
-from flows.commands.serve import (
+from hlwq.cli.commands.demo import DEMO_PROMPTS, DEMO_SIZE
+from hlwq.cli.commands.serve import (
     PrefectServerError,
     api_healthy,
     read_server,
     start_server,
     stop_server,
 )
-from flows.watch_flow import artifact_output, state_variable_name
-from quant.errors import InvalidOptionError
+from hlwq.deployments.definitions import NIGHTLY_CRON, DeploymentSettings, build_deployments
+from hlwq.flows.watch_flow import artifact_output, state_variable_name
+from hlwq.quant.errors import InvalidOptionError
 
 REPO = Path(__file__).resolve().parents[1]
 HLWQ = str(Path(sys.executable).parent / "hlwq")
@@ -39,7 +39,7 @@ def test_prefect_yaml_declares_the_deployments_hlwq_serve_serves():
     assert declared.keys() == served.keys() == {"requantize", "watch-upstream", "nightly-render"}
     for name, deployment in served.items():
         path, function = declared[name]["entrypoint"].split(":")
-        assert deployment.entrypoint == path.removesuffix(".py").replace("/", ".") + "." + function
+        assert deployment.entrypoint == "hlwq." + path.removesuffix(".py").replace("/", ".") + "." + function
         assert declared[name]["parameters"] == deployment.parameters
         assert declared[name]["work_pool"]["name"] == "hlwq-process"
     assert declared["nightly-render"]["schedules"] == [{"cron": NIGHTLY_CRON, "timezone": "UTC"}]
@@ -129,9 +129,9 @@ def test_served_deployments_watch_requantize_and_render_nightly(tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from runtime.fixtures import make_tiny_ltx23
-    from runtime.video import probe_mp4
-    from tasks.catalog import read_catalog
+    from hlwq.runtime.video import probe_mp4
+    from hlwq.store.catalog import read_catalog
+    from hlwq.testing.fixtures import make_tiny_ltx23
 
     source = make_tiny_ltx23(tmp_path / "tiny")
     prompts = tmp_path / "nightly.jsonl"

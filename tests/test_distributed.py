@@ -19,7 +19,7 @@ from flow_support import (
     write_diffusers_checkpoint,
 )
 
-from flows.quantize_flow import run_quantize
+from hlwq.flows.quantize_flow import run_quantize
 
 pytestmark = pytest.mark.slow
 DASK = Path(sys.executable).parent / "dask"

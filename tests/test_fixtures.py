@@ -11,20 +11,17 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from quant.errors import CorruptCheckpointError, InvalidOptionError, SourceError
-from quant.sizes import packed_nbytes
-from runtime import fixtures
-from runtime.fixtures import (
-    SINGLE_FILE_NAME,
-    TensorSpec,
-    load_tiny_pipeline,
-    load_tiny_upsampler,
-    make_tiny_ltx23,
-    make_transformer_checkpoint,
-    synthetic_tensor,
-    tensor_kind,
+from hlwq.quant.errors import CorruptCheckpointError, InvalidOptionError, SourceError
+from hlwq.quant.sizes import packed_nbytes
+from hlwq.testing import fixtures
+from hlwq.runtime.ltx23_layout import (
+    build_model,
+    checkpoint_tensors,
+    load_ltx23_pipeline,
+    load_single_file,
+    ltx23_22b_package_rows,
 )
-from runtime.ltx23_config import (
+from hlwq.store.ltx23_config import (
     BLOCK_LINEAR_PATTERN,
     LTX23_TRANSFORMER,
     SINGLE_FILE_COMPONENTS,
@@ -34,12 +31,15 @@ from runtime.ltx23_config import (
     real_width_transformer_config,
     tiny_config,
 )
-from runtime.ltx23_layout import (
-    build_model,
-    checkpoint_tensors,
-    load_ltx23_pipeline,
-    load_single_file,
-    ltx23_22b_package_rows,
+from hlwq.testing.fixtures import (
+    SINGLE_FILE_NAME,
+    TensorSpec,
+    load_tiny_pipeline,
+    load_tiny_upsampler,
+    make_tiny_ltx23,
+    make_transformer_checkpoint,
+    synthetic_tensor,
+    tensor_kind,
 )
 
 RENDER = {"prompt": "a red fox runs through fresh snow", "negative_prompt": "", "num_frames": 9,
@@ -356,7 +356,7 @@ def test_bad_inputs(tmp_path):
 
 
 def test_cli_fixture_commands(tmp_path, monkeypatch):
-    from flows.cli import cli
+    from hlwq.cli.main import cli
 
     runner = CliRunner()
     result = runner.invoke(cli, ["fixture", "ltx23-tiny", str(tmp_path / "tiny"), "--single-file",

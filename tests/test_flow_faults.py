@@ -39,7 +39,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(checkpoint, tmp_path_factory):
     """The artifact of an uninterrupted run (in-process: the same flow, one process start less)."""
-    from flows.quantize_flow import run_quantize
+    from hlwq.flows.quantize_flow import run_quantize
 
     out = tmp_path_factory.mktemp("reference") / "artifact"
     with patient_prefect():

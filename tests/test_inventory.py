@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from quant.errors import CorruptCheckpointError, SourceError
-from quant.policy import load_policy
-from quant.safetensors_io import read_header
-from quant.sizes import packed_nbytes
-from tasks.inventory import (
+from hlwq.quant.errors import CorruptCheckpointError, SourceError
+from hlwq.quant.sizes import packed_nbytes
+from hlwq.store.policy import load_policy
+from hlwq.store.safetensors_io import read_header
+from hlwq.tasks.inventory import (
     INVENTORY_SCHEMA,
     build_inventory,
     component_of,
@@ -70,7 +70,7 @@ def test_detect_layouts(tmp_path, caplog):
     assert detect_layout(config_only.parent) == "ltx23-single"
     assert detect_layout(diffusers_folder(tmp_path / "pipe")) == "diffusers"
     other = save(tmp_path / "gpt" / "model.safetensors", {"h.0.mlp.weight": (4, 4)})
-    with caplog.at_level(logging.WARNING, logger="tasks.inventory"):
+    with caplog.at_level(logging.WARNING, logger="hlwq.tasks.inventory"):
         assert detect_layout(other) == "generic"
     assert "layout not recognised" in caplog.text and "generic" in caplog.text
 

@@ -6,11 +6,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from flows.cli import cli
-from flows.commands.plan import format_bytes, format_count
-from quant.errors import InvalidOptionError, PolicyError, SourceError
-from quant.safetensors_io import read_header
-from quant.sizes import packed_nbytes, size_table
+from hlwq.cli.commands.plan import format_bytes, format_count
+from hlwq.cli.main import cli
+from hlwq.quant.errors import InvalidOptionError, PolicyError, SourceError
+from hlwq.quant.sizes import packed_nbytes, size_table
+from hlwq.store.safetensors_io import read_header
 
 OFFICIAL = "model.diffusion_model."
 
@@ -114,8 +114,8 @@ def test_plan_policy_options(single_file, tmp_path):
 
 
 def test_plan_of_hub_repo_reads_headers_only(single_file, monkeypatch):
-    """The Hub path: the repo's file list and headers come from tasks.sources (HTTP Range there)."""
-    from tasks import sources
+    """The Hub path: the repo's file list and headers come from hlwq.tasks.sources (HTTP Range there)."""
+    from hlwq.tasks import sources
 
     calls = []
 
@@ -142,7 +142,7 @@ def test_plan_of_hub_repo_reads_headers_only(single_file, monkeypatch):
 
 def test_plan_real_ltx23_transformer_layout(monkeypatch):
     """--layout ltx23-22b reads no source: the real transformer built on the meta device."""
-    from runtime import ltx23_layout as layout
+    from hlwq.runtime import ltx23_layout as layout
 
     real_rows = layout.ltx23_22b_package_rows
     monkeypatch.setattr(layout, "ltx23_22b_package_rows",

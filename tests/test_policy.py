@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from quant.errors import InvalidOptionError, PolicyError
-from quant.policy import Decision, builtin_policies, load_policy
+from hlwq.quant.errors import InvalidOptionError, PolicyError
+from hlwq.store.policy import Decision, builtin_policies, load_policy
 
 ATTENTIONS = ("attn1", "attn2", "audio_attn1", "audio_attn2", "audio_to_video_attn",
               "video_to_audio_attn")
@@ -84,7 +84,7 @@ def test_every_tensor_of_a_real_ltx2_transformer(ltx23):
     per block, and a specific reason for every kept tensor."""
     from diffusers import LTX2VideoTransformer3DModel
 
-    from runtime.ltx23_config import diffusers_to_official_key
+    from hlwq.store.ltx23_config import diffusers_to_official_key
 
     with torch.device("meta"):
         model = LTX2VideoTransformer3DModel(

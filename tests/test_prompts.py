@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from quant.errors import PromptFileError
-from tasks.prompts import DEFAULTS, load_prompts, request_key
+from hlwq.quant.errors import PromptFileError
+from hlwq.store.prompts import DEFAULTS, load_prompts, request_key
 
 GOOD = {"id": "cat", "prompt": "a cat on a sofa", "negative_prompt": "blurry", "seed": 7, "width": 64,
         "height": 32, "frames": 17, "fps": 12, "steps": 3, "guidance": 1.5}

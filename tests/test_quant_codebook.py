@@ -4,8 +4,8 @@ import pytest
 import torch
 from polarengine_vllm.utils import get_centroids
 
-from quant.codebook import lloyd_max_codebook
-from quant.errors import InvalidOptionError
+from hlwq.quant.codebook import lloyd_max_codebook
+from hlwq.quant.errors import InvalidOptionError
 
 
 @pytest.mark.parametrize("bits", range(2, 7))

@@ -10,12 +10,12 @@ from hypothesis import strategies as st
 from polarengine_vllm import utils as polar_utils
 from polarengine_vllm.quantizer import PolarQuantizer
 
-from quant.codebook import lloyd_max_codebook
-from quant.core import dequantize, quantize_tensor, validate_weight
-from quant.errors import InvalidOptionError, InvalidTensorError, NonFiniteTensorError
-from quant.hadamard import hadamard_matrix
-from quant.metrics import tensor_metrics
-from quant.packing import unpack_codes
+from hlwq.quant.codebook import lloyd_max_codebook
+from hlwq.quant.core import dequantize, quantize_tensor, validate_weight
+from hlwq.quant.errors import InvalidOptionError, InvalidTensorError, NonFiniteTensorError
+from hlwq.quant.hadamard import hadamard_matrix
+from hlwq.quant.metrics import tensor_metrics
+from hlwq.quant.packing import unpack_codes
 
 
 def heavy_tailed(rows, cols, seed=0, dtype=torch.bfloat16):
@@ -292,7 +292,7 @@ def test_inconsistent_packed_tensor_is_rejected_before_decoding(field, value, me
 
 def test_kernels_leave_torch_thread_count_alone():
     """numba's OpenMP layer resets the shared thread count; the kernels put torch's back."""
-    from quant.metrics import tensor_metrics
+    from hlwq.quant.metrics import tensor_metrics
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)

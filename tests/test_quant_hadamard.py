@@ -4,8 +4,8 @@ import pytest
 import torch
 from polarengine_vllm.quantizer import build_hadamard
 
-from quant.errors import InvalidOptionError
-from quant.hadamard import fwht, hadamard_matrix
+from hlwq.quant.errors import InvalidOptionError
+from hlwq.quant.hadamard import fwht, hadamard_matrix
 
 
 @pytest.mark.parametrize("n", [1, 2, 32, 64, 128, 256])

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from quant.errors import InvalidTensorError
-from quant.metrics import tensor_metrics
+from hlwq.quant.errors import InvalidTensorError
+from hlwq.quant.metrics import tensor_metrics
 
 
 def test_known_values():
@@ -62,8 +62,8 @@ def test_matches_float64_torch_for_any_rank_and_dtype(shape, dtypes):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("chunk", [1 << 22, 3 * 200])   # one pass; 3 rows a pass, last one short
 def test_packed_metrics_equal_metrics_of_the_whole_dequantized_weight(dtype, chunk, monkeypatch):
-    from quant import metrics
-    from quant.core import dequantize, quantize_tensor
+    from hlwq.quant import metrics
+    from hlwq.quant.core import dequantize, quantize_tensor
 
     monkeypatch.setattr(metrics, "CHUNK_VALUES", chunk)
     weight = torch.randn(17, 200, generator=torch.Generator().manual_seed(3)).to(dtype)

@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from polarengine_vllm.packing import pack_codes_q5, unpack_codes_q5
 
-from quant.errors import InvalidOptionError, InvalidTensorError
-from quant.packing import pack_codes, packed_row_bytes, unpack_codes
+from hlwq.quant.errors import InvalidOptionError, InvalidTensorError
+from hlwq.quant.packing import pack_codes, packed_row_bytes, unpack_codes
 
 
 def test_q5_layout_is_byte_identical_to_reference():

@@ -19,19 +19,19 @@ import torch
 from flow_support import patient_prefect, write_diffusers_checkpoint, write_generic_file
 from safetensors.torch import load_file, save_file
 
-from flows.quantize_flow import group_of, plan_jobs, run_quantize
-from quant.artifact import open_artifact, read_manifest, verify_artifact
-from quant.core import quantize_tensor
-from quant.errors import (
+from hlwq.flows.quantize_flow import group_of, plan_jobs, run_quantize
+from hlwq.quant.core import quantize_tensor
+from hlwq.quant.errors import (
     GateFailedError,
     HLWQError,
     InsufficientDiskError,
     InvalidOptionError,
     NonFiniteTensorError,
 )
-from tasks.disk import DiskEstimate, check_disk, estimate_disk
-from tasks.gates import check_tensor_gates, load_gate_config, tensor_gates
-from tasks.quantize import TensorJob
+from hlwq.store.artifact import open_artifact, read_manifest, verify_artifact
+from hlwq.store.tensor_jobs import TensorJob
+from hlwq.tasks.disk import DiskEstimate, check_disk, estimate_disk
+from hlwq.tasks.gates import check_tensor_gates, load_gate_config, tensor_gates
 
 TRANSFORMER_FILE = "transformer/diffusion_pytorch_model.safetensors"
 QUANTIZED_PER_LAYER = 10          # 8 attention projections + 2 feed-forward linears
@@ -218,7 +218,7 @@ def test_disk_refusal_happens_before_any_work(checkpoint, tmp_path, cluster, mon
 def test_cli_rejects_bad_options_with_a_clear_message(tmp_path):
     from click.testing import CliRunner
 
-    from flows.commands.quantize import quantize
+    from hlwq.cli.commands.quantize import quantize
 
     result = CliRunner().invoke(quantize, ["x", "--out", str(tmp_path / "o"), "--mode", "fast"])
     assert result.exit_code == 2 and "'fast' is not one of 'refined', 'reference'" in result.output
@@ -228,7 +228,7 @@ def test_cli_rejects_bad_options_with_a_clear_message(tmp_path):
 
 
 def test_tiny_ltx23_single_file(tmp_path, cluster):
-    from runtime.fixtures import make_tiny_ltx23
+    from hlwq.testing.fixtures import make_tiny_ltx23
 
     source = make_tiny_ltx23(tmp_path / "tiny", single_file=True)
     # Like the real repo, the folder holds a second checkpoint of the same model.
@@ -253,8 +253,8 @@ def test_transient_io_error_is_retried_with_backoff(tmp_path, cluster):
     from prefect import flow
     from prefect_dask import DaskTaskRunner
 
-    from quant.safetensors_io import read_header
-    from tasks.quantize_group import quantize_group
+    from hlwq.store.safetensors_io import read_header
+    from hlwq.tasks.quantize import quantize_group
 
     source = write_generic_file(tmp_path / "model.safetensors")
     entry = read_header(source).tensors["layers.0.mlp.up.weight"]
@@ -273,3 +273,23 @@ def test_transient_io_error_is_retried_with_backoff(tmp_path, cluster):
     (row,) = one_group()["rows"]
     assert row["cosine"] > 0.998 and not row["skipped"]
     assert time.monotonic() - started >= 2.0, "the first retry waits 2 s"
+
+
+# Measured before the restructuring into store/ and the hlwq namespace: the tiny fixture
+# (seed 0), Q5, default policy and encoder, every shard of the artifact in path order.
+TINY_Q5_SHARDS_SHA256 = "c7981d3b77cc926074053d80dcc7ff2ca4994dd04996cd33ba06cfe151161f78"
+
+
+@pytest.mark.slow
+def test_tiny_fixture_q5_shards_are_byte_identical_to_the_pinned_ones(tmp_path, cluster):
+    import hashlib
+
+    from hlwq.testing.fixtures import make_tiny_ltx23
+
+    source = make_tiny_ltx23(tmp_path / "tiny")
+    out = tmp_path / "artifact"
+    run_quantize(str(source), str(out), dask_address=cluster, bits=5, gates=False)
+    digest = hashlib.sha256()
+    for shard in sorted(out.rglob("*.safetensors"), key=lambda p: str(p.relative_to(out))):
+        digest.update(shard.read_bytes())
+    assert digest.hexdigest() == TINY_Q5_SHARDS_SHA256

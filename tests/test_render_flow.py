@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from flows.prefect_env import configure_prefect
+from hlwq.cli.prefect_env import configure_prefect
 
 configure_prefect()  # before Prefect loads its settings: the ephemeral API's longer start timeout
 
-from runtime.video import probe_mp4
-from tasks import render as render_module
-from tasks.catalog import read_catalog
+from hlwq.runtime.video import probe_mp4
+from hlwq.store.catalog import read_catalog
+from hlwq.tasks import render as render_module
 
 ATTEMPTS: dict[str, int] = {}
 
@@ -66,7 +66,7 @@ def write_prompts(path, rows):
 
 
 def run_batch(artifact, prompts, out, **options):
-    from flows.render_flow import render_batch
+    from hlwq.flows.render_flow import render_batch
 
     return render_batch(str(artifact), str(prompts), str(out), retries=1, retry_delay_s=0,
                         pipeline_factory=FACTORY, return_state=True, **options)
@@ -161,7 +161,7 @@ def test_a_clean_batch_completes_and_a_new_artifact_renders_again(tmp_path, fake
 
 
 def test_missing_manifest_and_unimportable_factory_are_named(tmp_path):
-    from quant.errors import ArtifactError, InvalidOptionError
+    from hlwq.quant.errors import ArtifactError, InvalidOptionError
 
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "one", "width": 32, "height": 32, "frames": 9}])
     with pytest.raises(ArtifactError, match="no manifest.json"):
@@ -172,7 +172,7 @@ def test_missing_manifest_and_unimportable_factory_are_named(tmp_path):
 
 def tiny_fixture_factory(artifact, device, dtype):
     """The real diffusers LTX-2.3 pipeline of the tiny fixture (unquantized)."""
-    from runtime.fixtures import load_tiny_pipeline
+    from hlwq.testing.fixtures import load_tiny_pipeline
 
     pipeline = load_tiny_pipeline(artifact, dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
@@ -182,7 +182,7 @@ def tiny_fixture_factory(artifact, device, dtype):
 @pytest.mark.slow
 def test_real_tiny_pipeline_writes_video_with_its_audio(tmp_path):
     """Text- and image-to-video through diffusers' LTX-2 pipelines: frames, audio and its rate."""
-    from runtime.fixtures import make_tiny_ltx23
+    from hlwq.testing.fixtures import make_tiny_ltx23
 
     render_module.clear_pipeline_cache()
     model = make_tiny_ltx23(tmp_path / "tiny")
@@ -192,7 +192,7 @@ def test_real_tiny_pipeline_writes_video_with_its_audio(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", [{"id": "t2v", "prompt": "a red fox", **size},
                                                    {"id": "i2v", "prompt": "a green field", **size,
                                                     "image": "start.png"}])
-    from flows.render_flow import render_batch
+    from hlwq.flows.render_flow import render_batch
 
     state = render_batch(str(model), str(prompts), str(tmp_path / "out"), device="cpu", retries=0,
                          pipeline_factory=f"{__name__}:tiny_fixture_factory", return_state=True)

@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tasks.gates import load_gate_config
-from tasks.report import PLOT_DIR, SHEET_DIR, write_comparison_sheet, write_report
-from tasks.validate_output import compare_renderings, gate_results, output_gates
+from hlwq.runtime.report import PLOT_DIR, SHEET_DIR, write_comparison_sheet, write_report
+from hlwq.tasks.gates import load_gate_config
+from hlwq.tasks.validate_output import compare_renderings, gate_results, output_gates
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(

@@ -11,14 +11,14 @@ import pytest
 import torch
 from artifact_helpers import quantize_source
 
-import quant.core
-from quant.artifact import tensor_key
-from quant.errors import ArtifactError, InvalidOptionError
-from runtime.fixtures import load_tiny_pipeline, make_tiny_ltx23
-from runtime.loader import load_component, load_pipeline
-from runtime.packed_linear import PackedLinear
-from tasks.export import export_dequantized
-from tasks.package import package_artifact
+import hlwq.quant.core
+from hlwq.quant.errors import ArtifactError, InvalidOptionError
+from hlwq.runtime.loader import load_component, load_pipeline
+from hlwq.runtime.packed_linear import PackedLinear
+from hlwq.store.artifact import tensor_key
+from hlwq.tasks.export import export_dequantized
+from hlwq.tasks.package import package_artifact
+from hlwq.testing.fixtures import load_tiny_pipeline, make_tiny_ltx23
 
 LAYOUTS = ("diffusers", "single_file")
 BLOCK_LINEARS = 28
@@ -96,7 +96,7 @@ def test_render_equals_export_dequantized(artifact, tmp_path, monkeypatch):
     frames_bf16, audio_bf16 = render(reference)
 
     # Loading and rendering from packed weights never rebuilds a dense weight.
-    monkeypatch.setattr(quant.core, "dequantize", lambda *a, **k: pytest.fail("dequantized"))
+    monkeypatch.setattr(hlwq.quant.core, "dequantize", lambda *a, **k: pytest.fail("dequantized"))
     packed = load_pipeline(artifact)
     linears = [m for m in packed.transformer.modules() if isinstance(m, PackedLinear)]
     assert len(linears) == BLOCK_LINEARS * packed.transformer.config.num_layers
@@ -114,7 +114,7 @@ def test_render_equals_export_dequantized(artifact, tmp_path, monkeypatch):
         for module_name, module in packed.transformer.named_modules():
             if isinstance(module, PackedLinear):
                 reference.transformer.get_submodule(module_name).weight.copy_(
-                    quant.core.dequantize(module.packed))
+                    hlwq.quant.core.dequantize(module.packed))
     for found, expected in zip(render(packed, output_type="latent"),
                                render(reference, output_type="latent")):
         assert rel(found, expected) < 1e-5

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quant import dequant_into
-from quant.core import dequantize, quantize_tensor
-from quant.dequant_into import decode_rotated, decode_rotated_into
-from quant.errors import InvalidTensorError
-from runtime import packed_linear, triton_kernels
-from runtime.packed_linear import (
+from hlwq.quant import dequant_into
+from hlwq.quant.core import dequantize, quantize_tensor
+from hlwq.quant.dequant_into import decode_rotated, decode_rotated_into
+from hlwq.quant.errors import InvalidTensorError
+from hlwq.runtime import packed_linear, triton_kernels
+from hlwq.runtime.packed_linear import (
     DequantCache,
     PackedLinear,
     enable_dequant_cache,

@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from quant.errors import CorruptCheckpointError, SourceError
-from quant.safetensors_io import (
+from hlwq.quant.errors import CorruptCheckpointError, SourceError
+from hlwq.store.safetensors_io import (
     iter_safetensors_files,
     read_header,
     read_headers,

@@ -12,15 +12,15 @@ import torch
 from hub_server import LocalHub
 from safetensors.torch import save_file
 
-from quant.errors import (
+from hlwq.quant.errors import (
     AuthenticationError,
     CorruptCheckpointError,
     InvalidOptionError,
     SourceError,
 )
-from quant.safetensors_io import read_header
-from tasks import sources
-from tasks.sources import (
+from hlwq.store.safetensors_io import read_header
+from hlwq.tasks import sources
+from hlwq.tasks.sources import (
     FetchResult,
     fetch_source,
     fetch_source_task,

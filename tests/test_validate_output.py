@@ -13,19 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.prefect_env import configure_prefect
+from hlwq.cli.prefect_env import configure_prefect
 
 configure_prefect()
 
 from artifact_helpers import quantize_source
 from flow_support import write_diffusers_checkpoint
 
-from quant.artifact import read_manifest, verify_artifact
-from quant.errors import GateFailedError, InvalidOptionError, SourceError
-from runtime.fixtures import make_tiny_ltx23
-from tasks.gates import load_gate_config
-from tasks.package import package_artifact
-from tasks.validate_output import (
+from hlwq.quant.errors import GateFailedError, InvalidOptionError, SourceError
+from hlwq.store.artifact import read_manifest, verify_artifact
+from hlwq.tasks.gates import load_gate_config
+from hlwq.tasks.package import package_artifact
+from hlwq.tasks.validate_output import (
     OUTPUT_GATES,
     REPORT_DIR,
     apply_output_gates,
@@ -37,6 +36,7 @@ from tasks.validate_output import (
     run_output_gates,
     scale_request,
 )
+from hlwq.testing.fixtures import make_tiny_ltx23
 
 CATEGORIES = ("motion-", "face-", "text-", "portrait-9x16-", "sound-")
 
@@ -204,7 +204,7 @@ def test_the_report_and_the_verdict_go_into_the_artifact(artifacts, outcomes):
 def test_cli_prints_json_and_exits_by_the_verdict(tiny, artifacts, outcomes, place):
     from click.testing import CliRunner
 
-    from flows.cli import cli
+    from hlwq.cli.main import cli
 
     renders = str(place / "renders")             # every render is already there: no model loads
     for bits, code in ((5, 0), (2, 1)):
@@ -227,10 +227,10 @@ def test_cli_prints_json_and_exits_by_the_verdict(tiny, artifacts, outcomes, pla
 def test_requantization_flow_runs_the_output_gates_before_marking_validated(tiny, place):
     from distributed import LocalCluster
 
-    from flows.quantize_flow import run_quantize
+    from hlwq.flows.quantize_flow import run_quantize
 
     suite = place / "two-prompts.jsonl"
-    lines = (Path(__file__).parents[1] / "tasks" / "prompt_suite" / "v1.jsonl").read_text().splitlines()
+    lines = (Path(__file__).parents[1] / "store" / "prompt_suite" / "v1.jsonl").read_text().splitlines()
     suite.write_text("\n".join(line for line in lines if '"face-woman-speaks"' in line
                                 or '"sound-drummer"' in line) + "\n")
     with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from quant.errors import InvalidOptionError
-from runtime.video import (
+from hlwq.quant.errors import InvalidOptionError
+from hlwq.runtime.video import (
     contact_sheet,
     probe_mp4,
     read_frames,

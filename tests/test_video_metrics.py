@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from quant.errors import InvalidOptionError, InvalidTensorError
-from quant.video_metrics import (
+from hlwq.quant.errors import InvalidOptionError, InvalidTensorError
+from hlwq.quant.video_metrics import (
     DB_CAP,
     activation_error,
     audio_snr_db,
@@ -22,7 +22,7 @@ from quant.video_metrics import (
     temporal_diff,
     video_metrics,
 )
-from runtime.block_probe import BlockProbe, compare_block_outputs
+from hlwq.runtime.block_probe import BlockProbe, compare_block_outputs
 
 RATE = 16_000
 

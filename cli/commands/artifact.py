@@ -1,0 +1,127 @@
+"""`hlwq verify`, `hlwq inspect`, `hlwq export-dequantized`, `hlwq convert`: artifact commands."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import click
+
+from hlwq.quant.errors import InvalidOptionError
+
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+DIRECTORY = click.Path(file_okay=False, path_type=Path)
+
+
+def parse_byte_size(text: str, option: str = "--max-shard-size") -> int:
+    """``5GB`` -> 5_000_000_000, ``512MiB``, ``1000000``; raises InvalidOptionError."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in SIZE_UNITS:
+        raise InvalidOptionError(f"{option}={text!r}: expected a size such as 5GB, 512MiB or a "
+                                 f"byte count (units: {', '.join(u for u in SIZE_UNITS if u)})")
+    size = int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+    if size < 1:
+        raise InvalidOptionError(f"{option}={text!r}: must be at least one byte")
+    return size
+
+
+@click.command()
+@click.argument("directory", type=DIRECTORY)
+@click.option("--no-hashes", is_flag=True, help="Check sizes and headers only (skip sha256).")
+def verify(directory: Path, no_hashes: bool) -> None:
+    """Check DIRECTORY's manifest, every file's size and sha256, and every tensor entry
+    against its shard. Prints one line per problem and exits 1 if there is any."""
+    from hlwq.store.artifact import verify_artifact
+
+    problems = verify_artifact(directory, hashes=not no_hashes)
+    for problem in problems:
+        click.echo(problem)
+    if problems:
+        click.echo(f"{directory}: {len(problems)} problem(s)", err=True)
+        sys.exit(1)
+    manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
+    click.echo(f"{directory}: sound ({len(manifest['files'])} files, "
+               f"{len(manifest['tensors'])} tensors{', sizes only' if no_hashes else ''})")
+
+
+@click.command()
+@click.argument("directory", type=DIRECTORY)
+@click.option("--json", "as_json", is_flag=True, help="Print the tables as JSON.")
+def inspect(directory: Path, as_json: bool) -> None:
+    """Show DIRECTORY's per-component sizes, quality distribution and worst tensors."""
+    from hlwq.store.artifact import METRICS_NAME, open_artifact
+    from hlwq.store.model_card import (
+        QUALITY_HEADER,
+        SIZE_HEADER,
+        markdown_table,
+        quality_rows,
+        quality_summary,
+        size_rows,
+    )
+
+    artifact = open_artifact(directory, verify=False)
+    manifest = artifact.manifest
+    metrics_path = directory / METRICS_NAME
+    quality = None
+    if metrics_path.is_file():
+        import pyarrow.parquet as pq
+
+        quality = quality_summary(pq.read_table(metrics_path))
+    source = {k: v for k, v in manifest["source"].items() if k != "files"}
+    if as_json:
+        click.echo(json.dumps({"source": source, "quantization": manifest["quantization"],
+                               "sizes": manifest["sizes"], "quality": quality,
+                               "validation": manifest["validation"]}, indent=2, sort_keys=True))
+        return
+    click.echo(f"{directory}: {source.get('repo') or source.get('source')} "
+               f"({source['layout']}), {json.dumps(manifest['quantization'], sort_keys=True)}")
+    click.echo("\n" + markdown_table(SIZE_HEADER, size_rows(manifest)))
+    if quality:
+        click.echo("\n" + markdown_table(QUALITY_HEADER, quality_rows(quality)))
+        click.echo("\nworst tensors by relative MSE:")
+        for worst in quality["worst_tensors"]:
+            click.echo(f"  {worst['component']}/{worst['tensor']}: cosine {worst['cosine']:.6f}, "
+                       f"relative MSE {worst['rel_mse']:.3e}")
+    else:
+        click.echo("\nno metrics.parquet: no quality table")
+    click.echo(f"\nvalidated: {manifest['validation']['validated']}")
+
+
+@click.command(name="export-dequantized")
+@click.argument("directory", type=DIRECTORY)
+@click.argument("out", type=DIRECTORY)
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              help="Largest shard for sharded layouts (the single-file layout stays one file).")
+@click.option("--no-verify", is_flag=True, help="Skip hash verification of the artifact first.")
+def export_dequantized(directory: Path, out: Path, max_shard_size: str, no_verify: bool) -> None:
+    """Write a plain checkpoint (quantized tensors dequantized to their source dtype, BF16
+    for LTX-2.3) in the source's layout to OUT, streaming one tensor at a time."""
+    from hlwq.tasks.export import export_dequantized as export
+
+    summary = export(directory, out, max_shard_bytes=parse_byte_size(max_shard_size),
+                     verify=not no_verify)
+    click.echo(f"{summary['path']}: {summary['dequantized_tensors']} tensors dequantized, "
+               f"{summary['files']} files, {summary['total_bytes']:,} bytes")
+
+
+@click.command()
+@click.argument("source", type=DIRECTORY)
+@click.argument("out", type=DIRECTORY)
+@click.option("--to", "target_format", type=click.Choice(["auto", "polarquant", "hlwq"]),
+              default="auto", show_default=True,
+              help="auto: an HLWQ artifact (manifest.json) becomes polarquant, a polarquant "
+                   "checkpoint (polar_config.json) becomes HLWQ.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard.")
+def convert(source: Path, out: Path, target_format: str, max_shard_size: str) -> None:
+    """Convert SOURCE between an HLWQ artifact and the polarquant 0.6.0 layout, into OUT."""
+    from hlwq.tasks.convert import detect_format, from_polarquant, to_polarquant
+
+    if target_format == "auto":
+        target_format = "polarquant" if detect_format(source) == "hlwq" else "hlwq"
+    convert_fn = to_polarquant if target_format == "polarquant" else from_polarquant
+    summary = convert_fn(source, out, max_shard_bytes=parse_byte_size(max_shard_size))
+    click.echo(f"{summary['path']}: {target_format} layout, {summary['quantized_tensors']} "
+               f"quantized tensors, {summary['files']} files")

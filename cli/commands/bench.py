@@ -1,0 +1,21 @@
+"""`hlwq bench ...`: each benchmark compares two things in one run and records JSON."""
+
+import click
+
+from hlwq.cli.lazy_group import LazyGroup
+
+BENCHMARKS = {
+    "quantize": ("hlwq.benchmarks.quantize_bench:bench_quantize",
+                 "Quantize speed and error vs polarquant 0.6.0 and GGUF Q5_0."),
+    "scale": ("hlwq.benchmarks.scale_bench:bench_scale",
+              "Run the flow on the real-width transformer with 1 and 2 workers."),
+    "runtime": ("hlwq.benchmarks.runtime_bench:bench_runtime",
+                "Peak memory and step latency: packed runtime vs BF16."),
+    "budget": ("hlwq.benchmarks.budget_bench:bench_budget",
+               "Budgeted mixed precision vs the best uniform width at equal size."),
+}
+
+
+@click.group(cls=LazyGroup, lazy_commands=BENCHMARKS)
+def bench() -> None:
+    """Benchmarks (commands, not tests)."""

@@ -1,0 +1,30 @@
+"""Click options that more than one command takes."""
+
+from __future__ import annotations
+
+import click
+
+from hlwq.tasks.budget import SCOPE_HELP, SCOPES
+
+
+def target_size_options(command):
+    """``--target-size`` and ``--target-scope`` (a size budget instead of one --bits)."""
+    size = click.option(
+        "--target-size", help="Instead of one --bits: bits per tensor (2..8) chosen so "
+                              "--target-scope fits SIZE (e.g. 15GB, 14.5GiB, 800MB) with the "
+                              "least expected damage.")
+    scope = click.option("--target-scope", type=click.Choice(SCOPES), default="package",
+                         show_default=True, help=f"What --target-size counts. {SCOPE_HELP}.")
+    return size(scope(command))
+
+
+def source_file_options(command):
+    """``--files`` / ``--exclude-files``: which of the source's files count (globs over
+    paths relative to the folder or repo root, as huggingface_hub's allow/ignore patterns)."""
+    files = click.option(
+        "--files", multiple=True, metavar="GLOB",
+        help="Only the source files matching GLOB (repeatable), e.g. --files "
+             "'ltx-2.3-22b-dev.safetensors' when a repo holds several checkpoints.")
+    exclude = click.option("--exclude-files", multiple=True, metavar="GLOB",
+                           help="Leave out the source files matching GLOB (repeatable).")
+    return files(exclude(command))

@@ -1,0 +1,50 @@
+"""`hlwq render`: render a prompt file with the packed runtime into MP4s, contact sheets and a catalog."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from hlwq.cli.prefect_env import configure_prefect
+
+
+@click.command()
+@click.option("--artifact", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Packed HLWQ artifact directory.")
+@click.option("--prompts", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Prompt file: .jsonl, .csv or .parquet (columns: id, prompt, negative_prompt, seed, "
+                   "width, height, frames, fps, steps, guidance, image).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output folder: videos/, contact-sheets/ and catalog/ go there.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--retries", default=2, show_default=True, type=int, help="Retries per failing render.")
+@click.option("--json", "as_json", is_flag=True, help="Print the batch summary as JSON.")
+def render(artifact, prompts, out, device, retries, as_json):
+    """Render every valid row of a prompt file. Bad rows are listed and skipped; renders already
+    in the catalog with an intact output are skipped. Exit 1 when a render failed or a row was
+    rejected."""
+    configure_prefect()
+    from hlwq.flows.render_flow import render_batch
+
+    state = render_batch(artifact, prompts, out, device=device, retries=retries, return_state=True)
+    summary = state.result(raise_on_failure=False)
+    if not isinstance(summary, dict):  # the flow itself failed before it could summarize
+        raise summary if isinstance(summary, BaseException) else click.ClickException(str(state.message))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+    else:
+        print_summary(summary)
+    sys.exit(0 if state.is_completed() else 1)
+
+
+def print_summary(summary: dict) -> None:
+    click.echo(summary["message"])
+    for row in summary["rendered"] + summary["skipped"]:
+        click.echo(f"  {row['id']}: {row['output_path']}")
+    for row in summary["failed"]:
+        click.echo(f"  FAILED {row['id']}: {row['error']}")
+    for text in summary["rejected"]:
+        click.echo(f"  REJECTED {text}")
+    click.echo(f"catalog: {summary['output_dir']}/catalog/")

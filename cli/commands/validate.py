@@ -1,0 +1,74 @@
+"""`hlwq validate ARTIFACT --against SOURCE`: the output gates alone, with their report."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from hlwq.cli.prefect_env import configure_prefect
+
+PROMPT_KEYS = ("psnr_mean", "psnr_min", "ssim_mean", "temporal_diff", "audio_snr_db",
+               "mel_distance", "latent_rel_err")
+
+
+@click.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("--against", "source", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The unquantized source the artifact was made from (diffusers folder or "
+                   "LTX-2.3 single-file folder).")
+@click.option("--suite", type=click.Path(exists=True, dir_okay=False),
+              help="Prompt suite (.jsonl); default store/prompt_suite/v1.jsonl.")
+@click.option("--gates", "gates_file", type=click.Path(exists=True, dir_okay=False),
+              help="TOML merged over tasks/gates.toml (its [output] table).")
+@click.option("--report-dir", type=click.Path(file_okay=False),
+              help="Write the report here and leave the artifact untouched (default: "
+                   "ARTIFACT/validation, recorded in the manifest).")
+@click.option("--work-dir", type=click.Path(file_okay=False),
+              help="Keep the renders here; the source's are reused by later runs.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--long-side", type=int, help="Scale every prompt so its longer side is this "
+              "(multiple of 32), e.g. 768 for the real model.")
+@click.option("--frames", type=int, help="Frames of every prompt (8k+1), e.g. 121.")
+@click.option("--steps", type=int, help="Denoising steps of every prompt, e.g. 30.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def validate(artifact, source, suite, gates_file, report_dir, work_dir, device, long_side, frames,
+             steps, as_json):
+    """Render the prompt suite with SOURCE and ARTIFACT (same seeds and settings), compare
+    video, audio, latents and per-block activations, and apply the output gates. Exit 1 when a
+    gate fails."""
+    configure_prefect()
+    from hlwq.flows.validate_flow import validate_artifact
+
+    state = validate_artifact(artifact, source, suite=suite, gates_file=gates_file,
+                              report_dir=report_dir, work_dir=work_dir, device=device,
+                              long_side=long_side, frames=frames, steps=steps, return_state=True)
+    results = state.result(raise_on_failure=False)
+    if not isinstance(results, dict):      # the flow failed before it could compare anything
+        raise results if isinstance(results, BaseException) else click.ClickException(
+            str(state.message))
+    if as_json:
+        click.echo(json.dumps(json_view(results), indent=2, sort_keys=True))
+    else:
+        click.echo(state.message)
+        click.echo(f"report: {results['report']}")
+    sys.exit(0 if results["passed"] else 1)
+
+
+def json_view(results: dict) -> dict:
+    """Per prompt the headline metrics; each gate's value, threshold and verdict; ``passed``."""
+    return {
+        "prompts": {pid: {key: entry[key] for key in PROMPT_KEYS} | {"passed": entry["passed"]}
+                    for pid, entry in results["prompts"].items()},
+        "latent_rel_err": results["latent_rel_err"],
+        "gates": {name: {"value": gate["value"], "threshold": gate["threshold"],
+                         "verdict": gate["verdict"], "failed_prompts": gate["failed_prompts"],
+                         **({"failed_blocks": gate["failed_blocks"]}
+                            if "failed_blocks" in gate else {})}
+                  for name, gate in results["gates"].items()},
+        "passed": results["passed"],
+        "failures": results["failures"],
+        "report": results["report"],
+        "suite": results["suite"],
+    }

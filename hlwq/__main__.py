@@ -1,0 +1,5 @@
+"""`python -m hlwq` is the `hlwq` command."""
+
+from hlwq.cli.main import main
+
+main()

@@ -1,1 +1,0 @@
-"""Built-in bit policies, as data files (one <name>.toml per policy); see quant/policy.py."""

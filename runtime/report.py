@@ -1,0 +1,401 @@
+"""The validation report: one HTML page with PNGs beside it, and the same pictures on the Prefect run.
+
+``<report_dir>/``
+    ``report.html``           gate verdicts, the metrics table, contact sheets, plots
+    ``sheets/<prompt>.png``   source | packed | amplified difference, frames spread over the clip
+    ``plots/*.png``           per-prompt quality, error per block and per module type,
+                              distribution of per-tensor errors (metrics.parquet)
+
+The page marks ``<body data-images>`` as ``loaded`` once every image decoded (``broken``
+otherwise), so a headless browser can check it without a screenshot.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")   # no display: files only
+
+import matplotlib.pyplot as plt
+import matplotlib.ticker
+import numpy as np
+from PIL import Image, ImageDraw
+
+from hlwq.runtime.video import contact_sheet, thumbnail_jpeg, to_uint8_frames
+from hlwq.store.atomic import atomic_write_bytes, atomic_write_text
+
+SHEET_DIR, PLOT_DIR = "sheets", "plots"
+REPORT_NAME = "report.html"
+DIFF_GAIN = 10          # the difference panel shows |packed - source| x this
+SHEET_FRAME_SIDE = 192  # frames in a sheet are shrunk to this longer side (real renders are large)
+LABEL_HEIGHT = 14
+THUMBNAIL_WIDTH = 960   # contact sheets attached to the Prefect run are JPEGs this wide at most
+TABLE_METRICS = (("psnr_mean", "PSNR mean dB", "{:.2f}"), ("psnr_min", "PSNR worst frame dB", "{:.2f}"),
+                 ("ssim_mean", "SSIM mean", "{:.4f}"), ("ssim_min", "SSIM worst frame", "{:.4f}"),
+                 ("temporal_diff", "temporal diff", "{:.4f}"),
+                 ("audio_snr_db", "audio SNR dB", "{:.2f}"), ("mel_distance", "log-mel dist dB", "{:.3f}"),
+                 ("latent_rel_err", "latent rel err", "{:.4f}"),
+                 ("block_rel_err", "worst block rel err", "{:.4f}"))
+BLOCK_NAME = re.compile(r"(?:^|\.)transformer_blocks\.(\d+)\.(.+?)(?:\.weight)?$")
+
+
+# --------------------------------------------------------------------------- contact sheets
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _labelled(image: Image.Image, label: str) -> Image.Image:
+    canvas = Image.new("RGB", (image.width, image.height + LABEL_HEIGHT), (16, 16, 16))
+    canvas.paste(image, (0, LABEL_HEIGHT))
+    ImageDraw.Draw(canvas).text((3, 1), label, fill=(235, 235, 235))
+    return canvas
+
+
+def _shrunk(frames: np.ndarray, side: int = SHEET_FRAME_SIDE) -> np.ndarray:
+    """uint8 frames with their longer side at most ``side`` (area-averaged)."""
+    height, width = frames.shape[1:3]
+    scale = side / max(height, width)
+    if scale >= 1:
+        return frames
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.stack([np.asarray(Image.fromarray(f).resize(size, Image.Resampling.BOX))
+                     for f in frames])
+
+
+def comparison_sheet(source_frames, candidate_frames, gain: int = DIFF_GAIN) -> Image.Image:
+    """Three contact sheets side by side: source, packed, and |packed - source| x gain."""
+    source = to_uint8_frames(np.asarray(source_frames))
+    packed = to_uint8_frames(np.asarray(candidate_frames))
+    difference = np.abs(packed.astype(np.int16) - source.astype(np.int16)) * gain
+    difference = np.clip(difference, 0, 255).astype(np.uint8)
+    panels = [_labelled(contact_sheet(_shrunk(frames)), label) for frames, label in
+              ((source, "source"), (packed, "packed"), (difference, f"|difference| x{gain}"))]
+    sheet = Image.new("RGB", (sum(p.width for p in panels) + 4 * (len(panels) - 1),
+                              max(p.height for p in panels)), (255, 255, 255))
+    x = 0
+    for panel in panels:
+        sheet.paste(panel, (x, 0))
+        x += panel.width + 4
+    return sheet
+
+
+def write_comparison_sheet(path: str | os.PathLike, source_frames, candidate_frames) -> Path:
+    atomic_write_bytes(path, _png_bytes(comparison_sheet(source_frames, candidate_frames)))
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def module_type(tensor: str) -> str:
+    """``transformer_blocks.7.attn1.to_q.weight`` -> ``attn1.to_q``; others: the name sans .weight."""
+    match = BLOCK_NAME.search(tensor)
+    return match.group(2) if match else tensor.removesuffix(".weight")
+
+
+def block_index(tensor: str) -> int | None:
+    match = BLOCK_NAME.search(tensor)
+    return int(match.group(1)) if match else None
+
+
+def _save(figure, path: Path) -> Path:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def _positive(values) -> list[float]:
+    """Log axes take positive values only: zeros (exact tensors) sit at a small floor."""
+    return [max(float(v), 1e-12) for v in values if v is not None and math.isfinite(v)]
+
+
+def plot_prompts(results: dict, path: Path) -> Path:
+    """Per prompt: PSNR (mean and worst frame) and SSIM, with their gate thresholds."""
+    ids = list(results["prompts"])
+    prompts = [results["prompts"][pid] for pid in ids]
+    gates = results["gates"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 0.45 * len(ids) + 1.8))
+    y = np.arange(len(ids))
+    left.barh(y - 0.2, [p["psnr_mean"] for p in prompts], 0.4, label="mean frame")
+    left.barh(y + 0.2, [p["psnr_min"] for p in prompts], 0.4, label="worst frame")
+    for name, style in (("min_psnr_mean", "--"), ("min_psnr_min", ":")):
+        if name in gates:
+            left.axvline(gates[name]["threshold"], color="red", linestyle=style, label=name)
+    left.set(yticks=y, yticklabels=ids, xlabel="PSNR (dB), higher is better")
+    left.invert_yaxis()
+    left.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2)
+    right.barh(y, [p["ssim_mean"] for p in prompts], 0.6, color="tab:green")
+    if "min_ssim_mean" in gates:
+        right.axvline(gates["min_ssim_mean"]["threshold"], color="red", linestyle="--",
+                      label="min_ssim_mean")
+        right.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    right.set(yticks=y, yticklabels=[], xlabel="SSIM mean, higher is better", xlim=(0, 1))
+    right.invert_yaxis()
+    figure.suptitle("Video quality per prompt (packed vs source)", y=1.06)
+    return _save(figure, path)
+
+
+def plot_blocks(results: dict, metrics_rows: list[dict] | None, path: Path) -> Path:
+    """Error per transformer block: first-step activations over the prompts (median and range
+    per stream), and the quantized weights' errors per block."""
+    panels = 2 if metrics_rows else 1
+    figure, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
+    activations = axes[0][0]
+    for stream, color in (("video", "tab:blue"), ("audio", "tab:orange")):
+        by_block: dict[int, list[float]] = {}
+        for entry in results["prompts"].values():
+            for row in entry["blocks"]:
+                if row["stream"] == stream:
+                    by_block.setdefault(row["block"], []).append(row["rel_err"])
+        blocks = sorted(by_block)
+        if not blocks:
+            continue
+        values = [_positive(by_block[b]) for b in blocks]
+        activations.fill_between(blocks, [min(v) for v in values], [max(v) for v in values],
+                                 color=color, alpha=0.2)
+        activations.plot(blocks, [float(np.median(v)) for v in values], color=color, marker="o",
+                         markersize=3, label=f"{stream}: median over prompts (band: min-max)")
+    threshold = results["gates"].get("max_block_rel_err", {}).get("threshold")
+    if threshold:
+        activations.axhline(threshold, color="red", linestyle=":", label="max_block_rel_err")
+    activations.set(yscale="log", xlabel="block", ylabel="relative error of the block output",
+                    title="Activations, first denoising step (cumulative)")
+    activations.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    activations.legend(fontsize=8)
+    if metrics_rows:
+        by_block = {}
+        for row in metrics_rows:
+            index = block_index(row["tensor"])
+            if index is not None:
+                by_block.setdefault(index, []).append(row["rel_mse"])
+        weights = axes[0][1]
+        blocks = sorted(by_block)
+        if blocks:
+            weights.boxplot([_positive(by_block[b]) for b in blocks], positions=blocks,
+                            widths=0.6)
+            shown = blocks[::max(1, len(blocks) // 16)]       # 48 labels would overlap
+            weights.set_xticks(shown, [str(b) for b in shown])
+        weights.set(yscale="log", xlabel="block", ylabel="relative MSE per tensor",
+                    title="Quantized weights per block (metrics.parquet)")
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_module_types(metrics_rows: list[dict], path: Path) -> Path:
+    """Distribution of per-tensor relative MSE for each module type (attn1.to_q, ff.net.2, ...)."""
+    by_type: dict[str, list[float]] = {}
+    for row in metrics_rows:
+        by_type.setdefault(module_type(row["tensor"]), []).append(row["rel_mse"])
+    names = sorted(by_type, key=lambda name: float(np.median(by_type[name])))
+    figure, axis = plt.subplots(figsize=(8, 0.3 * len(names) + 1.5))
+    axis.boxplot([_positive(by_type[name]) for name in names], vert=False, widths=0.6)
+    axis.set(yticks=range(1, len(names) + 1), yticklabels=names, xscale="log",
+             xlabel="relative MSE per tensor", title="Quantized weights by module type")
+    return _save(figure, path)
+
+
+def plot_tensor_errors(metrics_rows: list[dict], path: Path) -> Path:
+    """Histograms of per-tensor relative MSE and cosine, one series per component."""
+    by_component: dict[str, list[dict]] = {}
+    for row in metrics_rows:
+        by_component.setdefault(row.get("component") or "?", []).append(row)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    for component, rows in sorted(by_component.items()):
+        errors = np.log10(_positive(r["rel_mse"] for r in rows))
+        left.hist(errors, bins=30, histtype="step", linewidth=1.5,
+                  label=f"{component} ({len(rows)})")
+        right.hist([1.0 - r["cosine"] for r in rows], bins=30, histtype="step", linewidth=1.5,
+                   label=component)
+    left.set(xlabel="log10 relative MSE", ylabel="tensors",
+             title="Distribution of per-tensor errors")
+    right.set(xlabel="1 - cosine", ylabel="tensors", title="Distribution of per-tensor 1 - cosine")
+    left.legend(fontsize=8)
+    right.legend(fontsize=8)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def write_plots(report_dir: Path, results: dict, metrics_rows: list[dict] | None) -> dict[str, Path]:
+    """Every plot of the report as ``{title: path}``, in page order."""
+    plots = report_dir / PLOT_DIR
+    written = {"Video quality per prompt": plot_prompts(results, plots / "prompts.png"),
+               "Error per block": plot_blocks(results, metrics_rows, plots / "blocks.png")}
+    if metrics_rows:
+        written["Error per module type"] = plot_module_types(metrics_rows,
+                                                             plots / "module_types.png")
+        written["Distribution of per-tensor errors"] = plot_tensor_errors(
+            metrics_rows, plots / "tensor_errors.png")
+    return written
+
+
+# --------------------------------------------------------------------------- HTML
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+th { background: #f2f2f2; } td.name { text-align: left; }
+.pass { background: #e3f6e3; } .fail { background: #fbe0e0; font-weight: bold; }
+.verdict { font-size: 1.4em; padding: 0.4em 0.8em; display: inline-block; }
+figure { margin: 1em 0; } figcaption { font-size: 0.9em; color: #555; }
+img.sheet { image-rendering: pixelated; width: 100%; max-width: 1200px; height: auto; }
+img.plot { max-width: 100%; }
+"""
+
+IMAGE_CHECK = """
+window.addEventListener("load", function () {
+  var images = Array.prototype.slice.call(document.images);
+  var loaded = images.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  document.body.setAttribute("data-images-total", images.length);
+  document.body.setAttribute("data-images-loaded", loaded);
+  document.body.setAttribute("data-images", loaded === images.length ? "loaded" : "broken");
+});
+"""
+
+
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def _gate_table(results: dict) -> str:
+    rows = []
+    for name, gate in results["gates"].items():
+        failed = ", ".join(gate["failed_prompts"]) or "-"
+        blocks = ", ".join(gate.get("failed_blocks", [])) or ""
+        rows.append(f'<tr class="{gate["verdict"]}"><td class="name">{_e(name)}</td>'
+                    f'<td>{gate["value"]:.4g}</td><td>{gate["threshold"]:g}</td>'
+                    f'<td>{_e(gate["verdict"])}</td><td class="name">{_e(failed)}'
+                    f'{"<br>" + _e(blocks) if blocks else ""}</td></tr>')
+    return ("<table><tr><th>gate</th><th>worst value</th><th>threshold</th><th>verdict</th>"
+            "<th>failed prompts / blocks</th></tr>" + "".join(rows) + "</table>")
+
+
+def _metrics_table(results: dict) -> str:
+    failing = {(pid, gate["metric"]) for gate in results["gates"].values()
+               for pid in gate["failed_prompts"]}
+    head = "".join(f"<th>{_e(label)}</th>" for _, label, _ in TABLE_METRICS)
+    rows = []
+    for pid, entry in results["prompts"].items():
+        cells = "".join(
+            f'<td class="{"fail" if (pid, key) in failing else ""}">{fmt.format(entry[key])}</td>'
+            for key, _, fmt in TABLE_METRICS)
+        size = f'{entry["width"]}x{entry["height"]}x{entry["frames"]}'
+        rows.append(f'<tr class="{"pass" if entry["passed"] else "fail"}">'
+                    f'<td class="name">{_e(pid)}</td><td>{size}</td>{cells}</tr>')
+    return (f"<table><tr><th>prompt</th><th>WxHxF</th>{head}</tr>" + "".join(rows) + "</table>")
+
+
+def _sheets(results: dict) -> str:
+    parts = []
+    for pid, entry in results["prompts"].items():
+        verdict = "passed" if entry["passed"] else "FAILED " + ", ".join(entry["failed_gates"])
+        parts.append(
+            f'<figure><img class="sheet" src="{SHEET_DIR}/{_e(pid)}.png" alt="{_e(pid)}">'
+            f'<figcaption><b>{_e(pid)}</b> ({_e(verdict)}): {_e(entry["prompt"])}; seed '
+            f'{entry["seed"]}, PSNR {entry["psnr_mean"]:.2f} dB (worst frame '
+            f'{entry["psnr_min"]:.2f}), SSIM {entry["ssim_mean"]:.4f}</figcaption></figure>')
+    return "".join(parts)
+
+
+def report_html(results: dict, plots: dict[str, Path], report_dir: Path) -> str:
+    verdict = "passed" if results["passed"] else "FAILED"
+    failures = "".join(f"<li>{_e(line)}</li>" for line in results["failures"])
+    figures = "".join(
+        f'<figure><img class="plot" src="{_e(path.relative_to(report_dir).as_posix())}" '
+        f'alt="{_e(title)}"><figcaption>{_e(title)}</figcaption></figure>'
+        for title, path in plots.items())
+    suite = results["suite"]
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Output validation: {_e(verdict)}</title>
+<style>{STYLE}</style></head>
+<body data-images="pending">
+<h1>Output validation</h1>
+<p class="verdict {"pass" if results["passed"] else "fail"}">Output gates {verdict}</p>
+<p>Artifact <code>{_e(results["artifact"])}</code> against source <code>{_e(results["source"])}</code>;
+suite <code>{_e(suite["name"])}</code> (sha256 {_e(suite["sha256"][:16])}...),
+{len(results["prompts"])} prompts, device {_e(results["device"])}.</p>
+{"<ul>" + failures + "</ul>" if failures else ""}
+<h2>Gates</h2>{_gate_table(results)}
+<h2>Metrics per prompt</h2>{_metrics_table(results)}
+<h2>Source, packed, difference</h2>{_sheets(results)}
+<h2>Plots</h2>{figures}
+<script>{IMAGE_CHECK}</script>
+</body></html>
+"""
+
+
+def read_metrics_rows(metrics_path: str | os.PathLike | None) -> list[dict] | None:
+    if metrics_path is None:
+        return None
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(metrics_path, columns=None)
+    rows = [r for r in table.to_pylist() if r.get("rel_mse") is not None
+            and r.get("action", "quantize") == "quantize"]
+    return rows or None
+
+
+def write_report(report_dir: str | os.PathLike, results: dict,
+                 metrics_path: str | os.PathLike | None = None) -> Path:
+    """Write the plots and ``report.html`` into ``report_dir`` (sheets must already be there)."""
+    report_dir = Path(report_dir)
+    plots = write_plots(report_dir, results, read_metrics_rows(metrics_path))
+    path = report_dir / REPORT_NAME
+    atomic_write_text(path, report_html(results, plots, report_dir))
+    return path
+
+
+# --------------------------------------------------------------------------- Prefect
+
+
+def report_markdown(results: dict) -> str:
+    lines = [f"# Output gates {'passed' if results['passed'] else 'FAILED'}", "",
+             f"Report: `{results['report']}`", "",
+             "| gate | worst value | threshold | verdict | failed prompts |", "|---|---:|---:|---|---|"]
+    for name, gate in results["gates"].items():
+        lines.append(f"| {name} | {gate['value']:.4g} | {gate['threshold']:g} | {gate['verdict']} "
+                     f"| {', '.join(gate['failed_prompts']) or '-'} |")
+    lines += ["", "| prompt | " + " | ".join(label for _, label, _ in TABLE_METRICS) + " |",
+              "|---|" + "---:|" * len(TABLE_METRICS)]
+    for pid, entry in results["prompts"].items():
+        lines.append(f"| {pid} | " + " | ".join(fmt.format(entry[key])
+                                                 for key, _, fmt in TABLE_METRICS) + " |")
+    return "\n".join(lines)
+
+
+def publish_report(results: dict, report_dir: str | os.PathLike) -> None:
+    """Attach the verdict (markdown), the plots and the contact sheets (image artifacts as data
+    URLs: the UI cannot open local files) and a link to the report to the current run."""
+    from prefect.artifacts import (
+        create_image_artifact,
+        create_link_artifact,
+        create_markdown_artifact,
+    )
+
+    report_dir = Path(report_dir)
+    create_markdown_artifact(report_markdown(results), key="output-gates",
+                             description="output gate verdicts and per-prompt metrics")
+    create_link_artifact(Path(results["report"]).resolve().as_uri(), link_text="report.html",
+                         key="output-report", description="the full HTML validation report")
+    images = [(path, "image/png", path.read_bytes())
+              for path in sorted((report_dir / PLOT_DIR).glob("*.png"))]
+    images += [(path, "image/jpeg", thumbnail_jpeg(path, THUMBNAIL_WIDTH))
+               for path in sorted((report_dir / SHEET_DIR).glob("*.png"))]
+    for path, kind, data in images:
+        key = re.sub(r"[^a-z0-9-]+", "-", f"validation-{path.parent.name}-{path.stem}".lower())
+        create_image_artifact(f"data:{kind};base64,{base64.b64encode(data).decode()}",
+                              key=key.strip("-"), description=path.name)

@@ -1,0 +1,1 @@
+"""Built-in bit policies, as data files (one <name>.toml per policy); see store/policy.py."""

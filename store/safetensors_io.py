@@ -1,0 +1,259 @@
+"""Safetensors headers and single tensors, read without loading a whole file.
+
+The format: 8 bytes little-endian header length ``N``, ``N`` bytes of JSON
+(``{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}``)
+and then the raw tensor bytes. Offsets in the JSON are relative to the end of
+the header; ``TensorEntry`` holds absolute file offsets instead, so a reader
+needs nothing but the entry to find its bytes.
+
+The parser is as strict as the safetensors library: every tensor's byte range
+must match its shape and dtype, and the ranges must tile the data section
+exactly (no overlap, no gap, nothing past the end, nothing left over).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hlwq.quant.errors import CorruptCheckpointError, SourceError
+from hlwq.quant.sizes import DTYPE_BYTES
+
+MAX_HEADER_BYTES = 100_000_000   # the safetensors library's own limit
+METADATA_KEY = "__metadata__"
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str               # as safetensors names it: "BF16", "F32", ...
+    shape: tuple[int, ...]
+    start: int               # absolute file offset of the first byte
+    end: int                 # absolute file offset one past the last byte
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    path: Path
+    tensors: dict[str, TensorEntry]              # in file order
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def read_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """Parse and validate one file's header; reads only the header bytes."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            file_size = os.fstat(handle.fileno()).st_size
+            if file_size < 8:
+                raise CorruptCheckpointError(
+                    f"{path}: file is {file_size} bytes, shorter than the 8-byte header length")
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len > file_size - 8:
+                raise CorruptCheckpointError(
+                    f"{path}: header length {header_len:,} exceeds file size {file_size:,} bytes")
+            if header_len > MAX_HEADER_BYTES:
+                raise CorruptCheckpointError(
+                    f"{path}: header length {header_len:,} exceeds the {MAX_HEADER_BYTES:,}-byte limit")
+            raw = handle.read(header_len)
+    except FileNotFoundError:
+        raise SourceError(f"{path}: file does not exist") from None
+    return parse_header(raw, path=path, data_size=file_size - 8 - header_len)
+
+
+def parse_header(raw: bytes, *, path: str | os.PathLike, data_size: int) -> SafetensorsHeader:
+    """Validate header JSON bytes (also for remote files read by HTTP Range); ``data_size`` is
+    the file's byte count after the header, ``path`` names the file in messages."""
+    path = Path(path)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{path}: header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(
+            f"{path}: header JSON is a {type(header).__name__}, not an object")
+    metadata = _parse_metadata(path, header.pop(METADATA_KEY, None) or {})
+    data_offset = 8 + len(raw)
+    entries = [_parse_entry(path, name, info, data_offset) for name, info in header.items()]
+    _check_coverage(path, entries, data_offset, data_size)
+    return SafetensorsHeader(path, {entry.name: entry for entry in entries}, metadata)
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        repeated = sorted(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+        raise ValueError(f"duplicate keys {repeated}")
+    return result
+
+
+def _parse_metadata(path: Path, metadata) -> dict[str, str]:
+    if not isinstance(metadata, dict) or not all(
+            isinstance(key, str) and isinstance(value, str) for key, value in metadata.items()):
+        raise CorruptCheckpointError(f"{path}: {METADATA_KEY} must map strings to strings")
+    return metadata
+
+
+def _parse_entry(path: Path, name: str, info, data_offset: int) -> TensorEntry:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise CorruptCheckpointError(f"{where}: entry is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in DTYPE_BYTES:
+        raise CorruptCheckpointError(
+            f"{where}: unknown dtype {dtype!r} (known: {', '.join(sorted(DTYPE_BYTES))})")
+    if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
+        raise CorruptCheckpointError(f"{where}: shape {shape!r} is not a list of non-negative ints")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(_is_count(offset) for offset in offsets) or offsets[0] > offsets[1]):
+        raise CorruptCheckpointError(
+            f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
+    begin, end = offsets
+    expected = math.prod(shape) * DTYPE_BYTES[dtype]
+    if end - begin != expected:
+        raise CorruptCheckpointError(
+            f"{where}: data_offsets span {end - begin:,} bytes but shape {shape} of {dtype} "
+            f"needs {expected:,}")
+    return TensorEntry(name, dtype, tuple(shape), data_offset + begin, data_offset + end)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_coverage(path: Path, entries: list[TensorEntry], data_offset: int,
+                    data_size: int) -> None:
+    """Byte ranges must tile [0, data_size) in order: no overlap, no gap, nothing outside."""
+    position, previous = data_offset, None
+    for entry in sorted(entries, key=lambda e: (e.start, e.end)):
+        if entry.start < position:
+            raise CorruptCheckpointError(
+                f"{path}: tensor {entry.name!r} bytes [{entry.start - data_offset:,}, "
+                f"{entry.end - data_offset:,}) overlap tensor {previous!r}")
+        if entry.start > position:
+            raise CorruptCheckpointError(
+                f"{path}: gap of {entry.start - position:,} bytes before tensor {entry.name!r}; "
+                "tensor data must be contiguous")
+        position, previous = entry.end, entry.name
+    if position > data_offset + data_size:
+        raise CorruptCheckpointError(
+            f"{path}: tensor {previous!r} ends at data offset {position - data_offset:,}, past the "
+            f"end of the file's {data_size:,} data bytes (file truncated?)")
+    if position < data_offset + data_size:
+        raise CorruptCheckpointError(
+            f"{path}: {data_offset + data_size - position:,} bytes after the last tensor are not "
+            "described by the header")
+
+
+def torch_dtype(dtype: str):
+    """The torch dtype for a safetensors dtype name (torch is imported only when tensors are read)."""
+    import torch
+
+    return {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+        "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
+        "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    }[dtype]
+
+
+def read_tensor(path: str | os.PathLike, entry: TensorEntry):
+    """Read one tensor's bytes (and nothing else) straight into a new CPU tensor."""
+    import torch
+
+    buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+    view = memoryview(buffer.numpy())
+    with open(path, "rb") as handle:
+        done = 0
+        while done < entry.nbytes:   # pread may return less than asked for (2 GiB cap on Linux)
+            count = os.preadv(handle.fileno(), [view[done:]], entry.start + done)
+            if count == 0:
+                raise CorruptCheckpointError(
+                    f"{path}: tensor {entry.name!r} needs bytes up to offset {entry.end:,} but the "
+                    f"file ends at {entry.start + done:,}")
+            done += count
+    return buffer.view(torch_dtype(entry.dtype)).reshape(entry.shape)
+
+
+def iter_safetensors_files(root: str | os.PathLike) -> Iterator[Path]:
+    """Every weight file of a checkpoint: a single file, an index's shards, or a folder tree.
+
+    In a folder (e.g. a diffusers pipeline with component subfolders), each
+    directory that holds a ``*.safetensors.index.json`` contributes exactly the
+    shards its index names; any other directory contributes all its ``*.safetensors``.
+    Hidden directories (``.cache``, ``.git``) are skipped.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise SourceError(f"{root}: path does not exist")
+    if root.is_file():
+        if root.name.endswith(INDEX_SUFFIX):
+            yield from _index_shards(root)
+        elif root.suffix == ".safetensors":
+            yield root
+        else:
+            raise SourceError(f"{root}: not a .safetensors file or a {INDEX_SUFFIX} index")
+        return
+    found = False
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = sorted(name for name in subdirs if not name.startswith("."))
+        for path in _directory_files(Path(directory), sorted(names)):
+            found = True
+            yield path
+    if not found:
+        raise SourceError(f"{root}: no .safetensors files in this directory or below")
+
+
+def _directory_files(directory: Path, names: list[str]) -> Iterator[Path]:
+    indexes = [name for name in names if name.endswith(INDEX_SUFFIX)]
+    if indexes:
+        shards = {shard for index in indexes for shard in _index_shards(directory / index)}
+        yield from sorted(shards)
+    else:
+        yield from (directory / name for name in names if name.endswith(".safetensors"))
+
+
+def _index_shards(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise CorruptCheckpointError(
+            f"{index}: not a safetensors index (needs a JSON object with a 'weight_map' of "
+            f"tensor -> shard file): {exc!r}") from None
+    paths = [index.parent / shard for shard in shards]
+    for path in paths:
+        if not path.is_file():
+            raise CorruptCheckpointError(f"{index}: lists shard {path.name!r}, which does not exist")
+    return paths
+
+
+def read_headers(files: Iterable[str | os.PathLike]) -> dict[Path, SafetensorsHeader]:
+    """Headers of many files; a tensor name twice in one directory (one component) is an error."""
+    headers: dict[Path, SafetensorsHeader] = {}
+    owner: dict[tuple[Path, str], Path] = {}
+    for path in map(Path, files):
+        header = headers[path] = read_header(path)
+        for name in header.tensors:
+            first = owner.setdefault((path.parent, name), path)
+            if first != path:
+                raise CorruptCheckpointError(
+                    f"tensor {name!r} appears in both {first} and {path}; shards of one component "
+                    "must not repeat a tensor (two checkpoints in one folder? choose one with "
+                    "hlwq's --files GLOB or --exclude-files GLOB)")
+    return headers
