@@ -28,8 +28,13 @@ from hlwq.quant import kernels
 from hlwq.quant.codebook import check_bits, lloyd_max_codebook
 from hlwq.quant.errors import InvalidOptionError, InvalidTensorError, NonFiniteTensorError
 from hlwq.quant.hadamard import check_power_of_two
-from hlwq.quant.packed import MODES, PackedTensor
-from hlwq.quant.packing import packed_row_bytes
+from hlwq.quant.packed import (
+    MODES,
+    PackedTensor,
+    layout_mismatches,
+    packed_layout,
+    padded_in_features,
+)
 
 MIN_BLOCK, MAX_BLOCK = 32, 256
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -151,20 +156,12 @@ def dequantize(packed: PackedTensor, dtype: torch.dtype = torch.float32) -> torc
 
 def check_packed(packed: PackedTensor) -> None:
     """Raise InvalidTensorError unless the fields agree (the decoder indexes by them)."""
-    rows = packed.shape[0]
     check_options(packed.bits, packed.block_size, packed.group_size, "refined")
-    expected = {
-        "codes": (torch.uint8, (rows, packed_row_bytes(packed.in_padded, packed.bits))),
-        "scales": (torch.float16, (rows, packed.in_padded // packed.group_size)),
-        "codebook": (torch.float32, (2 ** packed.bits,)),
-    }
-    for field, (dtype, shape) in expected.items():
-        value = getattr(packed, field)
-        if value.dtype != dtype or tuple(value.shape) != shape:
-            raise InvalidTensorError(
-                f"packed tensor {packed.shape}: {field} is {value.dtype} "
-                f"{tuple(value.shape)}, expected {dtype} {shape} for bits={packed.bits}, "
-                f"block_size={packed.block_size}, group_size={packed.group_size}")
+    problems = layout_mismatches(packed)
+    if problems:
+        raise InvalidTensorError(
+            f"packed tensor {packed.shape}: {problems[0]} for bits={packed.bits}, "
+            f"block_size={packed.block_size}, group_size={packed.group_size}")
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -201,9 +198,10 @@ def _encode(source, shape, bits, block, group, mode, codebook):
     """Run the encoder kernel: (packed codes, float32 scales, total squared error), or
     None when the weight holds NaN/Inf."""
     rows, in_features = shape
-    in_padded = -(-in_features // block) * block
-    packed = np.empty((rows, packed_row_bytes(in_padded, bits)), np.uint8)
-    scales = np.empty((rows, in_padded // group), np.float32)
+    layout = packed_layout(shape, bits, block, group)
+    in_padded = padded_in_features(in_features, block)
+    packed = np.empty(layout["codes"].shape, np.uint8)
+    scales = np.empty(layout["scales"].shape, np.float32)
     tiles = -(-rows * (in_padded // block) // kernels.LANES)
     tile_error = np.zeros(tiles)
     tile_non_finite = np.zeros(tiles, np.int64)

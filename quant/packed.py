@@ -24,11 +24,66 @@ Semantics (the artifact format, docs/FORMAT.md, stores exactly these fields):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
 
+from hlwq.quant.packing import packed_row_bytes
+
 MODES = ("refined", "reference")
+PACKED_PARTS = ("codes", "scales", "codebook")   # the stored parts of a quantized tensor
+
+
+# --------------------------------------------------------------------------- the packed layout
+# The one definition of what a packed tensor holds. Every reader, writer, verifier, size
+# estimate and module derives its parts' dtypes and shapes from ``packed_layout``.
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def safetensors_dtype(self) -> str:
+        return SAFETENSORS_DTYPES[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.float16: "F16", torch.float32: "F32"}
+
+
+def padded_in_features(in_features: int, block_size: int) -> int:
+    """Input features after zero-padding to whole rotation blocks."""
+    return -(-in_features // block_size) * block_size
+
+
+def packed_layout(shape: tuple[int, int], bits: int, block_size: int,
+                  group_size: int | None = None) -> dict[str, PartSpec]:
+    """``{"codes", "scales", "codebook"}`` -> dtype and shape, from the settings alone."""
+    out_features, in_features = shape
+    in_padded = padded_in_features(in_features, block_size)
+    return {
+        "codes": PartSpec(torch.uint8, (out_features, packed_row_bytes(in_padded, bits))),
+        "scales": PartSpec(torch.float16, (out_features, in_padded // (group_size or block_size))),
+        "codebook": PartSpec(torch.float32, (2 ** bits,)),
+    }
+
+
+def layout_mismatches(packed: PackedTensor) -> list[str]:
+    """Each part whose dtype or shape disagrees with the layout its settings imply."""
+    expected = packed_layout(packed.shape, packed.bits, packed.block_size, packed.group_size)
+    problems = []
+    for part, spec in expected.items():
+        value = getattr(packed, part)
+        if value.dtype != spec.dtype or tuple(value.shape) != spec.shape:
+            problems.append(f"{part} is {value.dtype} {tuple(value.shape)}, expected "
+                            f"{spec.dtype} {spec.shape}")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -44,7 +99,7 @@ class PackedTensor:
 
     @property
     def in_padded(self) -> int:
-        return -(-self.shape[1] // self.block_size) * self.block_size
+        return padded_in_features(self.shape[1], self.block_size)
 
     @property
     def nbytes(self) -> int:

@@ -4,27 +4,19 @@ from __future__ import annotations
 
 import math
 
+from hlwq.quant.packed import packed_layout, padded_in_features  # noqa: F401 (re-exported)
+
 DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
     "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }
-SCALE_BYTES = 2      # one fp16 scale per group
-CODEBOOK_BYTES = 4   # fp32 per codebook level
-
-
-def padded_in_features(in_features: int, block_size: int) -> int:
-    return -(-in_features // block_size) * block_size
 
 
 def packed_nbytes(shape: tuple[int, ...], bits: int, block_size: int = 128,
                   group_size: int | None = None) -> int:
     """Exact bytes of one quantized 2-D tensor: packed codes + fp16 scales + fp32 codebook."""
-    out_features, in_features = shape
-    group = group_size or block_size
-    in_padded = padded_in_features(in_features, block_size)
-    codes = out_features * in_padded * bits // 8
-    scales = out_features * (in_padded // group) * SCALE_BYTES
-    return codes + scales + (2 ** bits) * CODEBOOK_BYTES
+    return sum(part.nbytes for part in packed_layout(tuple(shape), bits, block_size,
+                                                      group_size).values())
 
 
 def original_nbytes(shape: tuple[int, ...], dtype: str) -> int:

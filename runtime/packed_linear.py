@@ -32,8 +32,7 @@ from hlwq.quant.core import check_packed
 from hlwq.quant.dequant_into import decode_rotated_into
 from hlwq.quant.errors import InvalidTensorError
 from hlwq.quant.hadamard import hadamard_matrix
-from hlwq.quant.packed import PackedTensor
-from hlwq.quant.sizes import padded_in_features
+from hlwq.quant.packed import PackedTensor, packed_layout, padded_in_features
 from hlwq.runtime import triton_kernels
 
 PACKED_BUFFERS = ("codes", "scales", "codebook")
@@ -51,12 +50,10 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.block_size, self.group_size, self.mode = bits, block_size, group_size, mode
-        self.in_padded = in_padded = padded_in_features(in_features, block_size)
-        self.register_buffer("codes", torch.empty(
-            out_features, in_padded * bits // 8, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.empty(
-            out_features, in_padded // group_size, dtype=torch.float16, device=device))
-        self.register_buffer("codebook", torch.empty(2 ** bits, dtype=torch.float32, device=device))
+        self.in_padded = padded_in_features(in_features, block_size)
+        layout = packed_layout((out_features, in_features), bits, block_size, group_size)
+        for part, spec in layout.items():
+            self.register_buffer(part, torch.empty(spec.shape, dtype=spec.dtype, device=device))
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device),
                                   requires_grad=False) if bias else None)
         self.cache: DequantCache | None = None   # off by default: see enable_dequant_cache

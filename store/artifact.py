@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from hlwq.quant.errors import ArtifactError, CorruptCheckpointError, SourceError, UnsafePathError
-from hlwq.quant.packed import MODES, PackedTensor
-from hlwq.quant.sizes import DTYPE_BYTES, padded_in_features
+from hlwq.quant.packed import MODES, PACKED_PARTS, PackedTensor, packed_layout
+from hlwq.quant.sizes import DTYPE_BYTES
 from hlwq.store.shard_writer import sha256_file
 
 FORMAT_NAME = "hlwq-artifact"
@@ -26,7 +26,6 @@ SHARD_FORMAT_KEY = "hlwq_format_version"     # in every written shard's __metada
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000      # the Hub's "5GB"
 LAYOUTS = ("diffusers", "ltx23-single", "generic")   # tasks.inventory.detect_layout's names
 ACTIONS = ("quantize", "keep")
-PACKED_PARTS = ("codes", "scales", "codebook")
 IGNORED_ENTRIES = (".git", ".cache", ".gitattributes")   # Hub tooling adds these at the root
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -44,14 +43,9 @@ def packed_part_names(name: str) -> dict[str, str]:
 def packed_part_specs(name: str, shape, bits: int, block_size: int,
                       group_size: int) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Stored name -> (dtype, shape) of each part, from the quantization settings alone."""
-    out, in_features = shape
-    in_padded = padded_in_features(in_features, block_size)
     names = packed_part_names(name)
-    return {
-        names["codes"]: ("U8", (out, in_padded * bits // 8)),
-        names["scales"]: ("F16", (out, in_padded // group_size)),
-        names["codebook"]: ("F32", (2 ** bits,)),
-    }
+    return {names[part]: (spec.safetensors_dtype, spec.shape)
+            for part, spec in packed_layout(tuple(shape), bits, block_size, group_size).items()}
 
 
 def safe_relative_path(root: str | os.PathLike, relative: object) -> Path:

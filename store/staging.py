@@ -13,10 +13,8 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from hlwq.quant.errors import CorruptCheckpointError, SourceError
-from hlwq.quant.packed import PackedTensor
+from hlwq.quant.packed import PackedTensor, layout_mismatches
 from hlwq.store.atomic import atomic_write_bytes
 
 STAGED_METADATA_KEY = "hlwq_staged"
@@ -77,15 +75,9 @@ def read_staged(path: str | os.PathLike) -> tuple[str, PackedTensor]:
 
 
 def _check_consistent(path: Path, packed: PackedTensor) -> None:
-    in_padded = packed.in_padded
-    expected = {"codes": (torch.uint8, (packed.shape[0], in_padded * packed.bits // 8)),
-                "scales": (torch.float16, (packed.shape[0], in_padded // packed.group_size)),
-                "codebook": (torch.float32, (2 ** packed.bits,))}
-    for part, (dtype, shape) in expected.items():
-        tensor = getattr(packed, part)
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise CorruptCheckpointError(f"{path}: staged {part} is {tensor.dtype} "
-                                         f"{tuple(tensor.shape)}, expected {dtype} {shape}")
+    problems = layout_mismatches(packed)
+    if problems:
+        raise CorruptCheckpointError(f"{path}: staged {problems[0]}")
 
 
 def load_staged_if_valid(path: str | os.PathLike) -> tuple[str, PackedTensor] | None:

@@ -52,7 +52,7 @@ from hlwq.quant.budget import (
 )
 from hlwq.quant.core import dequantize, quantize_tensor
 from hlwq.quant.errors import BudgetError, CorruptCheckpointError, InvalidOptionError
-from hlwq.quant.sizes import DTYPE_BYTES, bits_per_weight, tensor_nbytes
+from hlwq.quant.sizes import DTYPE_BYTES, bits_per_weight, padded_in_features, tensor_nbytes
 from hlwq.store.artifact import tensor_key
 from hlwq.store.safetensors_io import torch_dtype
 
@@ -90,7 +90,7 @@ def rows_in_scope(rows: Iterable[Mapping], scope: str) -> list[dict]:
 
 def sample_row_count(shape: Sequence[int], block_size: int = 128) -> int:
     out_features, in_features = shape
-    padded = -(-in_features // block_size) * block_size
+    padded = padded_in_features(in_features, block_size)
     return min(out_features, max(MIN_SAMPLE_ROWS, SAMPLE_WEIGHTS // padded))
 
 

@@ -28,8 +28,8 @@ import torch
 from prefect import task
 
 from hlwq.quant.errors import ArtifactError, InvalidOptionError
-from hlwq.quant.packed import PackedTensor
-from hlwq.quant.packing import pack_codes, unpack_codes
+from hlwq.quant.packed import PackedTensor, padded_in_features
+from hlwq.quant.packing import pack_codes, packed_row_bytes, unpack_codes
 from hlwq.quant.sizes import original_nbytes, packed_nbytes
 from hlwq.store.artifact import DEFAULT_MAX_SHARD_BYTES, MANIFEST_NAME, Artifact, open_artifact
 from hlwq.store.safetensors_io import read_header, read_tensor
@@ -309,7 +309,7 @@ def _polar_layer(root: Path, headers: dict, codes_file: str, module: str, meta: 
                     parts[part] = read_tensor(root / file, header.tensors[f"{module}.{part}"])
     if "codes" not in parts or "norms" not in parts or not {"ct", "ct_scaled"} & set(parts):
         raise ArtifactError(f"{where}: needs .codes, .norms and .ct_scaled (or .ct) tensors")
-    in_padded = -(-in_features // block) * block
+    in_padded = padded_in_features(in_features, block)
     packed = PackedTensor(codes=_hlwq_codes(parts["codes"], meta, bits, block, in_padded, where),
                           scales=_fp16(parts["norms"], where),
                           codebook=_codebook(parts, meta, block), shape=(out, in_features),
@@ -338,7 +338,7 @@ def _hlwq_codes(codes: torch.Tensor, meta: dict, bits: int, block: int, in_padde
             raise ArtifactError(f"{where}: codes hold {unpacked.shape[1]} values per row, "
                                 f"expected {in_padded}")
         result = pack_codes(unpacked.contiguous(), bits)
-    if tuple(result.shape) != (codes.shape[0], in_padded * bits // 8):
+    if tuple(result.shape) != (codes.shape[0], packed_row_bytes(in_padded, bits)):
         raise ArtifactError(f"{where}: codes shape {list(codes.shape)} does not fit {bits}-bit "
                             f"codes of {in_padded} values per row")
     return result.contiguous()

@@ -13,7 +13,6 @@ from safetensors import safe_open
 
 from hlwq.quant.errors import CorruptCheckpointError, InvalidOptionError, SourceError
 from hlwq.quant.sizes import packed_nbytes
-from hlwq.testing import fixtures
 from hlwq.runtime.ltx23_layout import (
     build_model,
     checkpoint_tensors,
@@ -31,6 +30,7 @@ from hlwq.store.ltx23_config import (
     real_width_transformer_config,
     tiny_config,
 )
+from hlwq.testing import fixtures
 from hlwq.testing.fixtures import (
     SINGLE_FILE_NAME,
     TensorSpec,

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from hlwq.store.hash_cache import file_sha256
 from hlwq.store import hash_cache
+from hlwq.store.hash_cache import file_sha256
 
 
 @pytest.fixture
