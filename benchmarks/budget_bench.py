@@ -34,10 +34,9 @@ from pathlib import Path
 import click
 import torch
 
-from hlwq.quant.budget import parse_size
 from hlwq.quant.core import dequantize, quantize_tensor
 from hlwq.quant.errors import BudgetError
-from hlwq.quant.sizes import size_table
+from hlwq.quant.sizes import parse_size, size_table
 from hlwq.store.atomic import atomic_write_text
 
 RESULTS = Path(__file__).with_name("results") / "budget.json"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import statistics
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from prefect_dask import DaskTaskRunner
 
 from hlwq.quant.core import check_options
 from hlwq.quant.errors import InvalidOptionError
+from hlwq.quant.names import block_and_module, natural_key
 from hlwq.quant.packed import MODES
 from hlwq.quant.sizes import size_table
 from hlwq.store.artifact import tensor_key
@@ -51,7 +51,6 @@ from hlwq.tasks.validate_output import output_gates_skip_reason, output_gates_ta
 
 BLOCK_SIZE = 128
 WORKER_MEMORY_BYTES = 3 << 30        # one worker quantizing LTX-2.3's largest linear (16384 x 4096)
-GROUP_PATTERN = re.compile(r"(?:^|\.)([A-Za-z_]\w*\.\d+)\.")   # "transformer_blocks.7" in a name
 WORST_TENSORS = 20
 METRICS_SCHEMA = pa.schema([
     ("tensor", pa.string()), ("component", pa.string()), ("shape", pa.list_(pa.int64())),
@@ -91,12 +90,8 @@ def dask_task_runner(workers: int | None = None, dask_address: str | None = None
 
 def group_of(job: TensorJob) -> str:
     """The Prefect task a tensor belongs to: its block (``transformer_blocks.7``) or component."""
-    match = GROUP_PATTERN.search(job.tensor)
-    return f"{job.component}: {match.group(1)}" if match else job.component
-
-
-def natural_key(text: str) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+    block, _ = block_and_module(job.tensor)
+    return f"{job.component}: {block}" if block else job.component
 
 
 def plan_jobs(rows: list[dict], source_base: str, file_ids: dict[str, str], staging_dir: str,

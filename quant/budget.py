@@ -26,62 +26,17 @@ model, good while each tensor's error is small.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 
 import torch
 
 from hlwq.quant.codebook import MAX_BITS, MIN_BITS
 from hlwq.quant.errors import BudgetError
-from hlwq.quant.sizes import packed_nbytes
+from hlwq.quant.names import block_and_module, natural_key
+from hlwq.quant.sizes import format_size, packed_nbytes
 
 CANDIDATE_BITS = tuple(range(MIN_BITS, MAX_BITS + 1))
-SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-    "t": 10**12, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-_SIZE = re.compile(r"\s*(?P<number>(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*(?P<unit>[a-z]*)\s*",
-                   re.IGNORECASE)
-# "transformer_blocks.7.attn1.to_q.weight" -> block "transformer_blocks.7", module "attn1.to_q"
-_BLOCK = re.compile(r"(?:^|\.)(?P<block>[A-Za-z_]\w*\.\d+)\.(?P<module>.+?)(?:\.weight)?$")
-
-
-# --------------------------------------------------------------------------- sizes
-
-
-def parse_size(text: str | int, option: str = "--target-size") -> int:
-    """Bytes in a size such as ``15GB``, ``15 GB``, ``14.5GiB``, ``800MB`` or ``123456789``.
-
-    Decimal units (kB, MB, GB, TB; what disks and the Hub print) and binary ones (KiB,
-    MiB, GiB, TiB), case-insensitive; a bare number is bytes."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        number, unit = Decimal(text), ""
-    else:
-        match = _SIZE.fullmatch(str(text))
-        if match is None or match["unit"].lower() not in SIZE_UNITS:
-            raise BudgetError(f"{option} {text!r}: not a size; write a number and a unit such "
-                              "as 15GB, 14.5GiB or 800MB (kB/MB/GB/TB are powers of 1000, "
-                              "KiB/MiB/GiB/TiB powers of 1024, no unit means bytes)")
-        try:
-            number, unit = Decimal(match["number"]), match["unit"].lower()
-        except InvalidOperation:   # pragma: no cover - the regex admits only valid numbers
-            raise BudgetError(f"{option} {text!r}: not a number") from None
-    size = int(number * SIZE_UNITS[unit])
-    if size < 1:
-        raise BudgetError(f"{option} {text!r}: a size budget must be at least one byte")
-    return size
-
-
-def format_size(nbytes: int) -> str:
-    """``15.01 GB (15,013,456,789 bytes)``: decimal units, like parse_size's GB."""
-    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.2f} {unit} ({nbytes:,} bytes)"
-    return f"{nbytes:,} bytes"
 
 
 # --------------------------------------------------------------------------- damage model
@@ -278,14 +233,6 @@ def _check_options(options: Sequence[TensorOptions]) -> None:
 # --------------------------------------------------------------------------- reporting
 
 
-def block_and_module(name: str) -> tuple[str, str]:
-    """(``transformer_blocks.7``, ``attn1.to_q``) for a block tensor; ("", name) otherwise."""
-    match = _BLOCK.search(name)
-    if match is None:
-        return "", name.removesuffix(".weight")
-    return match["block"], match["module"]
-
-
 def allocation_tables(rows: Iterable[Mapping]) -> dict:
     """Bits per module type and per block of quantized rows (``tensor``, ``shape``, ``bits``,
     optional ``packed_bytes`` and ``damage``): tensors, params, bytes, mean bits
@@ -308,8 +255,5 @@ def allocation_tables(rows: Iterable[Mapping]) -> dict:
         for entry in table.values():
             entry["mean_bits"] = entry.pop("bits_params") / entry["params"]
             entry["widths"] = dict(sorted(entry["widths"].items(), key=lambda kv: int(kv[0])))
-    return {"modules": by_module, "blocks": dict(sorted(by_block.items(), key=_natural))}
-
-
-def _natural(item) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", item[0])]
+    blocks = dict(sorted(by_block.items(), key=lambda item: natural_key(item[0])))
+    return {"modules": by_module, "blocks": blocks}

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import re
+from decimal import Decimal, InvalidOperation
 
+from hlwq.quant.errors import InvalidOptionError
 from hlwq.quant.packed import packed_layout, padded_in_features  # noqa: F401 (re-exported)
 
 DTYPE_BYTES = {
@@ -89,3 +92,54 @@ def size_table(rows, block_size: int = 128, group_size: int | None = None) -> di
         "quantized_packed_bytes": total("quantized_packed_bytes"),
         "bits_per_weight": bits_per_weight(total("packed_bytes"), total("params")),
     }
+
+
+# --------------------------------------------------------------------------- sizes as text
+
+SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+    "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE = re.compile(r"\s*(?P<number>(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*(?P<unit>[a-z]*)\s*",
+                   re.IGNORECASE)
+
+
+def parse_size(text: str | int, option: str = "--target-size") -> int:
+    """Bytes in a size such as ``15GB``, ``15 GB``, ``14.5GiB``, ``800MB`` or ``123456789``.
+
+    Decimal units (kB, MB, GB, TB; what disks and the Hub print) and binary ones (KiB,
+    MiB, GiB, TiB), case-insensitive; a bare number is bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        number, unit = Decimal(text), ""
+    else:
+        match = _SIZE.fullmatch(str(text))
+        if match is None or match["unit"].lower() not in SIZE_UNITS:
+            raise InvalidOptionError(f"{option} {text!r}: not a size; write a number and a unit such "
+                              "as 15GB, 14.5GiB or 800MB (kB/MB/GB/TB are powers of 1000, "
+                              "KiB/MiB/GiB/TiB powers of 1024, no unit means bytes)")
+        try:
+            number, unit = Decimal(match["number"]), match["unit"].lower()
+        except InvalidOperation:   # pragma: no cover - the regex admits only valid numbers
+            raise InvalidOptionError(f"{option} {text!r}: not a number") from None
+    size = int(number * SIZE_UNITS[unit])
+    if size < 1:
+        raise InvalidOptionError(f"{option} {text!r}: a size budget must be at least one byte")
+    return size
+
+
+BYTE_UNITS = (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3))
+
+
+def format_bytes(nbytes: int) -> str:
+    """``15.01 GB``, ``1.50 MB``, ``512 B``: decimal units, like parse_size's GB."""
+    for unit, scale in BYTE_UNITS:
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
+def format_size(nbytes: int) -> str:
+    """``15.01 GB (15,013,456,789 bytes)``: the rounded size and the exact count."""
+    return f"{format_bytes(nbytes)} ({nbytes:,} bytes)" if nbytes >= 10**3 else f"{nbytes:,} bytes"

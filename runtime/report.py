@@ -29,6 +29,7 @@ import matplotlib.ticker
 import numpy as np
 from PIL import Image, ImageDraw
 
+from hlwq.quant.names import block_and_module, block_index
 from hlwq.runtime.video import contact_sheet, thumbnail_jpeg, to_uint8_frames
 from hlwq.store.atomic import atomic_write_bytes, atomic_write_text
 
@@ -44,7 +45,6 @@ TABLE_METRICS = (("psnr_mean", "PSNR mean dB", "{:.2f}"), ("psnr_min", "PSNR wor
                  ("audio_snr_db", "audio SNR dB", "{:.2f}"), ("mel_distance", "log-mel dist dB", "{:.3f}"),
                  ("latent_rel_err", "latent rel err", "{:.4f}"),
                  ("block_rel_err", "worst block rel err", "{:.4f}"))
-BLOCK_NAME = re.compile(r"(?:^|\.)transformer_blocks\.(\d+)\.(.+?)(?:\.weight)?$")
 
 
 # --------------------------------------------------------------------------- contact sheets
@@ -101,13 +101,7 @@ def write_comparison_sheet(path: str | os.PathLike, source_frames, candidate_fra
 
 def module_type(tensor: str) -> str:
     """``transformer_blocks.7.attn1.to_q.weight`` -> ``attn1.to_q``; others: the name sans .weight."""
-    match = BLOCK_NAME.search(tensor)
-    return match.group(2) if match else tensor.removesuffix(".weight")
-
-
-def block_index(tensor: str) -> int | None:
-    match = BLOCK_NAME.search(tensor)
-    return int(match.group(1)) if match else None
+    return block_and_module(tensor)[1]
 
 
 def _save(figure, path: Path) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from hlwq.quant.errors import ArtifactError, CorruptCheckpointError, SourceError, UnsafePathError
 from hlwq.quant.packed import MODES, PACKED_PARTS, PackedTensor, packed_layout
 from hlwq.quant.sizes import DTYPE_BYTES
-from hlwq.store.shard_writer import sha256_file
+from hlwq.store.hash_cache import sha256_file
 
 FORMAT_NAME = "hlwq-artifact"
 FORMAT_VERSION = 1

@@ -7,7 +7,6 @@ its output file is still there with the catalogued sha256.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +18,7 @@ import pyarrow.parquet as pq
 
 from hlwq.quant.errors import ArtifactError
 from hlwq.store.atomic import atomic_path
+from hlwq.store.hash_cache import sha256_file
 
 CATALOG_DIR = "catalog"
 RENDERED, FAILED = "rendered", "failed"
@@ -56,15 +56,7 @@ def artifact_id(artifact: str | Path) -> str:
     manifest = Path(artifact) / "manifest.json"
     if not manifest.is_file():
         raise ArtifactError(f"artifact {artifact}: no manifest.json (not an HLWQ artifact, or unfinished)")
-    return file_sha256(manifest)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(manifest)
 
 
 def catalog_path(output_dir: str | Path) -> Path:
@@ -108,4 +100,4 @@ def completed_renders(catalog: pa.Table) -> dict[str, dict[str, Any]]:
 
 def output_matches(row: dict[str, Any]) -> bool:
     path = Path(row["output_path"] or "")
-    return path.is_file() and file_sha256(path) == row["sha256"]
+    return path.is_file() and sha256_file(path) == row["sha256"]

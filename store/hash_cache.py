@@ -34,7 +34,13 @@ def cache_path() -> Path:
     return Path(root) / CACHE_FILE
 
 
-def file_sha256(path: str | os.PathLike) -> tuple[int, str]:
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes (read once, never cached)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def size_and_sha256(path: str | os.PathLike) -> tuple[int, str]:
     """``(size, sha256)`` of a file, from the cache while its identity is unchanged."""
     path = Path(path).resolve()
     with open(path, "rb") as handle:

@@ -11,6 +11,8 @@ import json
 import math
 from pathlib import PurePosixPath
 
+from hlwq.quant.sizes import format_bytes
+
 WORST_SHOWN = 10
 
 
@@ -49,26 +51,19 @@ def _median(ordered: list[float]) -> float:
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
-def human_bytes(count: int) -> str:
-    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if count >= scale:
-            return f"{count / scale:.2f} {unit}"
-    return f"{count} B"
-
-
 def size_rows(manifest: dict) -> list[list[str]]:
     """Rows of the per-component size table, then the total."""
     sizes = manifest["sizes"]
     rows = []
     for name, c in sorted(sizes["components"].items()):
         rows.append([name, f"{c['tensors']:,}", f"{c.get('quantized_tensors', 0):,}",
-                     f"{c['params']:,}", human_bytes(c["original_bytes"]),
-                     human_bytes(c["packed_bytes"]), f"{c['bits_per_weight']:.3f}"])
+                     f"{c['params']:,}", format_bytes(c["original_bytes"]),
+                     format_bytes(c["packed_bytes"]), f"{c['bits_per_weight']:.3f}"])
     params = sum(c["params"] for c in sizes["components"].values())
     packed = sizes["total_packed_bytes"]
     rows.append(["**total**", f"{sum(c['tensors'] for c in sizes['components'].values()):,}",
                  f"{sizes['quantized_tensors']:,}", f"{params:,}",
-                 human_bytes(sizes["total_original_bytes"]), human_bytes(packed),
+                 format_bytes(sizes["total_original_bytes"]), format_bytes(packed),
                  f"{8 * packed / params:.3f}" if params else "0"])
     return rows
 

@@ -123,14 +123,6 @@ def tensor_chunks(tensor) -> Iterable[memoryview]:
     yield memoryview(flat.view(torch.uint8).numpy())
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def plan_shards(units: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
     """Split ordered ``(unit, nbytes)`` pairs into consecutive shards of at most
     ``max_shard_bytes``; a unit larger than that gets a shard of its own."""

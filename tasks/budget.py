@@ -44,7 +44,6 @@ from hlwq.quant.budget import (
     allocation_tables,
     best_uniform_bits,
     block_and_module,
-    parse_size,
     relative_error,
     smallest_size,
     tensor_options,
@@ -52,7 +51,13 @@ from hlwq.quant.budget import (
 )
 from hlwq.quant.core import dequantize, quantize_tensor
 from hlwq.quant.errors import BudgetError, CorruptCheckpointError, InvalidOptionError
-from hlwq.quant.sizes import DTYPE_BYTES, bits_per_weight, padded_in_features, tensor_nbytes
+from hlwq.quant.sizes import (
+    DTYPE_BYTES,
+    bits_per_weight,
+    padded_in_features,
+    parse_size,
+    tensor_nbytes,
+)
 from hlwq.store.artifact import tensor_key
 from hlwq.store.safetensors_io import torch_dtype
 

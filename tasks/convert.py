@@ -32,6 +32,7 @@ from hlwq.quant.packed import PackedTensor, padded_in_features
 from hlwq.quant.packing import pack_codes, packed_row_bytes, unpack_codes
 from hlwq.quant.sizes import original_nbytes, packed_nbytes
 from hlwq.store.artifact import DEFAULT_MAX_SHARD_BYTES, MANIFEST_NAME, Artifact, open_artifact
+from hlwq.store.hash_cache import sha256_file
 from hlwq.store.safetensors_io import read_header, read_tensor
 from hlwq.store.shard_writer import (
     ShardTensor,
@@ -39,7 +40,6 @@ from hlwq.store.shard_writer import (
     index_bytes,
     index_file_name,
     plan_shards,
-    sha256_file,
     shard_file_names,
     tensor_chunks,
     write_shard,

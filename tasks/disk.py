@@ -17,6 +17,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from hlwq.quant.errors import InsufficientDiskError
+from hlwq.quant.sizes import format_bytes
 from hlwq.store.artifact import DEFAULT_MAX_SHARD_BYTES
 
 MARGIN_FRACTION = 0.02            # headroom for file system overhead and estimates
@@ -69,9 +70,9 @@ def check_disk(estimate: DiskEstimate, output_dir: str | os.PathLike,
         need = sum(nbytes for _, nbytes in parts)
         free = shutil.disk_usage(where).free
         if need > free:
-            detail = " + ".join(f"{label} {gb(nbytes)}" for label, nbytes in parts)
+            detail = " + ".join(f"{label} {format_bytes(nbytes)}" for label, nbytes in parts)
             raise InsufficientDiskError(
-                f"{where}: need {gb(need)} ({detail}) but only {gb(free)} is free; free space, "
+                f"{where}: need {format_bytes(need)} ({detail}) but only {format_bytes(free)} is free; free space, "
                 "or give --out / --staging on a larger disk")
 
 
@@ -86,10 +87,6 @@ def same_file_system(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return os.stat(existing_ancestor(a)).st_dev == os.stat(existing_ancestor(b)).st_dev
 
 
-def gb(nbytes: int) -> str:
-    return f"{nbytes / 1e9:,.2f} GB"
-
-
 @task(name="disk-check", persist_result=False)
 def disk_check_task(rows: list[dict], source_files: dict[str, int], staged_keys: set[str],
                     source_root: str, output_dir: str, staging_dir: str) -> dict:
@@ -97,6 +94,6 @@ def disk_check_task(rows: list[dict], source_files: dict[str, int], staged_keys:
     estimate = estimate_disk(rows, source_files, staged_keys,
                              carried_are_linked=same_file_system(source_root, output_dir))
     check_disk(estimate, output_dir, staging_dir)
-    get_run_logger().info("disk: artifact %s, staging %s still to write", gb(estimate.output_bytes),
-                          gb(estimate.staging_bytes))
+    get_run_logger().info("disk: artifact %s, staging %s still to write", format_bytes(estimate.output_bytes),
+                          format_bytes(estimate.staging_bytes))
     return {"output_bytes": estimate.output_bytes, "staging_bytes": estimate.staging_bytes}

@@ -35,6 +35,7 @@ from hlwq.store.artifact import (
     tensor_key,
 )
 from hlwq.store.atomic import fsync_dir
+from hlwq.store.hash_cache import sha256_file
 from hlwq.store.model_card import quality_summary, render_model_card
 from hlwq.store.safetensors_io import read_header
 from hlwq.store.shard_writer import (
@@ -44,7 +45,6 @@ from hlwq.store.shard_writer import (
     index_bytes,
     index_file_name,
     plan_shards,
-    sha256_file,
     shard_file_names,
     write_shard,
 )

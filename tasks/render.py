@@ -23,7 +23,8 @@ from prefect import task
 
 from hlwq.quant.errors import InvalidOptionError
 from hlwq.runtime.video import write_contact_sheet, write_mp4
-from hlwq.store.catalog import RENDERED, file_sha256
+from hlwq.store.catalog import RENDERED
+from hlwq.store.hash_cache import sha256_file
 from hlwq.store.prompts import RenderRequest
 
 DEFAULT_PIPELINE_FACTORY = "hlwq.runtime.loader:load_pipeline"
@@ -179,7 +180,7 @@ def render_request(
         "artifact": str(artifact),
         "output_path": str(video_path.resolve()),
         "contact_sheet": str(sheet_path.resolve()),
-        "sha256": file_sha256(video_path),
+        "sha256": sha256_file(video_path),
         "duration_s": len(frames) / request.fps,
         "render_seconds": render_seconds,
         "peak_memory_bytes": int(peak.peak_bytes),

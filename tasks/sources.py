@@ -48,7 +48,7 @@ from hlwq.quant.errors import (
     InvalidOptionError,
     SourceError,
 )
-from hlwq.store.hash_cache import file_sha256
+from hlwq.store.hash_cache import size_and_sha256
 from hlwq.store.safetensors_io import MAX_HEADER_BYTES, SafetensorsHeader, parse_header
 
 HUB_REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^@\s]+))?")
@@ -446,7 +446,7 @@ def _hash_files(root: Path, names: list[str]) -> list[dict]:
     """[{path, size, sha256}] of ``names`` under ``root``; threads help (hashlib drops the GIL)."""
 
     def record(name: str) -> dict:
-        size, digest = file_sha256(root / name)
+        size, digest = size_and_sha256(root / name)
         return {"path": name, "size": size, "sha256": digest}
 
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:

@@ -8,8 +8,9 @@ import pytest
 from artifact_helpers import make_diffusers_source, package_source
 from click.testing import CliRunner
 
-from hlwq.cli.commands.artifact import inspect, parse_byte_size, verify
+from hlwq.cli.commands.artifact import inspect, verify
 from hlwq.quant.errors import ArtifactError, InvalidOptionError, UnsafePathError
+from hlwq.quant.sizes import parse_size
 from hlwq.store.artifact import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -131,10 +132,10 @@ def test_inspect_shows_sizes_and_quality(art):
 
 
 def test_parse_byte_size():
-    assert parse_byte_size("5GB") == 5 * 10**9 and parse_byte_size("2MiB") == 2 * 2**20
-    assert parse_byte_size("1000") == 1000
-    with pytest.raises(InvalidOptionError, match="--max-shard-size='5 parsecs'"):
-        parse_byte_size("5 parsecs")
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20
+    assert parse_size("5G") == 5 * 10**9 and parse_size("1000") == 1000
+    with pytest.raises(InvalidOptionError, match="--max-shard-size '5 parsecs'"):
+        parse_size("5 parsecs", "--max-shard-size")
 
 
 def test_manifest_symlinked_from_outside_is_refused(art, tmp_path):

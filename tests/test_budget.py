@@ -19,17 +19,15 @@ from hlwq.quant.budget import (
     allocate,
     allocation_tables,
     best_uniform_bits,
-    block_and_module,
-    format_size,
     lower_hull,
-    parse_size,
     relative_error,
     smallest_size,
     tensor_options,
 )
 from hlwq.quant.core import dequantize, quantize_tensor
 from hlwq.quant.errors import BudgetError, InvalidOptionError
-from hlwq.quant.sizes import packed_nbytes, size_table
+from hlwq.quant.names import block_and_module
+from hlwq.quant.sizes import format_size, packed_nbytes, parse_size, size_table
 from hlwq.tasks.budget import (
     activation_stats,
     allocate_rows,
@@ -58,7 +56,7 @@ def test_parse_size(text, expected):
 @pytest.mark.parametrize("text", ["", "GB", "fifteen GB", "15 GBs", "15XB", "-1GB", "0GB",
                                   "15 G B", "1,5GB", "0.1"])
 def test_parse_size_rejects_garbage(text):
-    with pytest.raises(BudgetError, match="--target-size"):
+    with pytest.raises(InvalidOptionError, match="--target-size"):
         parse_size(text)
 
 
@@ -304,7 +302,7 @@ def test_plan_with_an_impossible_or_unreadable_target(small_checkpoint):
     assert isinstance(tiny.exception, BudgetError)
     assert "smallest reachable size" in str(tiny.exception)
     garbage = CliRunner().invoke(cli, ["plan", str(small_checkpoint), "--target-size", "lots"])
-    assert isinstance(garbage.exception, BudgetError) and "'lots'" in str(garbage.exception)
+    assert isinstance(garbage.exception, InvalidOptionError) and "'lots'" in str(garbage.exception)
 
 
 # --------------------------------------------------------------------------- quantize flow

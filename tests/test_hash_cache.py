@@ -7,7 +7,7 @@ import time
 import pytest
 
 from hlwq.store import hash_cache
-from hlwq.store.hash_cache import file_sha256
+from hlwq.store.hash_cache import size_and_sha256
 
 
 @pytest.fixture
@@ -35,20 +35,20 @@ def test_second_hash_comes_from_the_cache(tmp_path, cache_dir, hashings):
     path = tmp_path / "weights.safetensors"
     path.write_bytes(b"x" * 1000)
     expected = (1000, hashlib.sha256(b"x" * 1000).hexdigest())
-    assert file_sha256(path) == expected
-    assert file_sha256(path) == expected
+    assert size_and_sha256(path) == expected
+    assert size_and_sha256(path) == expected
     assert len(hashings) == 1 and (cache_dir / hash_cache.CACHE_FILE).is_file()
 
 
 def test_rewritten_bytes_are_hashed_again_even_with_the_old_mtime(tmp_path, cache_dir, hashings):
     path = tmp_path / "weights.safetensors"
     path.write_bytes(b"a" * 1000)
-    file_sha256(path)
+    size_and_sha256(path)
     before = os.stat(path)
     time.sleep(0.05)                                    # past coarse timestamp granularity
     path.write_bytes(b"b" * 1000)                       # same size
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))   # mtime put back; ctime moves
-    assert file_sha256(path) == (1000, hashlib.sha256(b"b" * 1000).hexdigest())
+    assert size_and_sha256(path) == (1000, hashlib.sha256(b"b" * 1000).hexdigest())
     assert len(hashings) == 2
 
 
@@ -57,8 +57,8 @@ def test_a_broken_cache_only_costs_the_hashing(tmp_path, cache_dir, hashings):
     (cache_dir / hash_cache.CACHE_FILE).write_bytes(b"not a database" * 100)
     path = tmp_path / "weights.safetensors"
     path.write_bytes(b"x" * 10)
-    assert file_sha256(path) == (10, hashlib.sha256(b"x" * 10).hexdigest())
-    assert file_sha256(path)[1] == hashlib.sha256(b"x" * 10).hexdigest()
+    assert size_and_sha256(path) == (10, hashlib.sha256(b"x" * 10).hexdigest())
+    assert size_and_sha256(path)[1] == hashlib.sha256(b"x" * 10).hexdigest()
     assert len(hashings) == 2
 
 
@@ -66,6 +66,6 @@ def test_files_written_just_now_are_not_remembered(tmp_path, cache_dir, hashings
     monkeypatch.setattr(hash_cache, "FRESH_NS", 60 * 10**9)
     path = tmp_path / "weights.safetensors"
     path.write_bytes(b"x" * 10)
-    file_sha256(path)
-    file_sha256(path)
+    size_and_sha256(path)
+    size_and_sha256(path)
     assert len(hashings) == 2

@@ -6,10 +6,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from hlwq.cli.commands.plan import format_bytes, format_count
+from hlwq.cli.commands.plan import format_count
 from hlwq.cli.main import cli
 from hlwq.quant.errors import InvalidOptionError, PolicyError, SourceError
-from hlwq.quant.sizes import packed_nbytes, size_table
+from hlwq.quant.sizes import format_bytes, packed_nbytes, size_table
 from hlwq.store.safetensors_io import read_header
 
 OFFICIAL = "model.diffusion_model."

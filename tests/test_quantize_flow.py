@@ -103,8 +103,8 @@ def test_disk_estimate_and_refusal(tmp_path, monkeypatch):
     assert estimate_disk(rows, files, {"k1"}, carried_are_linked=False) == DiskEstimate(1360, 0, 0)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 10**6, 10**6))
-    with pytest.raises(InsufficientDiskError, match=r"need 0\.07 GB \(artifact 0\.00 GB \+ staged "
-                                                    r"results .* but only 0\.00 GB is free"):
+    with pytest.raises(InsufficientDiskError, match=r"need 67\.11 MB \(artifact 350 B \+ staged "
+                                                    r"results .* but only 1\.00 MB is free"):
         check_disk(DiskEstimate(350, 300, 300), tmp_path / "out", tmp_path / "staging")
 
 
@@ -210,7 +210,7 @@ def test_nonfinite_tensor_fails_naming_it_or_is_kept(checkpoint, tmp_path, clust
 def test_disk_refusal_happens_before_any_work(checkpoint, tmp_path, cluster, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 1000, 1000))
-    with pytest.raises(InsufficientDiskError, match=r"need .* GB \(artifact .* staged results .*\) but only"):
+    with pytest.raises(InsufficientDiskError, match=r"need .* [kMG]?B \(artifact .* staged results .*\) but only"):
         run_quantize(str(checkpoint), str(tmp_path / "artifact"), dask_address=cluster)
     assert not list((tmp_path / "artifact.staging").glob("*.safetensors"))
 

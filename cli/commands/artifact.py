@@ -3,29 +3,14 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
 import click
 
-from hlwq.quant.errors import InvalidOptionError
+from hlwq.quant.sizes import parse_size
 
-SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 DIRECTORY = click.Path(file_okay=False, path_type=Path)
-
-
-def parse_byte_size(text: str, option: str = "--max-shard-size") -> int:
-    """``5GB`` -> 5_000_000_000, ``512MiB``, ``1000000``; raises InvalidOptionError."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not match or match.group(2).lower() not in SIZE_UNITS:
-        raise InvalidOptionError(f"{option}={text!r}: expected a size such as 5GB, 512MiB or a "
-                                 f"byte count (units: {', '.join(u for u in SIZE_UNITS if u)})")
-    size = int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
-    if size < 1:
-        raise InvalidOptionError(f"{option}={text!r}: must be at least one byte")
-    return size
 
 
 @click.command()
@@ -101,7 +86,7 @@ def export_dequantized(directory: Path, out: Path, max_shard_size: str, no_verif
     for LTX-2.3) in the source's layout to OUT, streaming one tensor at a time."""
     from hlwq.tasks.export import export_dequantized as export
 
-    summary = export(directory, out, max_shard_bytes=parse_byte_size(max_shard_size),
+    summary = export(directory, out, max_shard_bytes=parse_size(max_shard_size, "--max-shard-size"),
                      verify=not no_verify)
     click.echo(f"{summary['path']}: {summary['dequantized_tensors']} tensors dequantized, "
                f"{summary['files']} files, {summary['total_bytes']:,} bytes")
@@ -122,6 +107,6 @@ def convert(source: Path, out: Path, target_format: str, max_shard_size: str) ->
     if target_format == "auto":
         target_format = "polarquant" if detect_format(source) == "hlwq" else "hlwq"
     convert_fn = to_polarquant if target_format == "polarquant" else from_polarquant
-    summary = convert_fn(source, out, max_shard_bytes=parse_byte_size(max_shard_size))
+    summary = convert_fn(source, out, max_shard_bytes=parse_size(max_shard_size, "--max-shard-size"))
     click.echo(f"{summary['path']}: {target_format} layout, {summary['quantized_tensors']} "
                f"quantized tensors, {summary['files']} files")

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import click
 
+from hlwq.quant.sizes import format_bytes
+
 
 def _summarise(directory: Path) -> str:
     files = [p for p in directory.rglob("*") if p.is_file()]
     size = sum(p.stat().st_size for p in files)
-    return f"{directory}: {len(files)} files, {size / 1e6:,.1f} MB"
+    return f"{directory}: {len(files)} files, {format_bytes(size)}"
 
 
 @click.group()

@@ -14,10 +14,10 @@ import click
 
 from hlwq.cli.commands.options import source_file_options, target_size_options
 from hlwq.quant.errors import InvalidOptionError
+from hlwq.quant.sizes import format_bytes
 
 AUTO_POLICY = "auto"
 PACKAGE_LAYOUTS = ("ltx23-22b",)
-BYTE_UNITS = (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3))
 COUNT_UNITS = (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3))
 
 
@@ -118,7 +118,7 @@ def _planned_source(source, package_layout, revision, files, exclude_files):
 def _budget(rows, target_size, scope, base, block_size):
     """Allocate bits for the target size: damage measured on the checkpoint's own rows when
     it is local, on synthetic heavy-tailed rows of each tensor's width otherwise."""
-    from hlwq.quant.budget import parse_size
+    from hlwq.quant.sizes import parse_size
     from hlwq.tasks.budget import file_sampler, plan_budget, synthetic_sampler
 
     target = parse_size(target_size)
@@ -205,13 +205,6 @@ def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
                                                    in zip(row[1:], widths[1:])]) for row in rows]
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
     return lines
-
-
-def format_bytes(count: int) -> str:
-    for unit, size in BYTE_UNITS:
-        if count >= size:
-            return f"{count / size:.2f} {unit}"
-    return f"{count} B"
 
 
 def format_count(count: int) -> str:

@@ -48,7 +48,7 @@ def quantize(source, out, policy, bits, mode, group_size, workers, dask_address,
     """Quantize SOURCE (a Hub repo id, a folder or a .safetensors file) into a packed HLWQ
     artifact at OUT. Re-running skips tensors already quantized."""
     if target_size is not None:
-        from hlwq.quant.budget import parse_size
+        from hlwq.quant.sizes import parse_size
 
         parse_size(target_size)   # a size that does not parse fails before anything runs
     from hlwq.flows.quantize_flow import run_quantize
