@@ -132,9 +132,9 @@ def configurations(rows, scope, budgets: dict[str, int], damages: dict[str, dict
 
 
 def tiny_part(work: Path, log) -> dict:
+    from hlwq.store.inventory import build_inventory
     from hlwq.tasks.budget import activation_stats, file_sampler, measure_damages
     from hlwq.tasks.gates import load_gate_config
-    from hlwq.tasks.inventory import build_inventory
     from hlwq.tasks.validate_output import (
         apply_output_gates,
         compare_renderings,
@@ -294,8 +294,8 @@ def real_width_inputs(config: dict, seed: int, frames: int = 2, side: int = 8,
 def real_width_part(work: Path, layers: int, log) -> dict:
     from diffusers import LTX2VideoTransformer3DModel
 
+    from hlwq.store.inventory import build_inventory
     from hlwq.tasks.budget import activation_stats, file_sampler, measure_damages
-    from hlwq.tasks.inventory import build_inventory
     from hlwq.testing.fixtures import make_real_width_transformer
 
     root = make_real_width_transformer(work / f"real-width-{layers}", layers)

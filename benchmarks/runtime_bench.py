@@ -115,11 +115,11 @@ def prepare_source(work: Path, layers: int) -> Path:
 def prepare_artifact(source: Path, out: Path, policy_name: str) -> Path:
     """Quantize every tensor the policy selects (quant.core) and package an artifact (once)."""
     from hlwq.quant.core import quantize_tensor
+    from hlwq.store.inventory import build_inventory
+    from hlwq.store.package import package_artifact
     from hlwq.store.policy import load_policy
     from hlwq.store.safetensors_io import TensorEntry, read_tensor
     from hlwq.store.staging import write_staged
-    from hlwq.tasks.inventory import build_inventory
-    from hlwq.tasks.package import package_artifact
     from hlwq.tasks.sources import fetch_source
 
     if (out / "manifest.json").is_file():
@@ -141,7 +141,7 @@ def prepare_artifact(source: Path, out: Path, policy_name: str) -> Path:
                          quantization={"bits": BITS, "block_size": 128, "group_size": 128,
                                        "mode": "refined", "policy": policy_name,
                                        "code_version": "bench"},
-                         validation={"validated": False})
+                         validation={})
     return out
 
 

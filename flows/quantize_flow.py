@@ -36,15 +36,16 @@ from hlwq.quant.errors import InvalidOptionError
 from hlwq.quant.names import block_and_module, natural_key
 from hlwq.quant.packed import MODES
 from hlwq.quant.sizes import size_table
-from hlwq.store.artifact import tensor_key
+from hlwq.store.artifact import read_manifest, tensor_key
 from hlwq.store.atomic import atomic_path
+from hlwq.store.inventory import detect_layout
 from hlwq.store.staging import staged_key, staged_path
 from hlwq.store.tensor_jobs import ON_NONFINITE, TensorJob, code_version, finished_row, row_path
 from hlwq.tasks.budget import budget_task
 from hlwq.tasks.disk import disk_check_task
 from hlwq.tasks.gates import tensor_gates_task
-from hlwq.tasks.inventory import detect_layout, inventory_task
-from hlwq.tasks.package import package_artifact_task
+from hlwq.tasks.packaging import package_artifact_task
+from hlwq.tasks.plan import inventory_task
 from hlwq.tasks.quantize import RunProgress, dask_client, quantize_group, submit_units
 from hlwq.tasks.sources import FetchResult, fetch_source_task
 from hlwq.tasks.validate_output import output_gates_skip_reason, output_gates_task
@@ -262,8 +263,7 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
                           **({"budget": budget} if budget else {})},
             metrics=metrics.drop_columns(list(RUN_ONLY_COLUMNS)),
             # Not validated yet when output gates are to run: they mark it (record_output_gates).
-            validation={"validated": gates and gate_report["passed"] and skip_output is not None,
-                        "tensor_gates": gate_report,
+            validation={"tensor_gates": gate_report,
                         "output_gates": {"skipped": skip_output} if skip_output else None})
         for job in jobs:
             row_path(job).unlink(missing_ok=True)   # their staged results are in the artifact now
@@ -335,7 +335,7 @@ def run_summary(source, out_dir, staging_dir, settings, final_rows, stage, packa
         "prefect_tasks": stage["prefect_tasks"], "prefect_task_s": stage["prefect_task_s"],
         "quality": quality_of(quantized),
         "gates": {"enforced": gates, "passed": gate_report["passed"]},
-        "validated": gates and gate_report["passed"],
+        "validated": read_manifest(out_dir)["validation"]["validated"],
     }
 
 

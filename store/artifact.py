@@ -35,6 +35,17 @@ def tensor_key(component: str, name: str) -> str:
     return f"{component}/{name}"
 
 
+def is_validated(validation: dict) -> bool:
+    """The one rule for "validated": the tensor gates were enforced and passed, and the output
+    gates passed or were skipped for a recorded reason (a source that is not a whole pipeline;
+    --no-gates already fails the first half)."""
+    tensor = validation.get("tensor_gates") or {}
+    output = validation.get("output_gates") or {}
+    if not (tensor.get("passed") and tensor.get("enforced", True)):
+        return False
+    return bool(output.get("passed")) or bool(output.get("skipped"))
+
+
 def packed_part_names(name: str) -> dict[str, str]:
     """Stored names of a quantized tensor's parts: ``{"codes": "<name>.codes", ...}``."""
     return {part: f"{name}.{part}" for part in PACKED_PARTS}

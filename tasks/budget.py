@@ -417,7 +417,7 @@ def budget_task(inventory_path: str, source_root: str, target_size: str, scope: 
     """Allocate bits for ``target_size`` on a saved inventory, measuring damage on the source's
     own rows, and rewrite the inventory with the allocated bits. Returns the report (without
     the per-tensor bits: the inventory and the manifest's tensor entries hold those)."""
-    from hlwq.tasks.inventory import save_inventory
+    from hlwq.store.inventory import save_inventory
 
     table = pq.read_table(inventory_path)
     root = Path(source_root)

@@ -131,7 +131,7 @@ def tensor_gates_task(rows: list[dict], gates_file: str | None = None, enforce: 
     else:
         logger.warning("%s", gate_failure_message(
             report, "packaging anyway (--no-gates): the artifact is marked unvalidated"))
-    return report.to_dict()
+    return {**report.to_dict(), "enforced": enforce}
 
 
 def _read_toml(path: Path) -> dict:

@@ -36,11 +36,17 @@ from safetensors.torch import save_file
 from hlwq.quant.errors import GateFailedError, InvalidOptionError, SourceError
 from hlwq.quant.video_metrics import audio_metrics, relative_error, video_metrics
 from hlwq.runtime.block_probe import BlockProbe, compare_block_outputs
-from hlwq.store.artifact import MANIFEST_NAME, MODEL_CARD_NAME, manifest_bytes, read_manifest
+from hlwq.store.artifact import (
+    MANIFEST_NAME,
+    MODEL_CARD_NAME,
+    is_validated,
+    manifest_bytes,
+    read_manifest,
+)
 from hlwq.store.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from hlwq.store.package import file_record, fresh_partial_dir, replace_directory
 from hlwq.store.prompts import DEFAULT_SUITE, FRAME_STEP, SIDE_MULTIPLE, RenderRequest, load_prompts
 from hlwq.tasks.gates import load_gate_config
-from hlwq.tasks.package import file_record, fresh_partial_dir, replace_directory
 from hlwq.tasks.render import audio_sample_rate, render_arguments, resolve_device, resolve_factory
 
 SOURCE_FACTORY = "hlwq.runtime.ltx23_layout:load_ltx23_pipeline"
@@ -451,9 +457,8 @@ def record_output_gates(artifact_dir: str | os.PathLike, results: dict) -> dict:
     artifact = Path(artifact_dir)
     manifest = read_manifest(artifact)
     validation = dict(manifest["validation"])
-    tensor_gates = validation.get("tensor_gates") or {}
     validation["output_gates"] = summary_for_manifest(results)
-    validation["validated"] = bool(tensor_gates.get("passed")) and results["passed"]
+    validation["validated"] = is_validated(validation)
     manifest["validation"] = json.loads(json.dumps(validation, sort_keys=True, default=str))
 
     files = {name: record for name, record in manifest["files"].items()

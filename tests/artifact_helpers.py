@@ -96,7 +96,7 @@ def quantize_source(root: Path, staging: Path, bits: int = 5, group_size: int | 
     ``reference`` mode by default: it is the fast encoder (the refined search costs
     about a second per small tensor on a loaded machine) and the format is the same.
     Returns (fetch result, inventory table, staged mapping, metrics rows)."""
-    from hlwq.tasks.inventory import build_inventory
+    from hlwq.store.inventory import build_inventory
     from hlwq.tasks.sources import fetch_source
 
     fetched = fetch_source(str(root))
@@ -121,14 +121,15 @@ def quantize_source(root: Path, staging: Path, bits: int = 5, group_size: int | 
 
 def package_source(root: Path, out: Path, staging: Path, remove_staged: bool = False,
                    mode: str = "reference", policy: str | None = None, **options):
-    from hlwq.tasks.package import package_artifact
+    from hlwq.store.package import package_artifact
 
     fetched, inventory, staged, metrics = quantize_source(root, staging, mode=mode, policy=policy)
     package_artifact(fetched.root, inventory, staged, out, lineage=fetched.lineage,
                      quantization={"bits": 5, "block_size": 128, "group_size": 128,
                                    "mode": mode, "policy": "test-transformer",
                                    "code_version": "test"},
-                     metrics=metrics, validation={"validated": True},
+                     metrics=metrics, validation={"tensor_gates": {"passed": True},
+                                 "output_gates": {"skipped": "not a whole pipeline"}},
                      remove_staged=remove_staged, **options)
     return out
 

@@ -16,8 +16,9 @@ from hlwq.cli.commands.artifact import convert
 from hlwq.quant.core import dequantize
 from hlwq.quant.errors import InvalidOptionError
 from hlwq.store.artifact import open_artifact, verify_artifact
-from hlwq.tasks.convert import POLAR_CONFIG, from_polarquant, to_polarquant
-from hlwq.tasks.package import package_artifact
+from hlwq.store.convert import POLAR_CONFIG, from_polarquant, to_polarquant
+from hlwq.store.package import package_artifact
+from hlwq.tasks.sources import fetch_source
 
 polar_packing = pytest.importorskip("polarengine_vllm.packing")
 polar_converter = pytest.importorskip("polarengine_vllm.weight_converter")
@@ -132,7 +133,8 @@ def test_checkpoint_in_polarquant_layout_converts_to_hlwq(tmp_path):
         {"format": "polar_engine_v5", "quantization": "polarengine", "block_size": 128,
          "bit_assignment": {}, "layers": layers}))
     (polar / "config.json").write_text("{}")
-    summary = from_polarquant(polar, tmp_path / "hlwq")
+    summary = from_polarquant(polar, tmp_path / "hlwq",
+                              source_lineage=fetch_source(str(polar)).lineage)
     assert summary["quantized_tensors"] == 2
     artifact = open_artifact(tmp_path / "hlwq")
     theirs = polarquant_dequantized(polar)

@@ -18,8 +18,8 @@ from safetensors import safe_open
 from hlwq.cli.commands.artifact import export_dequantized as export_command
 from hlwq.quant.core import dequantize
 from hlwq.store.artifact import open_artifact
+from hlwq.store.export import export_dequantized
 from hlwq.store.safetensors_io import read_header
-from hlwq.tasks.export import export_dequantized
 
 
 def _assert_export_matches(artifact_dir, exported_file, artifact_file_prefix):

@@ -6,8 +6,8 @@ from artifact_helpers import POLICY_TOML, package_source
 
 from hlwq.quant.core import dequantize
 from hlwq.store.artifact import open_artifact, verify_artifact
+from hlwq.store.export import export_dequantized
 from hlwq.store.safetensors_io import read_header, read_tensor
-from hlwq.tasks.export import export_dequantized
 
 pytestmark = pytest.mark.slow
 

@@ -19,9 +19,9 @@ from safetensors import safe_open
 
 from hlwq.quant.errors import ArtifactError
 from hlwq.store.artifact import MANIFEST_NAME, open_artifact, verify_artifact
+from hlwq.store.package import package_artifact
 from hlwq.store.safetensors_io import read_header
 from hlwq.store.staging import read_staged, write_staged
-from hlwq.tasks.package import package_artifact
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_staged_files_removed_after_packaging_and_missing_ones_refused(tmp_path)
 def test_staged_files_are_consumed_shard_by_shard(tmp_path, monkeypatch):
     """Disk never holds all staged results and all shards at once: each shard's staged
     inputs are gone before the next shard is written."""
-    from hlwq.tasks import package
+    from hlwq.store import package
 
     source = make_diffusers_source(tmp_path / "src")
     (tmp_path / "staging").mkdir()
@@ -166,7 +166,7 @@ def test_crash_leaves_no_complete_looking_directory_and_keeps_the_old_one(tmp_pa
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("hlwq.tasks.package.write_shard", crash)
+    monkeypatch.setattr("hlwq.store.package.write_shard", crash)
     with pytest.raises(OSError, match="disk full"):
         package_artifact(fetched.root, inventory, staged, tmp_path / "art", **options)
     assert all_files(tmp_path / "art") == before

@@ -148,7 +148,7 @@ def test_manifest_symlinked_from_outside_is_refused(art, tmp_path):
 
 
 def test_outputs_never_replace_unrelated_directories(art, tmp_path):
-    from hlwq.tasks.export import export_dequantized
+    from hlwq.store.export import export_dequantized
 
     keep = tmp_path / "precious"
     keep.mkdir()

@@ -28,6 +28,7 @@ from hlwq.quant.core import dequantize, quantize_tensor
 from hlwq.quant.errors import BudgetError, InvalidOptionError
 from hlwq.quant.names import block_and_module
 from hlwq.quant.sizes import format_size, packed_nbytes, parse_size, size_table
+from hlwq.store.inventory import build_inventory
 from hlwq.tasks.budget import (
     activation_stats,
     allocate_rows,
@@ -36,7 +37,6 @@ from hlwq.tasks.budget import (
     read_rows,
     rows_in_scope,
 )
-from hlwq.tasks.inventory import build_inventory
 
 OFFICIAL = "model.diffusion_model."
 

@@ -10,17 +10,17 @@ from safetensors.torch import save_file
 
 from hlwq.quant.errors import CorruptCheckpointError, SourceError
 from hlwq.quant.sizes import packed_nbytes
-from hlwq.store.policy import load_policy
-from hlwq.store.safetensors_io import read_header
-from hlwq.tasks.inventory import (
+from hlwq.store.inventory import (
     INVENTORY_SCHEMA,
     build_inventory,
     component_of,
     default_policy_for,
     detect_layout,
-    inventory_task,
     save_inventory,
 )
+from hlwq.store.policy import load_policy
+from hlwq.store.safetensors_io import read_header
+from hlwq.tasks.plan import inventory_task
 
 OFFICIAL = "model.diffusion_model."
 BLOCK = "transformer_blocks.0."
@@ -70,7 +70,7 @@ def test_detect_layouts(tmp_path, caplog):
     assert detect_layout(config_only.parent) == "ltx23-single"
     assert detect_layout(diffusers_folder(tmp_path / "pipe")) == "diffusers"
     other = save(tmp_path / "gpt" / "model.safetensors", {"h.0.mlp.weight": (4, 4)})
-    with caplog.at_level(logging.WARNING, logger="hlwq.tasks.inventory"):
+    with caplog.at_level(logging.WARNING, logger="hlwq.store.inventory"):
         assert detect_layout(other) == "generic"
     assert "layout not recognised" in caplog.text and "generic" in caplog.text
 

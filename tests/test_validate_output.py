@@ -22,8 +22,8 @@ from flow_support import write_diffusers_checkpoint
 
 from hlwq.quant.errors import GateFailedError, InvalidOptionError, SourceError
 from hlwq.store.artifact import read_manifest, verify_artifact
+from hlwq.store.package import package_artifact
 from hlwq.tasks.gates import load_gate_config
-from hlwq.tasks.package import package_artifact
 from hlwq.tasks.validate_output import (
     OUTPUT_GATES,
     REPORT_DIR,
@@ -70,7 +70,7 @@ def make_artifact(source: Path, out: Path, bits: int) -> Path:
                                    "mode": "refined", "policy": {"name": "ltx23"},
                                    "code_version": "test"},
                      metrics=metrics,
-                     validation={"validated": False, "tensor_gates": {"passed": True}})
+                     validation={"tensor_gates": {"passed": True}})
     # numba's parallel kernels share torch's OpenMP runtime and set its thread count back to
     # the core count; on a busy machine that makes every later render many times slower.
     torch.set_num_threads(1)

@@ -84,7 +84,7 @@ def inspect(directory: Path, as_json: bool) -> None:
 def export_dequantized(directory: Path, out: Path, max_shard_size: str, no_verify: bool) -> None:
     """Write a plain checkpoint (quantized tensors dequantized to their source dtype, BF16
     for LTX-2.3) in the source's layout to OUT, streaming one tensor at a time."""
-    from hlwq.tasks.export import export_dequantized as export
+    from hlwq.store.export import export_dequantized as export
 
     summary = export(directory, out, max_shard_bytes=parse_size(max_shard_size, "--max-shard-size"),
                      verify=not no_verify)
@@ -102,11 +102,17 @@ def export_dequantized(directory: Path, out: Path, max_shard_size: str, no_verif
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard.")
 def convert(source: Path, out: Path, target_format: str, max_shard_size: str) -> None:
     """Convert SOURCE between an HLWQ artifact and the polarquant 0.6.0 layout, into OUT."""
-    from hlwq.tasks.convert import detect_format, from_polarquant, to_polarquant
+    from hlwq.store.convert import detect_format, from_polarquant, to_polarquant
 
     if target_format == "auto":
         target_format = "polarquant" if detect_format(source) == "hlwq" else "hlwq"
-    convert_fn = to_polarquant if target_format == "polarquant" else from_polarquant
-    summary = convert_fn(source, out, max_shard_bytes=parse_size(max_shard_size, "--max-shard-size"))
+    max_shard_bytes = parse_size(max_shard_size, "--max-shard-size")
+    if target_format == "polarquant":
+        summary = to_polarquant(source, out, max_shard_bytes=max_shard_bytes)
+    else:
+        from hlwq.tasks.sources import fetch_source
+
+        summary = from_polarquant(source, out, source_lineage=fetch_source(str(source)).lineage,
+                                  max_shard_bytes=max_shard_bytes)
     click.echo(f"{summary['path']}: {target_format} layout, {summary['quantized_tensors']} "
                f"quantized tensors, {summary['files']} files")

@@ -47,8 +47,8 @@ def plan(source, package_layout, policy_name, bits, block_size, revision, files,
     (a Hub repo id, a folder or a .safetensors file)."""
     from hlwq.quant.core import check_options
     from hlwq.quant.sizes import size_table
+    from hlwq.store.inventory import default_policy_for, rows_from_headers
     from hlwq.store.policy import load_policy
-    from hlwq.tasks.inventory import default_policy_for, rows_from_headers
 
     check_options(bits, block_size, None, "refined")
     if (source is None) == (package_layout is None):
@@ -76,7 +76,7 @@ def plan(source, package_layout, policy_name, bits, block_size, revision, files,
 
 def _planned_source(source, package_layout, revision, files, exclude_files):
     """(label, layout, headers, package rows): headers for checkpoints, rows for --layout."""
-    from hlwq.tasks import inventory
+    from hlwq.store import inventory
 
     if package_layout:
         if revision or files or exclude_files:

@@ -25,14 +25,23 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 import torch
-from prefect import task
 
 from hlwq.quant.errors import ArtifactError, InvalidOptionError
 from hlwq.quant.packed import PackedTensor, padded_in_features
 from hlwq.quant.packing import pack_codes, packed_row_bytes, unpack_codes
 from hlwq.quant.sizes import original_nbytes, packed_nbytes
 from hlwq.store.artifact import DEFAULT_MAX_SHARD_BYTES, MANIFEST_NAME, Artifact, open_artifact
+from hlwq.store.export import carry_other_files, group_metadata, rewritten_groups
 from hlwq.store.hash_cache import sha256_file
+from hlwq.store.package import (
+    check_output_dir,
+    file_record,
+    fresh_partial_dir,
+    fsync_tree,
+    join_path,
+    package_artifact,
+    replace_directory,
+)
 from hlwq.store.safetensors_io import read_header, read_tensor
 from hlwq.store.shard_writer import (
     ShardTensor,
@@ -45,16 +54,6 @@ from hlwq.store.shard_writer import (
     write_shard,
 )
 from hlwq.store.staging import staged_key, write_staged
-from hlwq.tasks.export import carry_other_files, group_metadata, rewritten_groups
-from hlwq.tasks.package import (
-    check_output_dir,
-    file_record,
-    fresh_partial_dir,
-    fsync_tree,
-    join_path,
-    package_artifact,
-    replace_directory,
-)
 
 POLAR_CONFIG = "polar_config.json"
 POLAR_PARTS = ("codes", "norms", "ct_scaled", "ct")
@@ -215,9 +214,11 @@ _DTYPE_NAMES = {torch.uint8: "U8", torch.int8: "I8", torch.float16: "F16", torch
 
 
 def from_polarquant(polar_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
-    """Package a polarquant checkpoint as an HLWQ artifact (codes moved, not requantized)."""
-    from hlwq.tasks.inventory import component_of, has_model_index, layout_of, local_headers
+                    source_lineage: dict, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
+    """Package a polarquant checkpoint as an HLWQ artifact (codes moved, not requantized).
+
+    ``source_lineage``: the folder's lineage as fetching it gives (its files and hashes)."""
+    from hlwq.store.inventory import component_of, has_model_index, layout_of, local_headers
 
     root = Path(polar_dir)
     check_output_dir(Path(out_dir))
@@ -246,15 +247,14 @@ def from_polarquant(polar_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                     staged[key] = write_staged(staging, digest, row["tensor"], packed)
                     settings.add((packed.bits, packed.block_size, packed.mode))
                     rows.append(row)
-        lineage = _polar_lineage(root, configs)
+        lineage = _polar_lineage(source_lineage, configs)
         bits, blocks, modes = (sorted({s[i] for s in settings}) for i in range(3))
         quantization = {"bits": _one_or_all(bits), "block_size": _one_or_all(blocks),
                         "group_size": _one_or_all(blocks), "mode": _one_or_all(modes),
                         "policy": "polarquant (converted)", "code_version": "converted"}
         summary = package_artifact(root, rows, staged, out_dir, lineage=lineage,
                                    quantization=quantization, layout=layout,
-                                   validation={"validated": False,
-                                               "note": "converted from polarquant; run the gates"},
+                                   validation={"note": "converted from polarquant; run the gates"},
                                    max_shard_bytes=max_shard_bytes, remove_staged=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -363,15 +363,9 @@ def _codebook(parts: dict, meta: dict, block: int) -> torch.Tensor:
     return (scaled.double() * math.sqrt(block)).float()
 
 
-def _polar_lineage(root: Path, configs: dict) -> dict:
-    from hlwq.tasks.sources import fetch_source
-
-    lineage = dict(fetch_source(str(root)).lineage)
+def _polar_lineage(source_lineage: dict, configs: dict) -> dict:
+    lineage = dict(source_lineage)
     lineage["kind"] = "polarquant"
     config_files = {POLAR_CONFIG if d == "." else f"{d}/{POLAR_CONFIG}" for d in configs}
     lineage["files"] = [f for f in lineage["files"] if f["path"] not in config_files]
     return lineage
-
-
-to_polarquant_task = task(name="convert-to-polarquant", persist_result=False)(to_polarquant)
-from_polarquant_task = task(name="convert-from-polarquant", persist_result=False)(from_polarquant)

@@ -14,8 +14,6 @@ import os
 import shutil
 from pathlib import Path
 
-from prefect import task
-
 from hlwq.quant.core import dequantize
 from hlwq.store.artifact import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -23,6 +21,18 @@ from hlwq.store.artifact import (
     Artifact,
     TensorRecord,
     open_artifact,
+)
+from hlwq.store.package import (
+    ADDED_ROOT_FILES,
+    check_output_dir,
+    file_record,
+    fresh_partial_dir,
+    fsync_tree,
+    is_group_file,
+    join_path,
+    link_or_copy,
+    replace_directory,
+    weight_group_of,
 )
 from hlwq.store.safetensors_io import read_header, torch_dtype
 from hlwq.store.shard_writer import (
@@ -34,18 +44,6 @@ from hlwq.store.shard_writer import (
     shard_file_names,
     tensor_chunks,
     write_shard,
-)
-from hlwq.tasks.package import (
-    ADDED_ROOT_FILES,
-    check_output_dir,
-    file_record,
-    fresh_partial_dir,
-    fsync_tree,
-    is_group_file,
-    join_path,
-    link_or_copy,
-    replace_directory,
-    weight_group_of,
 )
 
 SINGLE_FILE_LAYOUTS = ("ltx23-single",)
@@ -142,6 +140,3 @@ def _kept_byte_ranges(artifact: Artifact, entries: list[TensorRecord]) -> dict[s
             if entry.file == file and not entry.quantized:
                 ranges[entry.name] = (path, stored[entry.name].start, stored[entry.name].end)
     return ranges
-
-
-export_dequantized_task = task(name="export-dequantized", persist_result=False)(export_dequantized)

@@ -16,10 +16,9 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
 
 from hlwq.quant.errors import InvalidOptionError, SourceError
-from hlwq.quant.sizes import size_table, tensor_nbytes
+from hlwq.quant.sizes import tensor_nbytes
 from hlwq.store.atomic import atomic_path
 from hlwq.store.ltx23_config import TRANSFORMER_PREFIX, official_to_diffusers_key
 from hlwq.store.policy import BitPolicy, load_policy
@@ -174,23 +173,3 @@ def save_inventory(table: pa.Table, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return path
-
-
-@task(name="inventory", persist_result=False)
-def inventory_task(root: str, out_path: str, policy: str = "ltx23", bits: int = 5,
-                   block_size: int = 128, group_size: int | None = None, include=(), exclude=(),
-                   overrides_file: str | None = None, files: list[str] | None = None) -> dict:
-    """Build and save the inventory; returns where it is and its totals (small, JSON-able)."""
-    bit_policy = load_policy(policy, bits=bits, include=include, exclude=exclude,
-                             overrides_file=overrides_file)
-    table = build_inventory(root, bit_policy, block_size, group_size, files)
-    save_inventory(table, out_path)
-    sizes = size_table(table, block_size, group_size)
-    return {
-        "path": str(out_path),
-        "layout": table.schema.metadata[b"layout"].decode(),
-        "tensors": sizes["total_tensors"],
-        "quantized_tensors": sizes["quantized_tensors"],
-        "total_original_bytes": sizes["total_original_bytes"],
-        "total_packed_bytes": sizes["total_packed_bytes"],
-    }

@@ -17,8 +17,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from prefect import task
-
 from hlwq.quant.errors import ArtifactError, CorruptCheckpointError, InvalidOptionError
 from hlwq.quant.sizes import packed_nbytes, size_table
 from hlwq.store.artifact import (
@@ -29,6 +27,7 @@ from hlwq.store.artifact import (
     METRICS_NAME,
     MODEL_CARD_NAME,
     SHARD_FORMAT_KEY,
+    is_validated,
     manifest_bytes,
     packed_part_names,
     packed_part_specs,
@@ -161,7 +160,7 @@ def _layout_of(inventory, root: Path) -> str:
     metadata = getattr(getattr(inventory, "schema", None), "metadata", None) or {}
     if b"layout" in metadata:
         return metadata[b"layout"].decode()
-    from hlwq.tasks.inventory import detect_layout
+    from hlwq.store.inventory import detect_layout
 
     return detect_layout(root)
 
@@ -175,7 +174,7 @@ def _source_section(layout: str, lineage: dict) -> dict:
 
 def _validation_section(validation: dict | None) -> dict:
     validation = dict(validation or {})
-    validation["validated"] = bool(validation.get("validated", False))
+    validation["validated"] = is_validated(validation)
     validation.setdefault("tensor_gates", None)
     validation.setdefault("output_gates", None)
     return json.loads(json.dumps(validation, sort_keys=True, default=str))
@@ -431,9 +430,3 @@ def replace_directory(partial: Path, target: Path) -> None:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
-
-# ---------------------------------------------------------------- Prefect
-
-
-# A thin wrapper: results are not persisted (the artifact is the result; the summary is small).
-package_artifact_task = task(name="package", persist_result=False)(package_artifact)

@@ -1,0 +1,29 @@
+"""The inventory step of the plan stage as a Prefect task (the logic: store/inventory.py)."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from hlwq.quant.sizes import size_table
+from hlwq.store.inventory import build_inventory, save_inventory
+from hlwq.store.policy import load_policy
+
+
+@task(name="inventory", persist_result=False)
+def inventory_task(root: str, out_path: str, policy: str = "ltx23", bits: int = 5,
+                   block_size: int = 128, group_size: int | None = None, include=(), exclude=(),
+                   overrides_file: str | None = None, files: list[str] | None = None) -> dict:
+    """Build and save the inventory; returns where it is and its totals (small, JSON-able)."""
+    bit_policy = load_policy(policy, bits=bits, include=include, exclude=exclude,
+                             overrides_file=overrides_file)
+    table = build_inventory(root, bit_policy, block_size, group_size, files)
+    save_inventory(table, out_path)
+    sizes = size_table(table, block_size, group_size)
+    return {
+        "path": str(out_path),
+        "layout": table.schema.metadata[b"layout"].decode(),
+        "tensors": sizes["total_tensors"],
+        "quantized_tensors": sizes["quantized_tensors"],
+        "total_original_bytes": sizes["total_original_bytes"],
+        "total_packed_bytes": sizes["total_packed_bytes"],
+    }
