@@ -1,9 +1,15 @@
-"""Atomic writes: temp file beside the target, fsync, rename. Readers never see half a file."""
+"""Atomic writes: temp file beside the target, fsync, rename. Readers never see half a file.
+
+Files go through ``atomic_path``; whole folders (an artifact, an export, a report) through
+``directory_transaction``: a hidden partial folder beside the target, fsynced, renamed into place.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,3 +55,57 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------- whole folders
+
+
+@contextlib.contextmanager
+def directory_transaction(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new hidden folder beside ``target``; on success fsync it and rename it onto
+    ``target`` (an existing one is moved aside, then deleted); on failure remove it."""
+    target = Path(target)
+    partial = fresh_partial_dir(target)
+    try:
+        yield partial
+        fsync_tree(partial)
+        replace_directory(partial, target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def fresh_partial_dir(target: Path) -> Path:
+    """A new hidden work directory beside ``target``; stale ones of earlier crashed runs go."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}.hlwq-partial-"
+    for stale in target.parent.glob(f"{prefix}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    partial = target.parent / f"{prefix}{secrets.token_hex(4)}"
+    partial.mkdir()
+    return partial
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file below ``directory`` and every folder, so a rename publishes bytes on disk."""
+    for current, _, names in os.walk(directory):
+        for name in names:
+            fd = os.open(Path(current) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(current)
+
+
+def replace_directory(partial: Path, target: Path) -> None:
+    """Rename ``partial`` to ``target``; an existing target (checked by ``check_output_dir``)
+    is moved aside first, then deleted."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.hlwq-old-{secrets.token_hex(4)}"
+        os.rename(target, old)
+    os.rename(partial, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

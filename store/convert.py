@@ -31,27 +31,22 @@ from hlwq.quant.packed import PackedTensor, padded_in_features
 from hlwq.quant.packing import pack_codes, packed_row_bytes, unpack_codes
 from hlwq.quant.sizes import original_nbytes, packed_nbytes
 from hlwq.store.artifact import DEFAULT_MAX_SHARD_BYTES, MANIFEST_NAME, Artifact, open_artifact
+from hlwq.store.atomic import directory_transaction
 from hlwq.store.export import carry_other_files, group_metadata, rewritten_groups
 from hlwq.store.hash_cache import sha256_file
 from hlwq.store.package import (
     check_output_dir,
     file_record,
-    fresh_partial_dir,
-    fsync_tree,
     join_path,
     package_artifact,
-    replace_directory,
 )
 from hlwq.store.safetensors_io import read_header, read_tensor
 from hlwq.store.shard_writer import (
     ShardTensor,
     file_range_chunks,
-    index_bytes,
-    index_file_name,
     plan_shards,
-    shard_file_names,
     tensor_chunks,
-    write_shard,
+    write_weight_group,
 )
 from hlwq.store.staging import staged_key, write_staged
 
@@ -93,8 +88,7 @@ def to_polarquant(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, *
                     f"tensor {entry.key}: group_size {entry.group_size} < block_size "
                     f"{entry.block_size}; polarquant stores one scale per block, so this "
                     "artifact cannot be converted")
-    partial = fresh_partial_dir(target)
-    try:
+    with directory_transaction(target) as partial:
         files = carry_other_files(artifact, partial, groups)
         layers_by_dir: dict[str, dict] = {}
         for group, entries in sorted(groups.items()):
@@ -105,11 +99,6 @@ def to_polarquant(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, *
             path = partial / directory / POLAR_CONFIG
             path.write_text(json.dumps(_polar_config(layers), indent=2, sort_keys=True) + "\n")
             files[join_path(directory, POLAR_CONFIG)] = file_record(path)
-        fsync_tree(partial)
-        replace_directory(partial, target)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return {"path": str(target), "files": len(files),
             "quantized_tensors": sum(len(layers) for layers in layers_by_dir.values())}
 
@@ -192,18 +181,10 @@ def _polar_group(artifact: Artifact, partial: Path, group, entries, max_shard_by
     plan = plan_shards([(unit, sum(specs[n].nbytes for n in names)) for unit, names in units.items()],
                        max_shard_bytes)
     metadata = group_metadata(artifact, entries)
-    files, weight_map = {}, {}
-    (partial / directory).mkdir(parents=True, exist_ok=True)
-    for shard_name, shard_units in zip(shard_file_names(stem, len(plan)), plan):
-        names = [name for unit in shard_units for name in units[unit]]
-        written = write_shard(partial / directory / shard_name, [specs[n] for n in names],
-                              metadata, source)
-        files[join_path(directory, shard_name)] = {"size": written.size, "sha256": written.sha256}
-        weight_map.update(dict.fromkeys(names, shard_name))
-    if len(plan) > 1:
-        index_path = partial / directory / index_file_name(stem)
-        index_path.write_bytes(index_bytes(weight_map, sum(t.nbytes for t in specs.values())))
-        files[join_path(directory, index_path.name)] = file_record(index_path)
+    shards = [[specs[name] for unit in shard_units for name in units[unit]] for shard_units in plan]
+    written = write_weight_group(partial / directory, stem, shards, metadata, source)
+    files = {join_path(directory, name): {"size": w.size, "sha256": w.sha256}
+             for name, w in written.items()}
     return files, layers
 
 

@@ -11,7 +11,6 @@ model. The official single-file layout comes back as one file per checkpoint
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from hlwq.quant.core import dequantize
@@ -22,28 +21,22 @@ from hlwq.store.artifact import (
     TensorRecord,
     open_artifact,
 )
+from hlwq.store.atomic import directory_transaction
 from hlwq.store.package import (
     ADDED_ROOT_FILES,
     check_output_dir,
-    file_record,
-    fresh_partial_dir,
-    fsync_tree,
     is_group_file,
     join_path,
     link_or_copy,
-    replace_directory,
     weight_group_of,
 )
 from hlwq.store.safetensors_io import read_header, torch_dtype
 from hlwq.store.shard_writer import (
     ShardTensor,
     file_range_chunks,
-    index_bytes,
-    index_file_name,
     plan_shards,
-    shard_file_names,
     tensor_chunks,
-    write_shard,
+    write_weight_group,
 )
 
 SINGLE_FILE_LAYOUTS = ("ltx23-single",)
@@ -56,16 +49,10 @@ def export_dequantized(artifact_dir: str | os.PathLike, out_dir: str | os.PathLi
     check_output_dir(target)
     artifact = open_artifact(artifact_dir, verify=verify)
     groups = rewritten_groups(artifact)
-    partial = fresh_partial_dir(target)
-    try:
+    with directory_transaction(target) as partial:
         files = carry_other_files(artifact, partial, groups)
         for group, entries in sorted(groups.items()):
             files.update(_export_group(artifact, partial, group, entries, max_shard_bytes))
-        fsync_tree(partial)
-        replace_directory(partial, target)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return {"path": str(target), "files": len(files),
             "dequantized_tensors": sum(e.quantized for es in groups.values() for e in es),
             "total_bytes": sum(f["size"] for f in files.values())}
@@ -116,18 +103,11 @@ def _export_group(artifact: Artifact, partial: Path, group: tuple[str, str],
         path, start, end = kept_ranges[entry.name]
         return file_range_chunks(path, start, end)
 
-    (partial / directory).mkdir(parents=True, exist_ok=True)
-    files, weight_map = {}, {}
-    for shard_name, names in zip(shard_file_names(stem, len(plan)), plan):
-        tensors = [ShardTensor(n, by_name[n].dtype, tuple(by_name[n].shape)) for n in names]
-        written = write_shard(partial / directory / shard_name, tensors, metadata, source)
-        files[join_path(directory, shard_name)] = {"size": written.size, "sha256": written.sha256}
-        weight_map.update(dict.fromkeys(names, shard_name))
-    if len(plan) > 1:
-        index_path = partial / directory / index_file_name(stem)
-        index_path.write_bytes(index_bytes(weight_map, sum(e.original_bytes for e in entries)))
-        files[join_path(directory, index_path.name)] = file_record(index_path)
-    return files
+    shards = [[ShardTensor(n, by_name[n].dtype, tuple(by_name[n].shape)) for n in names]
+              for names in plan]
+    written = write_weight_group(partial / directory, stem, shards, metadata, source)
+    return {join_path(directory, name): {"size": w.size, "sha256": w.sha256}
+            for name, w in written.items()}
 
 
 def _kept_byte_ranges(artifact: Artifact, entries: list[TensorRecord]) -> dict[str, tuple]:

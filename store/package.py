@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from hlwq.store.artifact import (
     packed_part_specs,
     tensor_key,
 )
-from hlwq.store.atomic import fsync_dir
+from hlwq.store.atomic import atomic_write_bytes, atomic_write_text, directory_transaction
 from hlwq.store.hash_cache import sha256_file
 from hlwq.store.model_card import quality_summary, render_model_card
 from hlwq.store.safetensors_io import read_header
@@ -41,11 +40,8 @@ from hlwq.store.shard_writer import (
     ShardTensor,
     file_range_chunks,
     group_stem,
-    index_bytes,
-    index_file_name,
     plan_shards,
-    shard_file_names,
-    write_shard,
+    write_weight_group,
 )
 from hlwq.store.staging import STAGED_METADATA_KEY
 
@@ -94,8 +90,7 @@ def package_artifact(source_root: str | os.PathLike, inventory, staged: Mapping[
     _check_all_staged(rows, staged)
     lineage = lineage or {}
     layout = layout or _layout_of(inventory, root)
-    partial = fresh_partial_dir(target)
-    try:
+    with directory_transaction(target) as partial:
         files, entries = _assemble(partial, root, rows, staged, lineage, max_shard_bytes,
                                    remove_staged)
         metrics_table = _write_metrics(partial, metrics)
@@ -111,16 +106,7 @@ def package_artifact(source_root: str | os.PathLike, inventory, staged: Mapping[
             "sizes": size_table(list(entries.values())),
             "validation": _validation_section(validation),
         }
-        card = render_model_card(manifest, quality_summary(metrics_table))
-        (partial / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
-        files[MODEL_CARD_NAME] = file_record(partial / MODEL_CARD_NAME)
-        manifest["files"] = dict(sorted(files.items()))
-        (partial / MANIFEST_NAME).write_bytes(manifest_bytes(manifest))
-        fsync_tree(partial)
-        replace_directory(partial, target)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        write_card_and_manifest(partial, manifest, files, metrics_table)
     return {"path": str(target), "files": len(manifest["files"]), "tensors": len(entries),
             "quantized_tensors": manifest["sizes"]["quantized_tensors"],
             "total_bytes": sum(f["size"] for f in manifest["files"].values()) +
@@ -163,6 +149,16 @@ def _layout_of(inventory, root: Path) -> str:
     from hlwq.store.inventory import detect_layout
 
     return detect_layout(root)
+
+
+def write_card_and_manifest(folder: Path, manifest: dict, files: dict[str, dict],
+                            metrics_table=None) -> None:
+    """The last step of every artifact write: the model card from the manifest, then the
+    manifest listing every file (the card included), each written atomically."""
+    card = folder / MODEL_CARD_NAME
+    atomic_write_text(card, render_model_card(manifest, quality_summary(metrics_table)))
+    manifest["files"] = dict(sorted({**files, MODEL_CARD_NAME: file_record(card)}.items()))
+    atomic_write_bytes(folder / MANIFEST_NAME, manifest_bytes(manifest))
 
 
 def _source_section(layout: str, lineage: dict) -> dict:
@@ -250,32 +246,22 @@ def _write_group(partial: Path, root: Path, group: tuple[str, str], rows: list[d
             entries[key] = _kept_entry(row, "")
     plan = plan_shards([(key, sum(s.tensor.nbytes for s in stored)) for key, stored in units.items()],
                        max_shard_bytes)
-    files: dict[str, dict] = {}
-    weight_map: dict[str, str] = {}
-    target_dir = partial / directory
-    target_dir.mkdir(parents=True, exist_ok=True)
     by_name = {s.tensor.name: s for stored in units.values() for s in stored}
 
     def source(tensor: ShardTensor):
         stored = by_name[tensor.name]
         return file_range_chunks(stored.path, stored.start, stored.end)
 
-    for shard_name, keys in zip(shard_file_names(stem, len(plan)), plan):
-        names = [s.tensor.name for key in keys for s in units[key]]
-        written = write_shard(target_dir / shard_name, [by_name[n].tensor for n in names],
-                              metadata, source)
-        relative = join_path(directory, shard_name)
-        files[relative] = {"size": written.size, "sha256": written.sha256}
-        weight_map.update(dict.fromkeys(names, shard_name))
-        for key in keys:
-            entries[key]["file"] = relative
-            if remove_staged and key in staged:   # write_shard fsynced: its bytes are safe
+    def shard_written(index: int, name: str) -> None:
+        for key in plan[index]:
+            entries[key]["file"] = join_path(directory, name)
+            if remove_staged and key in staged:   # the shard is fsynced: its bytes are safe
                 Path(staged[key]).unlink(missing_ok=True)
-    if len(plan) > 1:
-        total = sum(s.tensor.nbytes for stored in units.values() for s in stored)
-        index_path = target_dir / index_file_name(stem)
-        index_path.write_bytes(index_bytes(weight_map, total))
-        files[join_path(directory, index_path.name)] = file_record(index_path)
+
+    shards = [[s.tensor for key in keys for s in units[key]] for keys in plan]
+    written = write_weight_group(partial / directory, stem, shards, metadata, source, shard_written)
+    files = {join_path(directory, name): {"size": w.size, "sha256": w.sha256}
+             for name, w in written.items()}
     return files, entries
 
 
@@ -394,39 +380,4 @@ def check_output_dir(target: Path, replace_artifact: bool = False) -> None:
         what = "an HLWQ artifact" if replace_artifact else "empty"
         raise ArtifactError(f"{target}: exists and is not {what}; refusing to replace it "
                             "(choose a new directory or delete it)")
-
-
-def fresh_partial_dir(target: Path) -> Path:
-    """A new hidden work directory beside ``target``; stale ones of earlier crashed runs go."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{target.name}.hlwq-partial-"
-    for stale in target.parent.glob(f"{prefix}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    partial = target.parent / f"{prefix}{secrets.token_hex(4)}"
-    partial.mkdir()
-    return partial
-
-
-def fsync_tree(directory: Path) -> None:
-    for current, _, names in os.walk(directory):
-        for name in names:
-            fd = os.open(Path(current) / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(current)
-
-
-def replace_directory(partial: Path, target: Path) -> None:
-    """Rename ``partial`` to ``target``; an existing target (checked by ``check_output_dir``)
-    is moved aside first, then deleted."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.hlwq-old-{secrets.token_hex(4)}"
-        os.rename(target, old)
-    os.rename(partial, target)
-    fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from hlwq.quant.errors import ArtifactError
 from hlwq.quant.sizes import DTYPE_BYTES
+from hlwq.store.atomic import atomic_write_bytes
 
 CHUNK_BYTES = 16 << 20      # copy granularity: bounds memory per read
 
@@ -151,6 +152,29 @@ def index_file_name(stem: str) -> str:
 def index_bytes(weight_map: dict[str, str], total_size: int) -> bytes:
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     return (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def write_weight_group(folder: Path, stem: str, shards: list[list[ShardTensor]],
+                       metadata: dict[str, str] | None, source: ByteSource,
+                       on_shard: Callable[[int, str], None] | None = None) -> dict[str, WrittenFile]:
+    """One checkpoint in ``folder``: ``<stem>.safetensors``, or numbered shards plus their index.
+
+    Returns ``{file name: WrittenFile}``, the index included. ``on_shard(i, name)`` runs once
+    shard ``i`` is written and fsynced (so a caller may drop what it was built from)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written: dict[str, WrittenFile] = {}
+    weight_map: dict[str, str] = {}
+    for i, (name, tensors) in enumerate(zip(shard_file_names(stem, len(shards)), shards)):
+        written[name] = write_shard(folder / name, tensors, metadata, source)
+        weight_map.update(dict.fromkeys((t.name for t in tensors), name))
+        if on_shard is not None:
+            on_shard(i, name)
+    if len(shards) > 1:
+        index = index_bytes(weight_map, sum(t.nbytes for shard in shards for t in shard))
+        name = index_file_name(stem)
+        atomic_write_bytes(folder / name, index)
+        written[name] = WrittenFile(len(index), hashlib.sha256(index).hexdigest())
+    return written
 
 
 def group_stem(file_name: str) -> str:

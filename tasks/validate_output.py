@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +39,14 @@ from hlwq.store.artifact import (
     MANIFEST_NAME,
     MODEL_CARD_NAME,
     is_validated,
-    manifest_bytes,
     read_manifest,
 )
-from hlwq.store.atomic import atomic_path, atomic_write_bytes, atomic_write_text
-from hlwq.store.package import file_record, fresh_partial_dir, replace_directory
+from hlwq.store.atomic import (
+    atomic_path,
+    atomic_write_text,
+    directory_transaction,
+)
+from hlwq.store.package import file_record, write_card_and_manifest
 from hlwq.store.prompts import DEFAULT_SUITE, FRAME_STEP, SIDE_MULTIPLE, RenderRequest, load_prompts
 from hlwq.tasks.gates import load_gate_config
 from hlwq.tasks.render import audio_sample_rate, render_arguments, resolve_device, resolve_factory
@@ -389,8 +391,7 @@ def _compare_and_report(source_root, candidate, suite, requests, gates, source_p
                         candidate_paths, report_dir: Path, device: str) -> dict:
     from hlwq.runtime.report import REPORT_NAME, SHEET_DIR, write_comparison_sheet, write_report
 
-    partial = fresh_partial_dir(report_dir)
-    try:
+    with directory_transaction(report_dir) as partial:
         prompts = {}
         for request in requests:
             source = load_rendering(source_paths[request.id])
@@ -406,10 +407,6 @@ def _compare_and_report(source_root, candidate, suite, requests, gates, source_p
                                report=str(report_dir / REPORT_NAME))
         write_report(partial, results, metrics_path(candidate))
         atomic_write_text(partial / RESULTS_NAME, json.dumps(results, indent=2, sort_keys=True))
-        replace_directory(partial, report_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return results
 
 
@@ -452,8 +449,6 @@ def record_output_gates(artifact_dir: str | os.PathLike, results: dict) -> dict:
     output gates passed. The model card is regenerated (it states the verdict); the manifest
     is written last, atomically. Returns the new ``validation`` section.
     """
-    from hlwq.store.model_card import quality_summary, render_model_card
-
     artifact = Path(artifact_dir)
     manifest = read_manifest(artifact)
     validation = dict(manifest["validation"])
@@ -472,11 +467,7 @@ def record_output_gates(artifact_dir: str | os.PathLike, results: dict) -> dict:
         import pyarrow.parquet as pq
 
         metrics_table = pq.read_table(metrics)
-    card = artifact / MODEL_CARD_NAME
-    atomic_write_text(card, render_model_card(manifest, quality_summary(metrics_table)))
-    files[MODEL_CARD_NAME] = file_record(card)
-    manifest["files"] = dict(sorted(files.items()))
-    atomic_write_bytes(artifact / MANIFEST_NAME, manifest_bytes(manifest))
+    write_card_and_manifest(artifact, manifest, files, metrics_table)
     return manifest["validation"]
 
 

@@ -58,7 +58,7 @@ from hlwq.runtime.ltx23_layout import (
     save_component_file,
     save_single_file,
 )
-from hlwq.store.atomic import atomic_path, atomic_write_text
+from hlwq.store.atomic import atomic_path, atomic_write_text, fsync_tree, replace_directory
 from hlwq.store.ltx23_config import (
     PIPELINE_CLASSES,
     SCHEDULER,
@@ -410,6 +410,5 @@ class _staging_dir:
                 shutil.rmtree(self.path, ignore_errors=True)
             return
         shutil.rmtree(self.path / ".started")
-        if self.out_dir.exists():
-            self.out_dir.rmdir()  # empty (checked by _holds_fixture)
-        os.replace(self.path, self.out_dir)
+        fsync_tree(self.path)
+        replace_directory(self.path, self.out_dir)  # an existing out_dir is empty (_holds_fixture)

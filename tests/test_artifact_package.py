@@ -132,19 +132,19 @@ def test_staged_files_removed_after_packaging_and_missing_ones_refused(tmp_path)
 def test_staged_files_are_consumed_shard_by_shard(tmp_path, monkeypatch):
     """Disk never holds all staged results and all shards at once: each shard's staged
     inputs are gone before the next shard is written."""
-    from hlwq.store import package
+    from hlwq.store import shard_writer
 
     source = make_diffusers_source(tmp_path / "src")
     (tmp_path / "staging").mkdir()
     fetched, inventory, staged, _ = quantize_source(source, tmp_path / "staging")
     left_when_written = []
-    real_write_shard = package.write_shard
+    real_write_shard = shard_writer.write_shard
 
     def spying_write_shard(*args, **kwargs):
         left_when_written.append(sum(Path(p).exists() for p in staged.values()))
         return real_write_shard(*args, **kwargs)
 
-    monkeypatch.setattr(package, "write_shard", spying_write_shard)
+    monkeypatch.setattr(shard_writer, "write_shard", spying_write_shard)
     package_artifact(fetched.root, inventory, staged, tmp_path / "art", lineage=fetched.lineage,
                      max_shard_bytes=12_000)
     transformer_shards = left_when_written[-len(list((tmp_path / "art/transformer").glob(
@@ -166,7 +166,7 @@ def test_crash_leaves_no_complete_looking_directory_and_keeps_the_old_one(tmp_pa
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("hlwq.store.package.write_shard", crash)
+    monkeypatch.setattr("hlwq.store.shard_writer.write_shard", crash)
     with pytest.raises(OSError, match="disk full"):
         package_artifact(fetched.root, inventory, staged, tmp_path / "art", **options)
     assert all_files(tmp_path / "art") == before
