@@ -346,7 +346,7 @@ def real_width_part(work: Path, layers: int, log) -> dict:
 
 def ltx23_part(log) -> dict:
     from hlwq.cli.commands.plan import apply_policy
-    from hlwq.runtime.ltx23_layout import ltx23_22b_package_rows
+    from hlwq.runtime.ltx23_models import ltx23_22b_package_rows
     from hlwq.store.policy import load_policy
     from hlwq.tasks.budget import SCOPES, plan_budget, rows_in_scope
 

@@ -437,7 +437,7 @@ def full_model_residency() -> dict:
 def _transformer_sizes(layers: int, policy_name: str) -> dict:
     """Params and bytes of the LTX-2.3 transformer with ``layers`` blocks under a policy."""
     from hlwq.quant.sizes import padded_in_features, size_table
-    from hlwq.runtime.ltx23_layout import build_model, checkpoint_tensors
+    from hlwq.runtime.ltx23_models import build_model, checkpoint_tensors
     from hlwq.runtime.packed_linear import CHUNK_ELEMENTS
     from hlwq.store.ltx23_config import real_width_transformer_config
     from hlwq.store.policy import load_policy

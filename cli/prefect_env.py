@@ -31,11 +31,3 @@ def configure_prefect() -> None:
     if not os.environ.get("PREFECT_API_URL"):
         # Used only when no profile names a server either.
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "true")
-
-
-def describe_api() -> str:
-    """Where this process's flow runs are recorded, for messages to the user."""
-    from prefect.settings import get_current_settings
-
-    url = get_current_settings().api.url
-    return f"Prefect server at {url}" if url else "temporary local Prefect API (SQLite)"

@@ -38,7 +38,7 @@ from hlwq.quant.packed import MODES
 from hlwq.quant.sizes import size_table
 from hlwq.store.artifact import read_manifest, tensor_key
 from hlwq.store.atomic import atomic_path
-from hlwq.store.inventory import detect_layout
+from hlwq.store.inventory import default_policy_for, detect_layout
 from hlwq.store.staging import staged_key, staged_path
 from hlwq.store.tensor_jobs import ON_NONFINITE, TensorJob, code_version, finished_row, row_path
 from hlwq.tasks.budget import budget_task
@@ -218,7 +218,7 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
     inventory_root = Path(lineage["path"]) if lineage["kind"] == "file" else fetched.root
     source_files = [f["path"] for f in lineage["files"]]
     layout = detect_layout(inventory_root, source_files)
-    policy = policy or ("generic" if layout == "generic" else "ltx23")
+    policy = policy or default_policy_for(layout)
     settings = {"bits": bits, "block_size": BLOCK_SIZE, "group_size": group_size, "mode": mode,
                 "policy": policy, "code_version": code_version(), "on_nonfinite": on_nonfinite}
     with tags(f"revision:{lineage['commit_sha'][:12]}", f"policy:{policy}"):

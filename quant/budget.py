@@ -15,9 +15,9 @@ save the most damage. The result never exceeds the budget; it is optimal when th
 budget falls on a hull breakpoint, and otherwise worse than the optimum by at most the
 damage one skipped hull step would have saved.
 
-The damage model: ``damage = sensitivity * relative_error``, where the relative error
+The damage model: ``damage = sensitivity * weighted_relative_mse``, where the relative error
 of a bit width is measured by quantizing a sample of the tensor (optionally weighted by
-the mean squared input activation of each input channel, :func:`relative_error`) and the
+the mean squared input activation of each input channel, :func:`weighted_relative_mse`) and the
 sensitivity says how much of the model's output error one unit of that tensor's relative
 error causes (tasks/budget.py estimates it). Damages add up over tensors: a first-order
 model, good while each tensor's error is small.
@@ -42,7 +42,7 @@ CANDIDATE_BITS = tuple(range(MIN_BITS, MAX_BITS + 1))
 # --------------------------------------------------------------------------- damage model
 
 
-def relative_error(reference: torch.Tensor, approx: torch.Tensor,
+def weighted_relative_mse(reference: torch.Tensor, approx: torch.Tensor,
                    channel_weights: torch.Tensor | None = None) -> float:
     """``sum((approx - reference)^2 * a) / sum(reference^2)`` in float64, ``a`` of mean 1.
 

@@ -168,22 +168,27 @@ def mel_to_hz(mel):
     return 700.0 * (10.0 ** (torch.as_tensor(mel, dtype=torch.float64) / 2595.0) - 1.0)
 
 
-def mel_filterbank(n_mels: int, n_fft: int, sample_rate: int) -> torch.Tensor:
+def mel_filterbank(n_mels: int, n_fft: int, sample_rate: int,
+                   area_normalized: bool = False) -> torch.Tensor:
     """Triangular filters, evenly spaced on the mel scale from 0 Hz to Nyquist; (n_mels, n_fft//2+1).
 
-    Each triangle peaks at 1 on its centre frequency and reaches 0 at its neighbours' centres.
+    Each triangle peaks at 1 on its centre frequency and reaches 0 at its neighbours' centres;
+    ``area_normalized`` scales each to unit area instead (Slaney, as vocoders store them).
     """
     if n_mels < 1 or n_fft < 2 or sample_rate <= 0:
         raise InvalidOptionError(f"mel filterbank: n_mels={n_mels}, n_fft={n_fft}, "
                                  f"sample_rate={sample_rate}: need n_mels >= 1, n_fft >= 2, rate > 0")
     nyquist = sample_rate / 2.0
-    edges = mel_to_hz(torch.linspace(0.0, float(hz_to_mel(nyquist)), n_mels + 2,
-                                     dtype=torch.float64))
+    # The top edge in float32: the filters the fixtures' vocoders store were built so (the
+    # difference is ~1e-7 relative, below any metric's resolution).
+    top = float(2595.0 * torch.log10(1.0 + torch.tensor(nyquist) / 700.0))
+    edges = mel_to_hz(torch.linspace(0.0, top, n_mels + 2, dtype=torch.float64))
     freqs = torch.linspace(0.0, nyquist, n_fft // 2 + 1, dtype=torch.float64)
     low, centre, high = edges[:-2, None], edges[1:-1, None], edges[2:, None]
     rising = (freqs - low) / (centre - low)
     falling = (high - freqs) / (high - centre)
-    return torch.clamp(torch.minimum(rising, falling), min=0.0)
+    filters = torch.clamp(torch.minimum(rising, falling), min=0.0)
+    return filters * (2.0 / (high - low)) if area_normalized else filters
 
 
 def fft_size(sample_rate: int, samples: int) -> int:
@@ -225,7 +230,7 @@ def audio_metrics(reference, candidate, sample_rate: int) -> dict[str, float]:
 # --------------------------------------------------------------------------- latents, activations
 
 
-def relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+def relative_l2_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     """||candidate - reference|| / ||reference|| (L2, float64); 0.0 when both are zero."""
     return math.sqrt(tensor_metrics(reference, candidate)["rel_mse"])
 

@@ -9,7 +9,7 @@ The other components load with ``from_pretrained`` from the artifact's folders.
 
 Two artifact layouts (docs/FORMAT.md): a diffusers folder, and the official
 single file, whose ``model.diffusion_model.*`` / ``vae.*`` / ... names map to
-diffusers names with :mod:`runtime.ltx23_config` and whose components are all
+diffusers names with :mod:`hlwq.store.ltx23_config` and whose components are all
 built from the file's ``config`` metadata (or, for Lightricks' own files, the
 real LTX-2.3 configs); ``text_encoder/``, ``tokenizer/`` and ``scheduler/``
 sit beside it.
@@ -25,7 +25,12 @@ import torch
 from torch import nn
 
 from hlwq.quant.errors import ArtifactError, InvalidOptionError
-from hlwq.runtime.ltx23_layout import CONFIG_METADATA_KEY, build_model, model_class
+from hlwq.runtime.ltx23_models import (
+    CONFIG_METADATA_KEY,
+    assemble_single_file_pipeline,
+    build_model,
+    model_class,
+)
 from hlwq.runtime.packed_linear import PACKED_BUFFERS, PackedLinear
 from hlwq.store.artifact import Artifact, TensorRecord, open_artifact
 from hlwq.store.ltx23_config import (
@@ -113,16 +118,8 @@ def _packed_component(art: Artifact, component: str, dtype: torch.dtype) -> nn.M
 
 
 def _single_file_pipeline(art: Artifact, dtype: torch.dtype, pipeline_class):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
-
-    root = art.path
-    return pipeline_class(
-        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
-        text_encoder=Gemma3ForConditionalGeneration.from_pretrained(root / "text_encoder",
-                                                                    dtype=dtype),
-        tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
-        **{c: _packed_component(art, c, dtype) for c in SINGLE_FILE_COMPONENTS})
+    models = {c: _packed_component(art, c, dtype) for c in SINGLE_FILE_COMPONENTS}
+    return assemble_single_file_pipeline(pipeline_class, art.path, models, dtype)
 
 
 def _official_entries(art: Artifact) -> dict[str, dict[str, TensorRecord]]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 
 import torch
 
@@ -31,10 +30,6 @@ BLOCK = 1024
 def available() -> bool:
     """True when a CUDA device and an importable Triton are both present."""
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache

@@ -60,20 +60,27 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     try:
         with open(path, "rb") as handle:
             file_size = os.fstat(handle.fileno()).st_size
-            if file_size < 8:
-                raise CorruptCheckpointError(
-                    f"{path}: file is {file_size} bytes, shorter than the 8-byte header length")
-            (header_len,) = struct.unpack("<Q", handle.read(8))
-            if header_len > file_size - 8:
-                raise CorruptCheckpointError(
-                    f"{path}: header length {header_len:,} exceeds file size {file_size:,} bytes")
-            if header_len > MAX_HEADER_BYTES:
-                raise CorruptCheckpointError(
-                    f"{path}: header length {header_len:,} exceeds the {MAX_HEADER_BYTES:,}-byte limit")
+            header_len = header_length(handle.read(8), file_size, path)
             raw = handle.read(header_len)
     except FileNotFoundError:
         raise SourceError(f"{path}: file does not exist") from None
     return parse_header(raw, path=path, data_size=file_size - 8 - header_len)
+
+
+def header_length(first_bytes: bytes, file_size: int, where: str | os.PathLike) -> int:
+    """The JSON header's length from a file's first 8 bytes (local or fetched by HTTP Range),
+    checked against the file's size and the safetensors limit."""
+    if file_size < 8 or len(first_bytes) < 8:
+        raise CorruptCheckpointError(
+            f"{where}: file is {file_size} bytes, shorter than the 8-byte header length")
+    (header_len,) = struct.unpack("<Q", first_bytes[:8])
+    if header_len > file_size - 8:
+        raise CorruptCheckpointError(
+            f"{where}: header length {header_len:,} exceeds file size {file_size:,} bytes")
+    if header_len > MAX_HEADER_BYTES:
+        raise CorruptCheckpointError(
+            f"{where}: header length {header_len:,} exceeds the {MAX_HEADER_BYTES:,}-byte limit")
+    return header_len
 
 
 def parse_header(raw: bytes, *, path: str | os.PathLike, data_size: int) -> SafetensorsHeader:

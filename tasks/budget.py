@@ -44,10 +44,10 @@ from hlwq.quant.budget import (
     allocation_tables,
     best_uniform_bits,
     block_and_module,
-    relative_error,
     smallest_size,
     tensor_options,
     uniform_allocation,
+    weighted_relative_mse,
 )
 from hlwq.quant.core import dequantize, quantize_tensor
 from hlwq.quant.errors import BudgetError, CorruptCheckpointError, InvalidOptionError
@@ -136,11 +136,11 @@ def relative_errors(sample: torch.Tensor, bits: Iterable[int] = CANDIDATE_BITS,
                     block_size: int = 128, group_size: int | None = None, mode: str = "refined",
                     channel_weights: torch.Tensor | None = None,
                     name: str | None = None) -> dict[int, float]:
-    """Relative error of ``sample`` quantized at each width (quant.budget.relative_error)."""
+    """Relative error of ``sample`` quantized at each width (quant.budget.weighted_relative_mse)."""
     errors = {}
     for b in bits:
         packed = quantize_tensor(sample, b, block_size, mode, group_size, name=name)
-        errors[b] = relative_error(sample, dequantize(packed), channel_weights)
+        errors[b] = weighted_relative_mse(sample, dequantize(packed), channel_weights)
     return errors
 
 
@@ -224,7 +224,7 @@ def activation_stats(model: torch.nn.Module, forward: Callable[[], object], comp
         finally:
             module.weight.copy_(original)
         output_error = float((output - reference).square().sum() / reference.square().sum())
-        weight_error = relative_error(original, approx, weights)
+        weight_error = weighted_relative_mse(original, approx, weights)
         stats.output_gain[key] = output_error / weight_error if weight_error > 0 else 0.0
     return stats
 

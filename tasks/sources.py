@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import os
 import re
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +48,7 @@ from hlwq.quant.errors import (
     SourceError,
 )
 from hlwq.store.hash_cache import size_and_sha256
-from hlwq.store.safetensors_io import MAX_HEADER_BYTES, SafetensorsHeader, parse_header
+from hlwq.store.safetensors_io import SafetensorsHeader, header_length, parse_header
 
 HUB_REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^@\s]+))?")
 HEADER_PREFETCH_BYTES = 1 << 20  # one ranged GET covers most headers, even LTX-2.3's config
@@ -335,20 +334,8 @@ def _remote_header(
     """Parse one remote file's header from ranged GETs (never the tensor data)."""
     label = f"{repo}@{sha}/{name}"
     url = hf_hub_url(repo, name, revision=sha, endpoint=api.endpoint)
-    if size < 8:
-        raise CorruptCheckpointError(
-            f"{label}: file is {size} bytes, shorter than the 8-byte header length"
-        )
-    head = _get_range(url, token, 0, min(size, HEADER_PREFETCH_BYTES) - 1)
-    (header_len,) = struct.unpack("<Q", head[:8])
-    if header_len > size - 8:
-        raise CorruptCheckpointError(
-            f"{label}: header length {header_len:,} exceeds file size {size:,} bytes"
-        )
-    if header_len > MAX_HEADER_BYTES:
-        raise CorruptCheckpointError(
-            f"{label}: header length {header_len:,} exceeds the {MAX_HEADER_BYTES:,}-byte limit"
-        )
+    head = _get_range(url, token, 0, min(size, HEADER_PREFETCH_BYTES) - 1) if size >= 8 else b""
+    header_len = header_length(head, size, label)
     raw = head[8 : 8 + header_len]
     if len(raw) < header_len:
         raw += _get_range(url, token, len(head), 8 + header_len - 1)

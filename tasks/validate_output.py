@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hlwq.quant.errors import GateFailedError, InvalidOptionError, SourceError
-from hlwq.quant.video_metrics import audio_metrics, relative_error, video_metrics
+from hlwq.quant.video_metrics import audio_metrics, relative_l2_error, video_metrics
 from hlwq.runtime.block_probe import BlockProbe, compare_block_outputs
 from hlwq.store.artifact import (
     MANIFEST_NAME,
@@ -51,7 +51,7 @@ from hlwq.store.prompts import DEFAULT_SUITE, FRAME_STEP, SIDE_MULTIPLE, RenderR
 from hlwq.tasks.gates import load_gate_config
 from hlwq.tasks.render import audio_sample_rate, render_arguments, resolve_device, resolve_factory
 
-SOURCE_FACTORY = "hlwq.runtime.ltx23_layout:load_ltx23_pipeline"
+SOURCE_FACTORY = "hlwq.runtime.ltx23_models:load_ltx23_pipeline"
 CANDIDATE_FACTORY = "hlwq.runtime.loader:load_pipeline"
 REPORT_DIR = "validation"
 RESULTS_NAME = "results.json"
@@ -234,7 +234,7 @@ def renderable_source(root: str | os.PathLike) -> str | None:
             return f"{index}: unreadable ({exc})"
         missing = [part for part in PIPELINE_PARTS if part not in names or not (root / part).is_dir()]
     else:
-        from hlwq.runtime.ltx23_layout import find_single_file
+        from hlwq.runtime.ltx23_models import find_single_file
 
         if not root.is_dir() or find_single_file(root) is None:
             return f"{root}: neither a diffusers pipeline folder nor an LTX-2.3 single-file folder"
@@ -343,7 +343,7 @@ def compare_renderings(source: dict, candidate: dict) -> dict:
     return {
         **video_metrics(source["frames"], candidate["frames"]),
         **audio_metrics(source["audio"], candidate["audio"], source["sample_rate"]),
-        "latent_rel_err": relative_error(source["latents"], candidate["latents"]),
+        "latent_rel_err": relative_l2_error(source["latents"], candidate["latents"]),
         "block_rel_err": max((row["rel_err"] for row in blocks), default=0.0),
         "block_cosine_min": min((row["cosine"] for row in blocks), default=1.0),
         "blocks": blocks,

@@ -3,7 +3,7 @@
 Two fixtures:
 
 ``make_tiny_ltx23(out_dir)`` writes a complete LTX-2.3-architecture pipeline that renders on a
-CPU in seconds: the real configs of :mod:`runtime.ltx23_config` with widths shrunk (every flag
+CPU in seconds: the real configs of :mod:`hlwq.store.ltx23_config` with widths shrunk (every flag
 and block count kept), a 2-layer Gemma 3 text encoder, a word-level tokenizer trained here, the
 scheduler, and the spatial latent upsampler.
 
@@ -20,7 +20,7 @@ scheduler, and the spatial latent upsampler.
       text_encoder/  tokenizer/  scheduler/           what the official file does not carry
 
   read back by :func:`load_tiny_pipeline` (diffusers' own ``from_single_file`` cannot read
-  LTX-2.3 files; see :mod:`runtime.ltx23_layout`).
+  LTX-2.3 files; see :mod:`hlwq.runtime.ltx23_models`).
 
 ``make_real_width_transformer(out_dir, layers)`` writes the LTX-2.3 transformer at its real
 width with ``layers`` blocks as ``out_dir/transformer/`` (``config.json``, sharded
@@ -50,7 +50,8 @@ import torch
 
 from hlwq.quant.errors import InvalidOptionError
 from hlwq.quant.synthetic import TensorSpec, synthetic_chunks, synthetic_tensor
-from hlwq.runtime.ltx23_layout import (
+from hlwq.quant.video_metrics import mel_filterbank
+from hlwq.runtime.ltx23_models import (
     build_model,
     checkpoint_tensors,
     load_latent_upsampler,
@@ -112,24 +113,8 @@ def _stft_buffers(vocoder) -> dict[str, torch.Tensor]:
     forward = (fourier * window)[:, None, :]
     inverse = (torch.linalg.pinv(fourier).T * window)[:, None, :]
     return {"mel_stft.stft_fn.forward_basis": forward, "mel_stft.stft_fn.inverse_basis": inverse,
-            "mel_stft.mel_basis": _mel_filterbank(cfg.num_mel_channels, n_freqs,
-                                                  cfg.input_sampling_rate)}
-
-
-def _mel_filterbank(n_mels: int, n_freqs: int, sample_rate: int) -> torch.Tensor:
-    """Triangular filters evenly spaced on the HTK mel scale, area-normalised (Slaney)."""
-    def to_mel(hz):
-        return 2595.0 * torch.log10(1.0 + hz / 700.0)
-
-    def to_hz(mel):
-        return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
-
-    edges = to_hz(torch.linspace(0.0, float(to_mel(torch.tensor(sample_rate / 2.0))), n_mels + 2,
-                                 dtype=torch.float64))
-    freqs = torch.linspace(0.0, sample_rate / 2.0, n_freqs, dtype=torch.float64)
-    low, centre, high = edges[:-2, None], edges[1:-1, None], edges[2:, None]
-    rising, falling = (freqs - low) / (centre - low), (high - freqs) / (high - centre)
-    return torch.clamp(torch.minimum(rising, falling), min=0.0) * (2.0 / (high - low))
+            "mel_stft.mel_basis": mel_filterbank(cfg.num_mel_channels, n_fft,
+                                                 cfg.input_sampling_rate, area_normalized=True)}
 
 
 @torch.no_grad()

@@ -20,9 +20,9 @@ from hlwq.quant.budget import (
     allocation_tables,
     best_uniform_bits,
     lower_hull,
-    relative_error,
     smallest_size,
     tensor_options,
+    weighted_relative_mse,
 )
 from hlwq.quant.core import dequantize, quantize_tensor
 from hlwq.quant.errors import BudgetError, InvalidOptionError
@@ -186,9 +186,9 @@ def test_relative_error_weights_channels():
     ref = torch.ones(2, 4)
     approx = ref.clone()
     approx[:, 0] += 1.0
-    assert relative_error(ref, approx) == pytest.approx(0.25)
-    assert relative_error(ref, approx, torch.tensor([0.0, 1.0, 1.0, 1.0])) == 0.0
-    assert relative_error(ref, approx, torch.tensor([3.0, 1.0, 1.0, 1.0])) == pytest.approx(0.5)
+    assert weighted_relative_mse(ref, approx) == pytest.approx(0.25)
+    assert weighted_relative_mse(ref, approx, torch.tensor([0.0, 1.0, 1.0, 1.0])) == 0.0
+    assert weighted_relative_mse(ref, approx, torch.tensor([3.0, 1.0, 1.0, 1.0])) == pytest.approx(0.5)
 
 
 @pytest.fixture

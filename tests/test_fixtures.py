@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from hlwq.quant.errors import CorruptCheckpointError, InvalidOptionError, SourceError
 from hlwq.quant.sizes import packed_nbytes
-from hlwq.runtime.ltx23_layout import (
+from hlwq.runtime.ltx23_models import (
     build_model,
     checkpoint_tensors,
     load_ltx23_pipeline,

@@ -142,7 +142,7 @@ def test_plan_of_hub_repo_reads_headers_only(single_file, monkeypatch):
 
 def test_plan_real_ltx23_transformer_layout(monkeypatch):
     """--layout ltx23-22b reads no source: the real transformer built on the meta device."""
-    from hlwq.runtime import ltx23_layout as layout
+    from hlwq.runtime import ltx23_models as layout
 
     real_rows = layout.ltx23_22b_package_rows
     monkeypatch.setattr(layout, "ltx23_22b_package_rows",

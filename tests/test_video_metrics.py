@@ -18,7 +18,7 @@ from hlwq.quant.video_metrics import (
     frame_ssim,
     mel_distance,
     mel_filterbank,
-    relative_error,
+    relative_l2_error,
     temporal_diff,
     video_metrics,
 )
@@ -185,11 +185,11 @@ def test_relative_error_and_activation_error():
     reference = torch.randn(64, 32, generator=generator)
     candidate = reference + 0.1 * torch.randn(64, 32, generator=generator)
     expected = float((candidate.double() - reference.double()).norm() / reference.double().norm())
-    assert relative_error(reference, candidate) == pytest.approx(expected, rel=1e-12)
+    assert relative_l2_error(reference, candidate) == pytest.approx(expected, rel=1e-12)
     errors = activation_error(reference, candidate)
     assert errors["rel_err"] == pytest.approx(expected, rel=1e-12)
     assert 0.99 < errors["cosine"] < 1.0
-    assert relative_error(torch.zeros(4), torch.zeros(4)) == 0.0
+    assert relative_l2_error(torch.zeros(4), torch.zeros(4)) == 0.0
 
 
 def test_relative_error_accumulates_in_float64():
@@ -197,7 +197,7 @@ def test_relative_error_accumulates_in_float64():
     reference = torch.ones(2**24 + 1)
     candidate = reference.clone()
     candidate[0] = 2.0
-    assert relative_error(reference, candidate) == pytest.approx(1 / math.sqrt(2**24 + 1), rel=1e-9)
+    assert relative_l2_error(reference, candidate) == pytest.approx(1 / math.sqrt(2**24 + 1), rel=1e-9)
 
 
 # ---- block probe --------------------------------------------------------------------------------

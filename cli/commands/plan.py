@@ -17,13 +17,13 @@ from hlwq.quant.errors import InvalidOptionError
 from hlwq.quant.sizes import format_bytes
 
 AUTO_POLICY = "auto"
-PACKAGE_LAYOUTS = ("ltx23-22b",)
+KNOWN_PACKAGES = ("ltx23-22b",)
 COUNT_UNITS = (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3))
 
 
 @click.command()
 @click.argument("source", required=False)
-@click.option("--layout", "package_layout", type=click.Choice(PACKAGE_LAYOUTS),
+@click.option("--layout", "known_package", type=click.Choice(KNOWN_PACKAGES),
               help="Plan a known model layout instead of a SOURCE (nothing is read).")
 @click.option("--policy", "policy_name", default=AUTO_POLICY, show_default=True,
               help="ltx23, generic, a TOML/YAML policy file, or auto "
@@ -41,7 +41,7 @@ COUNT_UNITS = (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3))
               help="TOML/YAML file with include, exclude and per-pattern bits.")
 @target_size_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(source, package_layout, policy_name, bits, block_size, revision, files, exclude_files,
+def plan(source, known_package, policy_name, bits, block_size, revision, files, exclude_files,
          include, exclude, overrides, target_size, target_scope, as_json):
     """Per-component tensors, parameters, original and packed bytes of SOURCE
     (a Hub repo id, a folder or a .safetensors file)."""
@@ -51,10 +51,10 @@ def plan(source, package_layout, policy_name, bits, block_size, revision, files,
     from hlwq.store.policy import load_policy
 
     check_options(bits, block_size, None, "refined")
-    if (source is None) == (package_layout is None):
+    if (source is None) == (known_package is None):
         raise click.UsageError("give exactly one of SOURCE or --layout")
     label, layout, headers, package_rows, base = _planned_source(
-        source, package_layout, revision, list(files) or None, list(exclude_files) or None)
+        source, known_package, revision, list(files) or None, list(exclude_files) or None)
     if policy_name == AUTO_POLICY:
         policy_name = default_policy_for(layout)
     policy = load_policy(policy_name, bits=bits, include=include, exclude=exclude,
@@ -74,17 +74,17 @@ def plan(source, package_layout, policy_name, bits, block_size, revision, files,
     click.echo(json.dumps(report, indent=2) if as_json else format_plan(report))
 
 
-def _planned_source(source, package_layout, revision, files, exclude_files):
+def _planned_source(source, known_package, revision, files, exclude_files):
     """(label, layout, headers, package rows): headers for checkpoints, rows for --layout."""
     from hlwq.store import inventory
 
-    if package_layout:
+    if known_package:
         if revision or files or exclude_files:
             raise InvalidOptionError("--revision, --files and --exclude-files choose what to "
                                      "read of a SOURCE; --layout reads no checkpoint")
-        from hlwq.runtime.ltx23_layout import ltx23_22b_package_rows
+        from hlwq.runtime.ltx23_models import ltx23_22b_package_rows
 
-        return package_layout, package_layout, None, ltx23_22b_package_rows(), None
+        return known_package, known_package, None, ltx23_22b_package_rows(), None
     path = Path(source).expanduser()
     if path.exists():   # an existing path wins over a Hub id of the same spelling
         if revision:

@@ -14,6 +14,8 @@ from hlwq.cli.commands.options import (  # imports Prefect
     source_file_options,
     target_size_options,
 )
+from hlwq.quant.packed import MODES
+from hlwq.store.tensor_jobs import ON_NONFINITE
 
 
 @click.command()
@@ -23,7 +25,7 @@ from hlwq.cli.commands.options import (  # imports Prefect
 @click.option("--policy", help="ltx23, generic or a policy file [default: ltx23 for LTX-2.3 "
                                "layouts, generic otherwise].")
 @click.option("--bits", default=5, show_default=True, type=int, help="Bits per quantized weight.")
-@click.option("--mode", type=click.Choice(["refined", "reference"]), default="refined",
+@click.option("--mode", type=click.Choice(MODES), default="refined",
               show_default=True, help="Encoder: refined scale search, or the reference's choices.")
 @click.option("--group-size", type=int, help="Values per fp16 scale (a divisor of 128; default 128).")
 @click.option("--workers", type=int, help="Local Dask workers [default: one per core, memory allowing].")
@@ -38,7 +40,7 @@ from hlwq.cli.commands.options import (  # imports Prefect
                    "and marks the artifact unvalidated.")
 @click.option("--gates-file", type=click.Path(dir_okay=False, exists=True),
               help="TOML merged over the default thresholds (tasks/gates.toml).")
-@click.option("--on-nonfinite", type=click.Choice(["fail", "keep"]), default="fail",
+@click.option("--on-nonfinite", type=click.Choice(ON_NONFINITE), default="fail",
               show_default=True, help="A tensor with NaN/Inf fails the run, or is kept unquantized.")
 @target_size_options
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")

@@ -1,8 +1,8 @@
-"""LTX-2.3 checkpoint layouts: the real package's tensor list, and the official single file.
+"""LTX-2.3 models: built from their configs, the real package's tensor list, the official single file.
 
 ``ltx23_22b_package_rows()`` lists every tensor of the LTX-2.3 package (component, diffusers
 tensor name, shape, dtype) from models built on the meta device with the real configs of
-:mod:`runtime.ltx23_config`; nothing is downloaded or allocated. Counts it yields:
+:mod:`hlwq.store.ltx23_config`; nothing is downloaded or allocated. Counts it yields:
 
 =================  =======  ================
 component          tensors  parameters
@@ -61,7 +61,6 @@ PACKAGE_COMPONENTS = ("transformer", "connectors", "vae", "audio_vae", "vocoder"
 SINGLE_FILE_GLOB = "ltx-2.3*.safetensors"
 UPSAMPLER_FILE_MARK = "upscaler"
 CONFIG_METADATA_KEY = "config"
-TORCH_TO_SAFETENSORS = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
 def model_class(component: str):
@@ -213,8 +212,7 @@ def load_ltx23_pipeline(path: str | os.PathLike, dtype: torch.dtype = torch.floa
     ``dtype`` is the compute dtype of every component (the files hold BF16; without one
     dtype, transformers would keep Gemma in BF16 while diffusers upcasts to float32).
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, LTX2Pipeline
-    from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
+    from diffusers import LTX2Pipeline
 
     path = Path(path)
     if not path.is_dir():
@@ -225,12 +223,20 @@ def load_ltx23_pipeline(path: str | os.PathLike, dtype: torch.dtype = torch.floa
     single = find_single_file(path)
     if single is None:
         raise SourceError(f"{path}: neither model_index.json nor a {SINGLE_FILE_GLOB} file")
-    models = load_single_file(single, dtype)
-    return LTX2Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler"),
-        text_encoder=Gemma3ForConditionalGeneration.from_pretrained(path / "text_encoder",
+    return assemble_single_file_pipeline(LTX2Pipeline, path, load_single_file(single, dtype), dtype)
+
+
+def assemble_single_file_pipeline(pipeline_class, folder: Path, models: dict, dtype: torch.dtype):
+    """A pipeline from a single-file folder: ``models`` (the components the official file holds)
+    plus the scheduler, Gemma text encoder and tokenizer from their own subfolders."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
+
+    return pipeline_class(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
+        text_encoder=Gemma3ForConditionalGeneration.from_pretrained(folder / "text_encoder",
                                                                     dtype=dtype),
-        tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer"),
+        tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
         **models,
     )
 
