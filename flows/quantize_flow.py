@@ -17,6 +17,7 @@ import math
 import os
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -38,7 +39,6 @@ from hlwq.quant.packed import MODES
 from hlwq.quant.sizes import size_table
 from hlwq.store.artifact import read_manifest, tensor_key
 from hlwq.store.atomic import atomic_path
-from hlwq.store.inventory import default_policy_for, detect_layout
 from hlwq.store.staging import staged_key, staged_path
 from hlwq.store.tensor_jobs import ON_NONFINITE, TensorJob, code_version, finished_row, row_path
 from hlwq.tasks.budget import budget_task
@@ -114,10 +114,10 @@ def plan_jobs(rows: list[dict], source_base: str, file_ids: dict[str, str], stag
     return jobs
 
 
-@flow(name="quantize_tensors", flow_run_name="quantize {tensors} tensors", persist_result=False)
-def quantize_tensors(inventory_path: str, source_base: str, file_ids: dict[str, str],
-                     staging_dir: str, settings: dict, tensors: int) -> dict:
-    """Quantize every tensor the inventory selects on the Dask cluster of this subflow.
+@flow(name="quantize_tensors", flow_run_name="quantize {tensors} tensors", persist_result=False,
+      validate_parameters=False)
+def quantize_tensors(jobs: list[TensorJob], tensors: int) -> dict:
+    """Quantize ``jobs`` on the Dask cluster of this subflow.
 
     Returns the metrics rows and the stage's timing: wall time (cluster start
     included), the cluster's start, the units' own seconds (busy) and what the
@@ -125,8 +125,6 @@ def quantize_tensors(inventory_path: str, source_base: str, file_ids: dict[str, 
     """
     logger = get_run_logger()
     started = time.perf_counter()
-    jobs = plan_jobs(pq.read_table(inventory_path).to_pylist(), source_base, file_ids, staging_dir,
-                     settings)
     client = dask_client()          # starts the LocalCluster, or connects
     cluster_start_s = time.perf_counter() - started
     workers = len(client.scheduler_info(n_workers=-1)["workers"])
@@ -208,82 +206,126 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
     """
     started = time.perf_counter()
     check_settings(bits, mode, group_size, on_nonfinite, workers, dask_address)
-    logger = get_run_logger()
     out_dir = Path(out).absolute()
     staging_dir = Path(staging).absolute() if staging else default_staging(out_dir)
     staging_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"bits": bits, "block_size": BLOCK_SIZE, "group_size": group_size, "mode": mode,
+                "policy": policy, "code_version": code_version(), "on_nonfinite": on_nonfinite}
 
+    plan = plan_run(source, revision, files, exclude_files, settings, staging_dir, out_dir,
+                    target_size, target_scope)
+    with tags(f"revision:{plan.lineage['commit_sha'][:12]}", f"policy:{plan.settings['policy']}"):
+        stage = quantize_tensors.with_options(task_runner=dask_task_runner(workers, dask_address))(
+            plan.jobs, len(plan.jobs))
+        finished = finish_run(plan, stage, out_dir, gates, gates_file, output_suite)
+
+    summary = run_summary(source, out_dir, staging_dir, plan.settings, finished["rows"], stage,
+                          finished["packaged"], finished["tensor_gates"], gates,
+                          time.perf_counter() - started)
+    if plan.budget:
+        summary["budget"] = plan.budget
+    summary["output_gates"] = finished["output_gates"]
+    publish_artifacts(summary, stage["rows"])
+    return summary
+
+
+# ---- the stages ------------------------------------------------------------------------------
+
+
+@dataclass
+class RunPlan:
+    """What the plan stage decided: the fetched source, its inventory and one job per tensor."""
+    fetched: FetchResult
+    inventory_root: Path
+    layout: str
+    settings: dict                 # bits, block and group size, mode, policy, code version
+    rows: list[dict]               # the inventory, with the budget's bits when there is one
+    jobs: list[TensorJob]
+    staging_dir: Path
+    budget: dict | None
+
+    @property
+    def lineage(self) -> dict:
+        return self.fetched.lineage
+
+
+def plan_run(source: str, revision: str | None, files, exclude_files, settings: dict,
+             staging_dir: Path, out_dir: Path, target_size: str | None,
+             target_scope: str) -> RunPlan:
+    """Fetch, then inventory (headers read once; the layout picks the default policy), then
+    the jobs, then the disk check: nothing is quantized before all of it holds."""
     fetched = FetchResult.from_dict(fetch_source_task(source, revision, files, exclude_files))
     lineage = fetched.lineage
     inventory_root = Path(lineage["path"]) if lineage["kind"] == "file" else fetched.root
-    source_files = [f["path"] for f in lineage["files"]]
-    layout = detect_layout(inventory_root, source_files)
-    policy = policy or default_policy_for(layout)
-    settings = {"bits": bits, "block_size": BLOCK_SIZE, "group_size": group_size, "mode": mode,
-                "policy": policy, "code_version": code_version(), "on_nonfinite": on_nonfinite}
-    with tags(f"revision:{lineage['commit_sha'][:12]}", f"policy:{policy}"):
-        inventory_path = staging_dir / "inventory.parquet"
-        inventory_task(str(inventory_root), str(inventory_path), policy=policy, bits=bits,
-                       block_size=BLOCK_SIZE, group_size=group_size, files=source_files)
-        budget = None
-        if target_size is not None:
-            budget = budget_task(str(inventory_path), str(inventory_root), target_size,
-                                 target_scope, BLOCK_SIZE, group_size, mode)
-        inventory = pq.read_table(inventory_path)
-        rows = inventory.to_pylist()
-        file_ids = {f["path"]: f"sha256:{f['sha256']}" for f in lineage["files"]}
-        jobs = plan_jobs(rows, str(fetched.root), file_ids, str(staging_dir), settings)
-        keys = {(job.component, job.tensor): job.key for job in jobs}
-        done = {job.key for job in jobs if finished_row(job) is not None}
-        logger.info("%d tensors to quantize, %d already staged", len(jobs), len(done))
-        disk_check_task(
-            [{**row, "key": keys.get((row["component"], row["tensor"]))} for row in rows],
-            {f["path"]: f["size"] for f in lineage["files"]}, done, str(fetched.root),
-            str(out_dir), str(staging_dir))
+    inventory_path = staging_dir / "inventory.parquet"
+    inventory = inventory_task(str(inventory_root), str(inventory_path), policy=settings["policy"],
+                               bits=settings["bits"], block_size=BLOCK_SIZE,
+                               group_size=settings["group_size"],
+                               files=[f["path"] for f in lineage["files"]])
+    settings = {**settings, "policy": inventory["policy"]}
+    budget = None
+    if target_size is not None:
+        budget = budget_task(str(inventory_path), str(inventory_root), target_size, target_scope,
+                             BLOCK_SIZE, settings["group_size"], settings["mode"])
+    rows = pq.read_table(inventory_path).to_pylist()
+    file_ids = {f["path"]: f"sha256:{f['sha256']}" for f in lineage["files"]}
+    jobs = plan_jobs(rows, str(fetched.root), file_ids, str(staging_dir), settings)
+    plan = RunPlan(fetched, inventory_root, inventory["layout"], settings, rows, jobs,
+                   staging_dir, budget)
+    check_disk_for(plan, out_dir)
+    return plan
 
-        stage = quantize_tensors.with_options(task_runner=dask_task_runner(workers, dask_address))(
-            str(inventory_path), str(fetched.root), file_ids, str(staging_dir), settings, len(jobs))
-        metrics = metrics_table(stage["rows"])
-        with atomic_path(staging_dir / "metrics.parquet") as tmp:
-            pq.write_table(metrics, tmp)
-        gate_report = tensor_gates_task(stage["rows"], gates_file, enforce=gates)
 
-        final_rows = decided_rows(rows, stage["rows"])
-        quantized = {(row["component"], row["tensor"]) for row in stage["rows"]
-                     if row["action"] == "quantize"}
-        staged = {tensor_key(job.component, job.tensor): str(staged_path(staging_dir, job.key))
-                  for job in jobs if (job.component, job.tensor) in quantized}
-        skip_output = output_gates_skip_reason(fetched.root, gates)
-        packaged = package_artifact_task(
-            str(inventory_root), final_rows, staged, str(out_dir), lineage=lineage,
-            layout=layout,
-            quantization={"bits": bits, "block_size": BLOCK_SIZE,
-                          "group_size": group_size or BLOCK_SIZE, "mode": mode,
-                          "policy": {"name": policy}, "code_version": settings["code_version"],
-                          **({"budget": budget} if budget else {})},
-            metrics=metrics.drop_columns(list(RUN_ONLY_COLUMNS)),
-            # Not validated yet when output gates are to run: they mark it (record_output_gates).
-            validation={"tensor_gates": gate_report,
-                        "output_gates": {"skipped": skip_output} if skip_output else None})
-        for job in jobs:
-            row_path(job).unlink(missing_ok=True)   # their staged results are in the artifact now
-        output_report = None
-        if skip_output is None:
-            # Raises GateFailedError naming prompts and blocks; the artifact stays unvalidated.
-            output_report = output_gates_task(str(fetched.root), str(out_dir), output_suite,
-                                              gates_file=gates_file,
-                                              work_dir=str(staging_dir / "output-renders"))
-        else:
-            logger.info("output gates skipped: %s", skip_output)
+def check_disk_for(plan: RunPlan, out_dir: Path) -> None:
+    keys = {(job.component, job.tensor): job.key for job in plan.jobs}
+    done = {job.key for job in plan.jobs if finished_row(job) is not None}
+    get_run_logger().info("%d tensors to quantize, %d already staged", len(plan.jobs), len(done))
+    disk_check_task(
+        [{**row, "key": keys.get((row["component"], row["tensor"]))} for row in plan.rows],
+        {f["path"]: f["size"] for f in plan.lineage["files"]}, done, str(plan.fetched.root),
+        str(out_dir), str(plan.staging_dir))
 
-    summary = run_summary(source, out_dir, staging_dir, settings, final_rows, stage, packaged,
-                          gate_report, gates, time.perf_counter() - started)
-    if budget:
-        summary["budget"] = budget
-    summary["output_gates"] = ({"passed": output_report["passed"], "report": output_report["report"]}
-                               if output_report else {"skipped": skip_output})
-    publish_artifacts(summary, stage["rows"])
-    return summary
+
+def finish_run(plan: RunPlan, stage: dict, out_dir: Path, gates: bool, gates_file: str | None,
+               output_suite: str | None) -> dict:
+    """Tensor gates, then package, then output gates (which mark the artifact validated)."""
+    metrics = metrics_table(stage["rows"])
+    with atomic_path(plan.staging_dir / "metrics.parquet") as tmp:
+        pq.write_table(metrics, tmp)
+    gate_report = tensor_gates_task(stage["rows"], gates_file, enforce=gates)
+
+    final_rows = decided_rows(plan.rows, stage["rows"])
+    quantized = {(row["component"], row["tensor"]) for row in stage["rows"]
+                 if row["action"] == "quantize"}
+    staged = {tensor_key(job.component, job.tensor): str(staged_path(plan.staging_dir, job.key))
+              for job in plan.jobs if (job.component, job.tensor) in quantized}
+    skip_output = output_gates_skip_reason(plan.fetched.root, gates)
+    settings = plan.settings
+    packaged = package_artifact_task(
+        str(plan.inventory_root), final_rows, staged, str(out_dir), lineage=plan.lineage,
+        layout=plan.layout,
+        quantization={"bits": settings["bits"], "block_size": BLOCK_SIZE,
+                      "group_size": settings["group_size"] or BLOCK_SIZE, "mode": settings["mode"],
+                      "policy": {"name": settings["policy"]},
+                      "code_version": settings["code_version"],
+                      **({"budget": plan.budget} if plan.budget else {})},
+        metrics=metrics.drop_columns(list(RUN_ONLY_COLUMNS)),
+        # Not validated yet when output gates are to run: they mark it (record_output_gates).
+        validation={"tensor_gates": gate_report,
+                    "output_gates": {"skipped": skip_output} if skip_output else None})
+    for job in plan.jobs:
+        row_path(job).unlink(missing_ok=True)   # their staged results are in the artifact now
+    if skip_output is None:
+        # Raises GateFailedError naming prompts and blocks; the artifact stays unvalidated.
+        report = output_gates_task(str(plan.fetched.root), str(out_dir), output_suite,
+                                   gates_file=gates_file,
+                                   work_dir=str(plan.staging_dir / "output-renders"))
+        output_gates = {"passed": report["passed"], "report": report["report"]}
+    else:
+        get_run_logger().info("output gates skipped: %s", skip_output)
+        output_gates = {"skipped": skip_output}
+    return {"rows": final_rows, "packaged": packaged, "tensor_gates": gate_report,
+            "output_gates": output_gates}
 
 
 def decided_rows(inventory_rows: list[dict], result_rows: list[dict]) -> list[dict]:

@@ -139,11 +139,23 @@ def build_inventory(root: str | os.PathLike, policy: BitPolicy | str, block_size
     ``files`` (paths relative to the checkpoint, e.g. the fetch's lineage files) limits
     it to those weight files. The table's schema metadata records the layout, policy and
     block size."""
-    root = Path(root)
     if isinstance(policy, str):
         policy = load_policy(policy)
+    headers, layout = read_checkpoint(root, files)
+    return inventory_table(headers, layout, policy, block_size, group_size)
+
+
+def read_checkpoint(root: str | os.PathLike,
+                    files: list[str] | None = None) -> tuple[dict[str, SafetensorsHeader], str]:
+    """Every weight file's header under ``root`` (parsed once) and the layout they show."""
+    root = Path(root)
     headers = local_headers(root, files)
-    layout = layout_of(headers, has_model_index=has_model_index(root), source=root)
+    return headers, layout_of(headers, has_model_index=has_model_index(root), source=root)
+
+
+def inventory_table(headers: Mapping[str, SafetensorsHeader], layout: str, policy: BitPolicy,
+                    block_size: int = 128, group_size: int | None = None) -> pa.Table:
+    """The inventory of parsed headers; its schema metadata records layout, policy and block."""
     rows = rows_from_headers(headers, layout, policy, block_size, group_size)
     table = pa.Table.from_pylist(rows, schema=INVENTORY_SCHEMA)
     return table.replace_schema_metadata({
