@@ -94,3 +94,55 @@ def test_subprocess_uses_the_environment(hub, sha, tmp_path):
         check=False,
     )
     assert out.stdout.strip() == sha, out.stderr
+
+
+def test_uploads_branches_and_deletions_through_the_client(hub, tmp_path):
+    api = HfApi()
+    api.create_repo("acme/made", exist_ok=True)
+    api.create_repo("acme/made", exist_ok=True)                      # exists: fine
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    (folder / "a.json").write_text('{"a": 1}')
+    (folder / "w.safetensors").write_bytes(os.urandom(3000))
+    first = api.upload_folder(repo_id="acme/made", folder_path=folder).oid
+    assert sorted(hub.files("acme/made")) == [".gitattributes", "a.json", "w.safetensors"]
+    assert hub.read("acme/made", "w.safetensors") == (folder / "w.safetensors").read_bytes()
+    assert api.upload_folder(repo_id="acme/made", folder_path=folder).oid == first  # no-op
+    api.create_branch("acme/made", branch="dev", exist_ok=True)
+    api.delete_file("a.json", "acme/made", revision="dev")
+    assert "a.json" in hub.files("acme/made") and "a.json" not in hub.files("acme/made", "dev")
+    assert Path(hf_hub_download("acme/made", "a.json", revision=first)).read_text() == '{"a": 1}'
+
+
+def test_runs_standalone_keeps_its_repos_and_asks_for_a_token_only_when_given_one(tmp_path,
+                                                                               repo_dir):
+    import socket
+
+    def start(*extra):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tests.hub_server", "--root", str(tmp_path / "hub"),
+             "--port", str(port), *extra],
+            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().startswith(f"local Hub at http://127.0.0.1:{port}")
+        return process, HfApi(endpoint=f"http://127.0.0.1:{port}")
+
+    process, api = start("--repo", f"{REPO}={repo_dir}")
+    try:
+        api.create_repo("me/new")
+        api.upload_file(path_or_fileobj=b"hello", path_in_repo="x.txt", repo_id="me/new")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    process, api = start("--token", "t0k")
+    try:
+        with pytest.raises(Exception, match="401"):
+            api.model_info("me/new", token=False)
+        info = api.model_info("me/new", token="t0k")
+        assert sorted(s.rfilename for s in info.siblings) == [".gitattributes", "x.txt"]
+        assert "config.json" in {s.rfilename for s in api.model_info(REPO, token="t0k").siblings}
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
