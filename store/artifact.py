@@ -68,11 +68,23 @@ def safe_relative_path(root: str | os.PathLike, relative: object) -> Path:
         raise UnsafePathError(f"path {relative!r} in {MANIFEST_NAME}: must be relative, "
                               "'/'-separated, without empty, '.' or '..' parts")
     path = root.joinpath(*relative.split("/"))
-    resolved, inside = path.resolve(), root.resolve()
-    if not resolved.is_relative_to(inside):
+    resolved = path.resolve()
+    if not inside_artifact(root, resolved):
         raise UnsafePathError(f"path {relative!r} in {MANIFEST_NAME}: resolves to {resolved}, "
-                              f"outside the artifact {inside}")
+                              f"outside the artifact {root.resolve()}")
     return path
+
+
+def inside_artifact(root: str | os.PathLike, resolved: Path) -> bool:
+    """Whether a resolved path belongs to the artifact at ``root``: it lies inside it or, for
+    a snapshot in the Hub cache (``models--owner--name/snapshots/<commit>``, whose files link
+    to ``models--owner--name/blobs/``), inside that repo's blobs."""
+    root = Path(root).resolve()
+    if resolved.is_relative_to(root):
+        return True
+    repo_cache = root.parent.parent
+    return (root.parent.name == "snapshots" and repo_cache.name.startswith("models--")
+            and resolved.is_relative_to(repo_cache / "blobs"))
 
 
 # ---------------------------------------------------------------- manifest
@@ -286,7 +298,7 @@ def _unlisted_problems(directory: Path, files: dict) -> list[str]:
             relative = path.relative_to(directory).as_posix()
             if at_root and name in (MANIFEST_NAME, *IGNORED_ENTRIES):
                 continue
-            if path.is_symlink() and not path.resolve().is_relative_to(root):
+            if path.is_symlink() and not inside_artifact(root, path.resolve()):
                 problems.append(f"{relative}: symlink to {path.resolve()}, outside the artifact")
             elif relative not in files:
                 problems.append(f"{relative}: present but not listed in {MANIFEST_NAME}")

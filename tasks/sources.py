@@ -13,25 +13,13 @@ imported), so a test server or a mirror can be chosen per call.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx2
-from huggingface_hub import HfApi, constants, get_token, hf_hub_url, snapshot_download
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub import HfApi, hf_hub_url, snapshot_download
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import (
     build_hf_headers,
@@ -41,18 +29,19 @@ from huggingface_hub.utils import (
 )
 from prefect import task
 
-from hlwq.quant.errors import (
-    AuthenticationError,
-    CorruptCheckpointError,
-    InvalidOptionError,
-    SourceError,
+from hlwq.quant.errors import CorruptCheckpointError, InvalidOptionError, SourceError
+from hlwq.runtime.hub import (
+    LIBRARY,
+    HubSource,
+    hub_api,
+    hub_errors,
+    parse_hub_source,
+    resolve_commit,
 )
 from hlwq.store.hash_cache import size_and_sha256
 from hlwq.store.safetensors_io import SafetensorsHeader, header_length, parse_header
 
-HUB_REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^@\s]+))?")
 HEADER_PREFETCH_BYTES = 1 << 20  # one ranged GET covers most headers, even LTX-2.3's config
-LIBRARY = "hlwq-pipeline"
 
 
 @dataclass(frozen=True)
@@ -81,12 +70,6 @@ class FetchResult:
     @classmethod
     def from_dict(cls, data: dict) -> FetchResult:
         return cls(Path(data["root"]), [Path(p) for p in data["files"]], data["lineage"])
-
-
-@dataclass(frozen=True)
-class HubSource:
-    repo: str
-    revision: str  # as asked: branch, tag or commit sha
 
 
 # ---- public API -----------------------------------------------------------------------------
@@ -119,28 +102,11 @@ def fetch_source(
     return _fetch_hub(hub, allow_patterns, ignore_patterns, cache_dir, local_dir, token)
 
 
-def parse_hub_source(source: str, revision: str | None = None) -> HubSource:
-    """``owner/name[@revision]`` (plus an optional separate revision) -> HubSource."""
-    match = HUB_REPO_ID.fullmatch(source)
-    if match is None or _looks_like_path(source):
-        raise SourceError(
-            f"{source!r}: no such file or directory, and not a Hub repo id "
-            "(owner/name or owner/name@revision)"
-        )
-    repo, pinned = match["repo"], match["revision"]
-    if pinned and revision and pinned != revision:
-        raise InvalidOptionError(
-            f"{source!r} pins revision {pinned!r} but --revision says {revision!r}; "
-            "give one of them"
-        )
-    return HubSource(repo, pinned or revision or constants.DEFAULT_REVISION)
-
-
 def latest_revision(repo: str, revision: str = "main", token: str | None = None) -> str:
     """The commit sha ``revision`` of a Hub repo points to now (asks the Hub, never the cache)."""
     hub = parse_hub_source(repo, revision)
-    with _hub_errors(hub, token):
-        return _resolve_commit(_hub_api(token), hub)
+    with hub_errors(hub, token):
+        return resolve_commit(hub_api(token), hub)
 
 
 def list_remote_files(
@@ -152,9 +118,9 @@ def list_remote_files(
 ) -> tuple[str, dict[str, int]]:
     """(commit sha, {path: size}) of a Hub repo's files, filtered by the patterns; no download."""
     hub = parse_hub_source(repo, revision)
-    api = _hub_api(token)
-    with _hub_errors(hub, token):
-        sha = _resolve_commit(api, hub)
+    api = hub_api(token)
+    with hub_errors(hub, token):
+        sha = resolve_commit(api, hub)
         files = _remote_files(api, hub.repo, sha, allow_patterns, ignore_patterns)
     return sha, {path: entry.size for path, entry in files.items()}
 
@@ -173,9 +139,9 @@ def remote_safetensors_headers(
     plan of a Hub repo and of a local folder share one code path.
     """
     hub = parse_hub_source(repo, revision)
-    api = _hub_api(token)
-    with _hub_errors(hub, token):
-        sha = _resolve_commit(api, hub)
+    api = hub_api(token)
+    with hub_errors(hub, token):
+        sha = resolve_commit(api, hub)
         files = _remote_files(api, hub.repo, sha, allow_patterns, ignore_patterns)
         _require_safetensors(
             list(files), f"Hub repo {hub.repo}@{hub.revision}", allow_patterns, ignore_patterns
@@ -257,11 +223,11 @@ def _visible_files(directory: Path) -> list[str]:
 def _fetch_hub(
     hub: HubSource, allow_patterns, ignore_patterns, cache_dir, local_dir, token
 ) -> FetchResult:
-    api = _hub_api(token)
-    with _hub_errors(hub, token):
+    api = hub_api(token)
+    with hub_errors(hub, token):
         # Resolve first and download that exact commit: a branch that moves mid-fetch cannot
         # mix two revisions, and the lineage names what was really fetched.
-        sha = _resolve_commit(api, hub)
+        sha = resolve_commit(api, hub)
         remote = _remote_files(api, hub.repo, sha, allow_patterns, ignore_patterns)
         _require_safetensors(
             list(remote), f"Hub repo {hub.repo}@{hub.revision}", allow_patterns, ignore_patterns
@@ -289,15 +255,6 @@ def _fetch_hub(
         repo=hub.repo, endpoint=api.endpoint, revision=hub.revision,
     )
     return FetchResult(root, [root / name for name in names], lineage)
-
-
-def _hub_api(token: str | None) -> HfApi:
-    endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-    return HfApi(endpoint=endpoint, token=token, library_name=LIBRARY)
-
-
-def _resolve_commit(api: HfApi, hub: HubSource) -> str:
-    return api.model_info(hub.repo, revision=hub.revision).sha
 
 
 def _remote_files(
@@ -359,60 +316,7 @@ def _get_range(url: str, token: str | None, first: int, last: int) -> bytes:
     return response.content
 
 
-@contextlib.contextmanager
-def _hub_errors(hub: HubSource, token: str | None):
-    """Turn huggingface_hub's and the transport's errors into ours, naming repo and revision."""
-    where = f"Hub repo {hub.repo!r} (revision {hub.revision!r})"
-    try:
-        yield
-    except RevisionNotFoundError as exc:
-        raise SourceError(
-            f"{where}: the revision does not exist; give a branch, tag or full "
-            "commit sha the repo has"
-        ) from exc
-    except GatedRepoError as exc:
-        raise AuthenticationError(
-            f"{where}: the repo is gated; accept its conditions on the Hub "
-            "with the account whose token you use"
-        ) from exc
-    except RemoteEntryNotFoundError as exc:
-        raise SourceError(
-            f"{where}: a listed file is missing on the Hub ({exc.server_message or exc}); "
-            "fetch again, or pin another revision"
-        ) from exc
-    except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
-        if status in (401, 403):
-            who = "with the token given" if token or get_token() else "without a token"
-            raise AuthenticationError(
-                f"{where}: the Hub refused access (HTTP {status}) {who}; for a private repo "
-                "set HF_TOKEN, pass a token or run `hf auth login`; also check the repo id, "
-                "since the Hub answers 401 for repos that do not exist"
-            ) from exc
-        if isinstance(exc, RepositoryNotFoundError):
-            raise SourceError(
-                f"{where}: the repo does not exist (HTTP {status}); check the repo id (owner/name)"
-            ) from exc
-        raise SourceError(
-            f"{where}: the Hub answered HTTP {status}; try again later (finished "
-            "files stay in the cache and are not fetched twice)"
-        ) from exc
-    except (httpx2.TransportError, LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
-        raise SourceError(
-            f"{where}: cannot reach the Hub ({type(exc).__name__}: {exc}); check the "
-            "network, HF_ENDPOINT and HF_HUB_OFFLINE"
-        ) from exc
-    except OSError as exc:
-        if "Consistency check failed" not in str(exc):
-            raise
-        raise SourceError(f"{where}: a download ended short ({exc}); fetch again") from exc
-
-
 # ---- shared helpers --------------------------------------------------------------------------
-
-
-def _looks_like_path(source: str) -> bool:
-    return source.startswith(("/", ".", "~")) or source.endswith(".safetensors")
 
 
 def _require_safetensors(names: list[str], where: str, allow_patterns, ignore_patterns) -> None:
