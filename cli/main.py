@@ -25,6 +25,8 @@ COMMANDS = {
                            "Write a standard BF16 checkpoint from an artifact, tensor by tensor."),
     "convert": ("hlwq.cli.commands.artifact:convert",
                 "Convert between an HLWQ artifact and the polarquant 0.6.0 layout."),
+    "publish": ("hlwq.cli.commands.publish:publish",
+                "Verify an artifact and publish it to a Hub model repo (one commit, no-op if same)."),
     "render": ("hlwq.cli.commands.render:render",
                "Render a prompt file with the packed runtime into MP4s and a catalog."),
     "validate": ("hlwq.cli.commands.validate:validate",

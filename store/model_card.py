@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import PurePosixPath
+
+import yaml
 
 from hlwq.quant.sizes import format_bytes
 
 WORST_SHOWN = 10
+LIBRARY_NAME = "hlwq"
+LICENSE_KEYS = ("license", "license_name", "license_link")
+MODEL_FAMILIES = {"ltx23": "ltx-video"}   # bit-policy name prefix -> the family's Hub tag
 
 
 def quality_summary(metrics) -> dict | None:
@@ -93,11 +99,7 @@ def render_model_card(manifest: dict, quality: dict | None) -> str:
     repo = source.get("repo")
     title = repo or PurePosixPath(str(source.get("source") or "checkpoint")).name
     bits = settings.get("bits")
-    front = ["---", "library_name: hlwq", "tags:", "- hlwq", "- quantized", "- ltx-video"]
-    if repo:
-        front += ["base_model:", f"- {repo}"]
-    front.append("---")
-    parts = ["\n".join(front), f"# {title}: HLWQ Q{bits}" if bits else f"# {title}: HLWQ",
+    parts = [front_matter(manifest), f"# {title}: HLWQ Q{bits}" if bits else f"# {title}: HLWQ",
              _INTRO.format(format=manifest["format"], version=manifest["format_version"]),
              "## Sizes", markdown_table(SIZE_HEADER, size_rows(manifest)), _SIZE_NOTE,
              "## Quality"]
@@ -116,6 +118,48 @@ def render_model_card(manifest: dict, quality: dict | None) -> str:
     parts += ["## Lineage", "\n".join(_lineage_lines(source, settings)),
               "## How to use", _USAGE]
     return "\n\n".join(parts) + "\n"
+
+
+def front_matter(manifest: dict) -> str:
+    """The card's Hub metadata: the base model (repo and commit, from the lineage) and that
+    this is its quantization, the library, tags (hlwq, the model family, the bit widths the
+    tensors use) and the source's license."""
+    source = manifest["source"]
+    metadata: dict = {"library_name": LIBRARY_NAME}
+    if source.get("repo"):
+        metadata |= {"base_model": [source["repo"]], "base_model_relation": "quantized"}
+        if source.get("commit_sha"):
+            metadata["base_model_revision"] = source["commit_sha"]
+    metadata |= source.get("license") or {}
+    family = model_family(manifest)
+    bits = sorted({e["bits"] for e in manifest["tensors"].values() if e.get("action") == "quantize"})
+    metadata["tags"] = ["hlwq", "quantized", *([family] if family else []),
+                        *(f"{b}-bit" for b in bits)]
+    return "---\n" + yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True) + "---"
+
+
+def model_family(manifest: dict) -> str | None:
+    """The Hub tag of the quantized model's family, from the layout or the bit policy's name."""
+    if manifest["source"].get("layout") == "ltx23-single":
+        return MODEL_FAMILIES["ltx23"]
+    policy = manifest["quantization"].get("policy")
+    name = policy.get("name") if isinstance(policy, dict) else policy
+    return next((tag for prefix, tag in MODEL_FAMILIES.items() if str(name).startswith(prefix)),
+                None)
+
+
+def card_license(card_text: str) -> dict | None:
+    """The license fields of a model card's front matter (``license``, ``license_name``,
+    ``license_link``); None when it declares none or its front matter does not parse."""
+    match = re.match(r"---\r?\n(.*?)\r?\n---\r?\n", card_text, re.DOTALL)
+    try:
+        metadata = yaml.safe_load(match.group(1)) if match else None
+    except yaml.YAMLError:
+        return None
+    if not isinstance(metadata, dict):
+        return None
+    found = {key: metadata[key] for key in LICENSE_KEYS if isinstance(metadata.get(key), str)}
+    return found or None
 
 
 def _lineage_lines(source: dict, settings: dict) -> list[str]:

@@ -34,7 +34,7 @@ from hlwq.store.artifact import (
 )
 from hlwq.store.atomic import atomic_write_bytes, atomic_write_text, directory_transaction
 from hlwq.store.hash_cache import sha256_file
-from hlwq.store.model_card import quality_summary, render_model_card
+from hlwq.store.model_card import card_license, quality_summary, render_model_card
 from hlwq.store.safetensors_io import read_header
 from hlwq.store.shard_writer import (
     ShardTensor,
@@ -99,7 +99,7 @@ def package_artifact(source_root: str | os.PathLike, inventory, staged: Mapping[
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
-            "source": _source_section(layout, lineage),
+            "source": _source_section(layout, lineage, root),
             "quantization": dict(quantization or {}),
             "files": {},
             "tensors": entries,
@@ -161,11 +161,22 @@ def write_card_and_manifest(folder: Path, manifest: dict, files: dict[str, dict]
     atomic_write_bytes(folder / MANIFEST_NAME, manifest_bytes(manifest))
 
 
-def _source_section(layout: str, lineage: dict) -> dict:
+def _source_section(layout: str, lineage: dict, root: Path) -> dict:
     section = {"layout": layout, **{field: lineage.get(field) for field in LINEAGE_FIELDS}}
+    section["license"] = _source_license(root, lineage)
     section["files"] = sorted(({"path": f["path"], "size": f["size"], "sha256": f["sha256"]}
                                for f in lineage.get("files", [])), key=lambda f: f["path"])
     return section
+
+
+def _source_license(root: Path, lineage: dict) -> dict | None:
+    """The license the source's own model card declares (its README.md front matter)."""
+    base = root if root.is_dir() else root.parent
+    card = base / MODEL_CARD_NAME
+    listed = {f["path"] for f in lineage.get("files", [])}
+    if (listed and MODEL_CARD_NAME not in listed) or not card.is_file():
+        return None
+    return card_license(card.read_text(encoding="utf-8", errors="replace"))
 
 
 def _validation_section(validation: dict | None) -> dict:
