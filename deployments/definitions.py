@@ -14,6 +14,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from hlwq.quant.errors import InvalidOptionError
+from hlwq.runtime.hub import is_hub_reference
 
 REQUANTIZE, WATCH_UPSTREAM, NIGHTLY_RENDER = "requantize", "watch-upstream", "nightly-render"
 NIGHTLY_CRON = "0 2 * * *"
@@ -35,6 +36,7 @@ class DeploymentSettings:
     nightly_prompts: str = "prompts/nightly.jsonl"
     nightly_output: str = "renders/nightly"
     output_suite: str | None = None  # prompt suite of requantize's output gates (None: the default suite)
+    publish_to: str | None = None    # Hub repo (owner/name[@branch]) requantize publishes to
     files: tuple[str, ...] = ()      # globs choosing the source's files (env: comma-separated)
     exclude_files: tuple[str, ...] = ()
 
@@ -68,7 +70,12 @@ class DeploymentSettings:
     def absolute_paths(self) -> DeploymentSettings:
         """Paths as seen from here, so runs started elsewhere read the same files."""
         return replace(self, **{name: str(Path(value).expanduser().resolve())
-                                for name in PATH_FIELDS if (value := getattr(self, name))})
+                                for name in PATH_FIELDS
+                                if (value := getattr(self, name)) and not is_hub_reference(value)})
+
+    def publishing(self) -> dict:
+        """The publish parameter of requantize and watch-upstream (none when not publishing)."""
+        return {"publish_to": self.publish_to} if self.publish_to else {}
 
 
 def _parsed(raw: str, annotation: str):
@@ -92,26 +99,30 @@ def build_deployments(settings: DeploymentSettings) -> list:
     module = EntrypointType.MODULE_PATH  # runs import the installed package, whatever the directory
     requantize = quantize_checkpoint.to_deployment(
         REQUANTIZE,
-        description="Quantize a checkpoint (Hub id@revision, folder or file) into a packed HLWQ artifact. On demand.",
+        description="Quantize a checkpoint (Hub id@revision, folder or file) into a packed HLWQ artifact; "
+                    "with publish_to, publish it to that Hub repo. On demand.",
         parameters={"source": settings.watch_source, "bits": settings.bits, "policy": settings.policy,
-                    **settings.source_files(),
+                    **settings.source_files(), **settings.publishing(),
                     **({"output_suite": settings.output_suite} if settings.output_suite else {})},
         tags=TAGS,
         entrypoint_type=module,
     )
     watch = watch_upstream.to_deployment(
         WATCH_UPSTREAM,
-        description="Check the source repo's latest Hub revision; trigger requantize when it changes.",
+        description="Check the source repo's latest Hub revision; trigger requantize when it changes "
+                    "(and, with publish_to, when the published artifact is not of it).",
         schedule=Interval(timedelta(seconds=settings.watch_interval_s), timezone=settings.timezone),
         parameters={"source": settings.watch_source, "output_root": settings.artifacts_dir,
                     "bits": settings.bits, "policy": settings.policy, **settings.source_files(),
+                    **settings.publishing(),
                     "requantize_deployment": f"{quantize_checkpoint.name}/{REQUANTIZE}"},
         tags=TAGS,
         entrypoint_type=module,
     )
     nightly = render_batch.to_deployment(
         NIGHTLY_RENDER,
-        description="Render the nightly prompt file with the packed runtime into MP4s and the catalog.",
+        description="Render the nightly prompt file with the packed runtime into MP4s and the catalog "
+                    "(the artifact: a folder or a Hub repo owner/name[@revision]).",
         schedule=Cron(NIGHTLY_CRON, timezone=settings.timezone),
         parameters={"artifact": settings.nightly_artifact, "prompt_file": settings.nightly_prompts,
                     "output_dir": settings.nightly_output},

@@ -37,6 +37,7 @@ from hlwq.quant.errors import InvalidOptionError
 from hlwq.quant.names import block_and_module, natural_key
 from hlwq.quant.packed import MODES
 from hlwq.quant.sizes import size_table
+from hlwq.runtime.hub import parse_hub_source
 from hlwq.store.artifact import read_manifest, tensor_key
 from hlwq.store.atomic import atomic_path
 from hlwq.store.staging import staged_key, staged_path
@@ -46,6 +47,7 @@ from hlwq.tasks.disk import disk_check_task
 from hlwq.tasks.gates import tensor_gates_task
 from hlwq.tasks.packaging import package_artifact_task
 from hlwq.tasks.plan import inventory_task
+from hlwq.tasks.publish import publish_task
 from hlwq.tasks.quantize import RunProgress, dask_client, quantize_group, submit_units
 from hlwq.tasks.sources import FetchResult, fetch_source_task
 from hlwq.tasks.validate_output import output_gates_skip_reason, output_gates_task
@@ -177,6 +179,17 @@ def check_settings(bits: int, mode: str, group_size: int | None, on_nonfinite: s
     check_options(bits, BLOCK_SIZE, group_size, mode)
 
 
+def check_publish_to(publish_to: str | None, gates: bool) -> None:
+    """A bad repo id, or publishing what cannot be validated, fails before any work."""
+    if publish_to is None:
+        return
+    parse_hub_source(publish_to)
+    if not gates:
+        raise InvalidOptionError(f"publish_to={publish_to!r} with gates off: the artifact would "
+                                 "be unvalidated and is not published; turn the gates on, or "
+                                 "publish it yourself with `hlwq publish --allow-unvalidated`")
+
+
 def run_tags(source: str, revision: str | None, bits: int, policy: str | None) -> list[str]:
     return [f"source:{source}", f"revision:{revision or 'default'}", f"bits:{bits}",
             f"policy:{policy or 'auto'}"]
@@ -190,7 +203,8 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
                         exclude_files: list[str] | None = None, staging: str | None = None,
                         gates: bool = True, gates_file: str | None = None,
                         on_nonfinite: str = "fail", output_suite: str | None = None,
-                        target_size: str | None = None, target_scope: str = "package") -> dict:
+                        target_size: str | None = None, target_scope: str = "package",
+                        publish_to: str | None = None) -> dict:
     """Quantize a checkpoint (Hub id, folder or .safetensors file) into a packed HLWQ artifact.
 
     ``files`` / ``exclude_files``: globs choosing which of the source's files count (only
@@ -203,9 +217,13 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
     ``target_size`` (e.g. "15GB") replaces the uniform ``bits`` by bits per tensor (2..8)
     chosen to fit ``target_scope`` with the least measured damage (tasks/budget.py); the
     allocation's report goes into the manifest's ``quantization.budget``.
+
+    ``publish_to`` (a Hub repo, ``owner/name[@branch]``): once the artifact is validated,
+    publish it there (tasks/publish.py; the same bytes again make no commit).
     """
     started = time.perf_counter()
     check_settings(bits, mode, group_size, on_nonfinite, workers, dask_address)
+    check_publish_to(publish_to, gates)
     out_dir = Path(out).absolute()
     staging_dir = Path(staging).absolute() if staging else default_staging(out_dir)
     staging_dir.mkdir(parents=True, exist_ok=True)
@@ -225,6 +243,7 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
     if plan.budget:
         summary["budget"] = plan.budget
     summary["output_gates"] = finished["output_gates"]
+    summary["published"] = publish_task(str(out_dir), publish_to) if publish_to else None
     publish_artifacts(summary, stage["rows"])
     return summary
 

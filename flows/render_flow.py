@@ -23,7 +23,7 @@ from prefect.states import Completed, Failed, State
 
 from hlwq.store.catalog import FAILED, append_catalog, artifact_id, completed_renders, read_catalog
 from hlwq.store.prompts import PromptBatch, RenderRequest, load_prompts, request_key
-from hlwq.tasks.render import DEFAULT_PIPELINE_FACTORY, render_task
+from hlwq.tasks.render import DEFAULT_PIPELINE_FACTORY, render_task, resolve_artifact_task
 
 EMBEDDED_SHEETS = 24  # contact sheets embedded in the markdown artifact (bounds its size)
 THUMBNAIL_WIDTH = 640
@@ -62,11 +62,15 @@ def render_batch(
     retry_delay_s: float = 5.0,
     pipeline_factory: str = DEFAULT_PIPELINE_FACTORY,
 ) -> State:
-    """Render every valid row of `prompt_file` with the pipeline of `artifact` into `output_dir`."""
+    """Render every valid row of `prompt_file` with the pipeline of `artifact` into `output_dir`.
+
+    `artifact` is a folder or a Hub repo (`owner/name[@revision]`): then the manifest's files
+    of the revision's current commit are downloaded into the Hub cache and verified first."""
     logger = get_run_logger()
     batch = load_prompts(prompt_file)
     for rejected in batch.rejected:
         logger.warning("prompt file %s: rejected %s", prompt_file, rejected)
+    artifact = resolve_artifact_task(artifact)
     model_id = artifact_id(artifact)
     summary = BatchSummary(str(Path(output_dir).resolve()), model_id,
                            rejected=[str(row) for row in batch.rejected])

@@ -4,6 +4,10 @@ The last revision handed to `requantize` is remembered in a Prefect Variable (it
 orchestrator, so it holds wherever the watch runs: served process or work-pool worker). A
 revision is triggered once; it is triggered again only when its requantize run ended in a
 failed, crashed or cancelled state.
+
+With ``publish_to`` the published artifact is the record that counts: when its manifest names
+the source's current commit (at the same bits and policy) nothing is triggered, whatever the
+Variable says; otherwise requantize runs with ``publish_to`` and publishes the new artifact.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.variables import Variable
 
+from hlwq.runtime.hub import published_manifest
 from hlwq.tasks.sources import latest_revision
 
 REQUANTIZE_DEPLOYMENT = "quantize_checkpoint/requantize"
@@ -37,6 +42,18 @@ def artifact_output(output_root: str, source: str, revision: str, bits: int) -> 
 @task(name="latest-revision", retries=3, retry_delay_seconds=[5, 30, 120], persist_result=False)
 def check_latest_revision(source: str) -> str:
     return latest_revision(source)
+
+
+@task(name="published-lineage", persist_result=False)
+def published_lineage(publish_to: str) -> dict | None:
+    """Source commit, bits and policy of the artifact published at ``publish_to`` (None: none)."""
+    manifest = published_manifest(publish_to)
+    if manifest is None:
+        return None
+    policy = manifest["quantization"].get("policy")
+    return {"commit_sha": manifest["source"].get("commit_sha"),
+            "bits": manifest["quantization"].get("bits"),
+            "policy": policy.get("name") if isinstance(policy, dict) else policy}
 
 
 @task(name="read-watch-state", persist_result=False)
@@ -71,10 +88,18 @@ def watch_upstream(
     requantize_deployment: str = REQUANTIZE_DEPLOYMENT,
     files: list[str] | None = None,
     exclude_files: list[str] | None = None,
+    publish_to: str | None = None,
 ) -> dict[str, Any]:
-    """Check `source`'s latest revision on the Hub; trigger `requantize` when it is new."""
+    """Check `source`'s latest revision on the Hub; trigger `requantize` when it is new (with
+    `publish_to`: when the artifact published there is not of it)."""
     logger = get_run_logger()
     revision = check_latest_revision(source)
+    if publish_to:
+        published = published_lineage(publish_to)
+        if published == {"commit_sha": revision, "bits": bits, "policy": policy}:
+            logger.info("%s holds the quantization of %s at %s; nothing to do", publish_to,
+                        source, revision)
+            return {"triggered": False, "revision": revision, "published": True}
     state = read_watch_state(source)
     if state and state.get("revision") == revision:
         previous = previous_run_state(state["flow_run_id"])
@@ -87,7 +112,8 @@ def watch_upstream(
     parameters = {"source": source, "revision": revision, "bits": bits, "policy": policy,
                   "out": artifact_output(output_root, source, revision, bits),
                   **({"files": files} if files else {}),
-                  **({"exclude_files": exclude_files} if exclude_files else {})}
+                  **({"exclude_files": exclude_files} if exclude_files else {}),
+                  **({"publish_to": publish_to} if publish_to else {})}
     flow_run_id = trigger_requantize(requantize_deployment, parameters)
     Variable.set(state_variable_name(source), {"source": source, "revision": revision,
                                                "flow_run_id": flow_run_id}, overwrite=True)

@@ -22,6 +22,7 @@ import torch
 from prefect import task
 
 from hlwq.quant.errors import InvalidOptionError
+from hlwq.runtime.hub import resolve_artifact
 from hlwq.runtime.video import write_contact_sheet, write_mp4
 from hlwq.store.catalog import RENDERED
 from hlwq.store.hash_cache import sha256_file
@@ -33,6 +34,12 @@ VIDEO_DIR, SHEET_DIR = "videos", "contact-sheets"
 _PIPELINES: dict[tuple, Any] = {}        # (factory, artifact, device) -> text-to-video pipeline
 _IMAGE_TO_VIDEO: dict[tuple, Any] = {}    # same key -> image-to-video view of the same modules
 _PIPELINE_LOCK = threading.Lock()  # one render at a time per pipeline: schedulers keep state
+
+
+@task(name="resolve-artifact", task_run_name="resolve {artifact}", persist_result=False)
+def resolve_artifact_task(artifact: str) -> str:
+    """The artifact's local folder; a Hub repo's files are downloaded and verified first."""
+    return str(resolve_artifact(artifact))
 
 
 def resolve_device(device: str = "auto") -> tuple[str, torch.dtype]:

@@ -14,29 +14,35 @@ DIRECTORY = click.Path(file_okay=False, path_type=Path)
 
 
 @click.command()
-@click.argument("directory", type=DIRECTORY)
+@click.argument("artifact")
 @click.option("--no-hashes", is_flag=True, help="Check sizes and headers only (skip sha256).")
-def verify(directory: Path, no_hashes: bool) -> None:
-    """Check DIRECTORY's manifest, every file's size and sha256, and every tensor entry
-    against its shard. Prints one line per problem and exits 1 if there is any."""
+def verify(artifact: str, no_hashes: bool) -> None:
+    """Check ARTIFACT's manifest, every file's size and sha256, and every tensor entry
+    against its shard. ARTIFACT is a folder or a Hub repo (owner/name[@revision]: only the
+    manifest's files are downloaded, into the Hub cache). Prints one line per problem and
+    exits 1 if there is any."""
+    from hlwq.runtime.hub import resolve_artifact
     from hlwq.store.artifact import verify_artifact
 
+    directory = resolve_artifact(artifact, verify=False)
     problems = verify_artifact(directory, hashes=not no_hashes)
     for problem in problems:
         click.echo(problem)
     if problems:
-        click.echo(f"{directory}: {len(problems)} problem(s)", err=True)
+        click.echo(f"{artifact}: {len(problems)} problem(s)", err=True)
         sys.exit(1)
     manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
-    click.echo(f"{directory}: sound ({len(manifest['files'])} files, "
+    click.echo(f"{artifact}: sound ({len(manifest['files'])} files, "
                f"{len(manifest['tensors'])} tensors{', sizes only' if no_hashes else ''})")
 
 
 @click.command()
-@click.argument("directory", type=DIRECTORY)
+@click.argument("artifact")
 @click.option("--json", "as_json", is_flag=True, help="Print the tables as JSON.")
-def inspect(directory: Path, as_json: bool) -> None:
-    """Show DIRECTORY's per-component sizes, quality distribution and worst tensors."""
+def inspect(artifact: str, as_json: bool) -> None:
+    """Show ARTIFACT's per-component sizes, quality distribution and worst tensors (a folder,
+    or a Hub repo owner/name[@revision], downloaded and verified first)."""
+    from hlwq.runtime.hub import resolve_artifact
     from hlwq.store.artifact import METRICS_NAME, open_artifact
     from hlwq.store.model_card import (
         QUALITY_HEADER,
@@ -47,8 +53,8 @@ def inspect(directory: Path, as_json: bool) -> None:
         size_rows,
     )
 
-    artifact = open_artifact(directory, verify=False)
-    manifest = artifact.manifest
+    directory = resolve_artifact(artifact)
+    manifest = open_artifact(directory, verify=False).manifest
     metrics_path = directory / METRICS_NAME
     quality = None
     if metrics_path.is_file():
@@ -61,7 +67,7 @@ def inspect(directory: Path, as_json: bool) -> None:
                                "sizes": manifest["sizes"], "quality": quality,
                                "validation": manifest["validation"]}, indent=2, sort_keys=True))
         return
-    click.echo(f"{directory}: {source.get('repo') or source.get('source')} "
+    click.echo(f"{artifact}: {source.get('repo') or source.get('source')} "
                f"({source['layout']}), {json.dumps(manifest['quantization'], sort_keys=True)}")
     click.echo("\n" + markdown_table(SIZE_HEADER, size_rows(manifest)))
     if quality:

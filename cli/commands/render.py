@@ -11,8 +11,9 @@ from hlwq.cli.prefect_env import configure_prefect
 
 
 @click.command()
-@click.option("--artifact", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Packed HLWQ artifact directory.")
+@click.option("--artifact", required=True,
+              help="Packed HLWQ artifact: a folder, or a Hub repo owner/name[@revision] (only "
+                   "the manifest's files are downloaded, and verified before anything loads).")
 @click.option("--prompts", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Prompt file: .jsonl, .csv or .parquet (columns: id, prompt, negative_prompt, seed, "
                    "width, height, frames, fps, steps, guidance, image).")

@@ -248,11 +248,16 @@ def server_status(home: str | None) -> None:
 @click.option("--exclude-files", multiple=True, metavar="GLOB",
               help="Source files requantize leaves out (repeatable; HLWQ_EXCLUDE_FILES).")
 @click.option("--artifacts-dir", default=None, help="Where requantize writes artifacts (HLWQ_ARTIFACTS_DIR).")
-@click.option("--nightly-artifact", default=None, help="Artifact the nightly render uses (HLWQ_NIGHTLY_ARTIFACT).")
+@click.option("--nightly-artifact", default=None,
+              help="Artifact the nightly render uses: a folder or a Hub repo owner/name[@revision] "
+                   "(HLWQ_NIGHTLY_ARTIFACT).")
 @click.option("--nightly-prompts", default=None, help="Prompt file of the nightly render (HLWQ_NIGHTLY_PROMPTS).")
 @click.option("--nightly-output", default=None, help="Output folder of the nightly render (HLWQ_NIGHTLY_OUTPUT).")
 @click.option("--output-suite", default=None,
               help="Prompt suite for requantize's output gates (HLWQ_OUTPUT_SUITE; default: the repo's suite).")
+@click.option("--publish-to", default=None,
+              help="Hub repo (owner/name[@branch]) requantize publishes to and watch-upstream "
+                   "keeps current (HLWQ_PUBLISH_TO).")
 @click.option("--limit", type=int, default=None, help="Most flow runs at once (default: no limit).")
 @home_option
 def serve(limit: int | None, home: str | None, **options) -> None:

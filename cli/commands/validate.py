@@ -14,7 +14,7 @@ PROMPT_KEYS = ("psnr_mean", "psnr_min", "ssim_mean", "temporal_diff", "audio_snr
 
 
 @click.command()
-@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.argument("artifact")
 @click.option("--against", "source", required=True, type=click.Path(exists=True, file_okay=False),
               help="The unquantized source the artifact was made from (diffusers folder or "
                    "LTX-2.3 single-file folder).")
@@ -36,10 +36,18 @@ PROMPT_KEYS = ("psnr_mean", "psnr_min", "ssim_mean", "temporal_diff", "audio_snr
 def validate(artifact, source, suite, gates_file, report_dir, work_dir, device, long_side, frames,
              steps, as_json):
     """Render the prompt suite with SOURCE and ARTIFACT (same seeds and settings), compare
-    video, audio, latents and per-block activations, and apply the output gates. Exit 1 when a
-    gate fails."""
+    video, audio, latents and per-block activations, and apply the output gates. ARTIFACT is
+    a folder or a Hub repo (owner/name[@revision], downloaded and verified first; give
+    --report-dir, since a Hub artifact is not changed). Exit 1 when a gate fails."""
     configure_prefect()
     from hlwq.flows.validate_flow import validate_artifact
+    from hlwq.quant.errors import InvalidOptionError
+    from hlwq.runtime.hub import is_hub_reference, resolve_artifact
+
+    if is_hub_reference(artifact) and report_dir is None:
+        raise InvalidOptionError(f"{artifact}: a Hub artifact is read-only here (its manifest "
+                                 "records no verdict); give --report-dir")
+    artifact = str(resolve_artifact(artifact))
 
     state = validate_artifact(artifact, source, suite=suite, gates_file=gates_file,
                               report_dir=report_dir, work_dir=work_dir, device=device,
