@@ -36,6 +36,7 @@ from hlwq.runtime.hub import (
     hub_api,
     hub_errors,
     parse_hub_source,
+    remote_files,
     resolve_commit,
 )
 from hlwq.store.hash_cache import size_and_sha256
@@ -260,11 +261,8 @@ def _fetch_hub(
 def _remote_files(
     api: HfApi, repo: str, sha: str, allow_patterns, ignore_patterns
 ) -> dict[str, RepoFile]:
-    entries = (
-        e for e in api.list_repo_tree(repo, recursive=True, revision=sha) if isinstance(e, RepoFile)
-    )
     selected = filter_repo_objects(
-        entries,
+        remote_files(api, repo, sha).values(),
         allow_patterns=allow_patterns,
         ignore_patterns=ignore_patterns,
         key=lambda e: e.path,
