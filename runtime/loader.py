@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from hlwq.quant.errors import ArtifactError, InvalidOptionError
+from hlwq.runtime.hub import resolve_artifact
 from hlwq.runtime.ltx23_models import (
     CONFIG_METADATA_KEY,
     assemble_single_file_pipeline,
@@ -48,6 +49,8 @@ def load_pipeline(artifact: str | os.PathLike, device: str | torch.device = "cpu
                   image_to_video: bool = False):
     """``LTX2Pipeline`` (or ``LTX2ImageToVideoPipeline``) whose quantized linears stay packed.
 
+    ``artifact``: a folder, or a Hub repo ``owner/name[@revision]`` whose manifest's files
+    are downloaded into the Hub cache (runtime/hub.py).
     ``verify`` checks the manifest, every file's hash and every tensor entry first.
     ``offload`` uses diffusers' model CPU offload onto ``device`` (an accelerator)
     instead of moving the whole pipeline there. A manifest that does not match
@@ -57,7 +60,7 @@ def load_pipeline(artifact: str | os.PathLike, device: str | torch.device = "cpu
     if offload and device.type == "cpu":
         raise InvalidOptionError("offload=True moves each model to an accelerator in turn; "
                                  f"device={device} is the CPU (use offload=False)")
-    art = open_artifact(artifact, verify=verify)
+    art = open_artifact(resolve_artifact(artifact, verify=False), verify=verify)  # hashed once
     pipeline_class = _pipeline_class(image_to_video)
     if _uses_official_names(art):
         pipeline = _single_file_pipeline(art, dtype, pipeline_class)
@@ -74,8 +77,9 @@ def load_pipeline(artifact: str | os.PathLike, device: str | torch.device = "cpu
 def load_component(artifact: str | os.PathLike, component: str = "transformer",
                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                    verify: bool = True) -> nn.Module:
-    """One model of the artifact (by default the transformer) with its quantized linears packed."""
-    art = open_artifact(artifact, verify=verify)
+    """One model of the artifact (a folder or a Hub repo id, by default the transformer) with
+    its quantized linears packed."""
+    art = open_artifact(resolve_artifact(artifact, verify=False), verify=verify)
     return _packed_component(art, component, dtype).to(device)
 
 
