@@ -36,7 +36,8 @@ def verify(directory: Path, no_hashes: bool) -> None:
 @click.argument("directory", type=DIRECTORY)
 @click.option("--json", "as_json", is_flag=True, help="Print the tables as JSON.")
 def inspect(directory: Path, as_json: bool) -> None:
-    """Show DIRECTORY's per-component sizes, quality distribution and worst tensors."""
+    """Show DIRECTORY's per-component sizes, its validation (the output gates per prompt and the
+    tensor gates, as the model card shows them), quality distribution and worst tensors."""
     from hlwq.store.artifact import METRICS_NAME, open_artifact
     from hlwq.store.model_card import (
         QUALITY_HEADER,
@@ -45,6 +46,7 @@ def inspect(directory: Path, as_json: bool) -> None:
         quality_rows,
         quality_summary,
         size_rows,
+        validation_blocks,
     )
 
     artifact = open_artifact(directory, verify=False)
@@ -64,6 +66,7 @@ def inspect(directory: Path, as_json: bool) -> None:
     click.echo(f"{directory}: {source.get('repo') or source.get('source')} "
                f"({source['layout']}), {json.dumps(manifest['quantization'], sort_keys=True)}")
     click.echo("\n" + markdown_table(SIZE_HEADER, size_rows(manifest)))
+    click.echo("\n" + "\n\n".join(validation_blocks(manifest["validation"])))
     if quality:
         click.echo("\n" + markdown_table(QUALITY_HEADER, quality_rows(quality)))
         click.echo("\nworst tensors by relative MSE:")
