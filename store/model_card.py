@@ -175,7 +175,8 @@ def output_gate_blocks(output: dict | None) -> list[str]:
     worst = output.get("worst_prompt")
     if worst:
         entry = prompts[worst["id"]]
-        blocks.append(f"Worst prompt, `{worst['id']}` (seed {entry['seed']}): \"{entry['prompt']}\". "
+        prompt = " ".join(str(entry["prompt"]).split())      # one line, whatever the suite holds
+        blocks.append(f"Worst prompt, `{worst['id']}` (seed {entry['seed']}): \"{prompt}\". "
                       "Source above, packed below:\n\n"
                       f"![{worst['id']}: source above, packed below]({worst['sheet']})")
     blocks.append(f"Every prompt's sheets and plots: [{output['report']}]({output['report']}). "

@@ -235,7 +235,7 @@ def renderable_source(root: str | os.PathLike) -> str | None:
         try:
             names = set(json.loads(index.read_text()))
         except (OSError, ValueError) as exc:
-            return f"the source's model_index.json is unreadable ({getattr(exc, 'strerror', exc)})"
+            return f"the source's model_index.json is unreadable ({getattr(exc, 'strerror', None) or exc})"
         missing = [part for part in PIPELINE_PARTS if part not in names or not (root / part).is_dir()]
     else:
         from hlwq.runtime.ltx23_models import find_single_file
@@ -388,12 +388,12 @@ def run_output_gates(source_root: str | os.PathLike, candidate: str | os.PathLik
             lambda: resolve_factory(candidate_factory)(str(candidate), device=device, dtype=dtype),
             requests, device, work / "candidate", model_fingerprint(candidate), "packed artifact")
         return _compare_and_report(source_root, candidate, suite, requests, gates, source_paths,
-                                   candidate_paths, report_dir, device,
-                                   thresholds_from=gate_sources(gates_file))
+                                   candidate_paths, report_dir, device, gate_sources(gates_file))
 
 
 def _compare_and_report(source_root, candidate, suite, requests, gates, source_paths,
-                        candidate_paths, report_dir: Path, device: str, **identity) -> dict:
+                        candidate_paths, report_dir: Path, device: str,
+                        thresholds_from: list[dict]) -> dict:
     from hlwq.runtime.report import (
         REPORT_NAME,
         SHEET_DIR,
@@ -415,7 +415,8 @@ def _compare_and_report(source_root, candidate, suite, requests, gates, source_p
                                    packed["frames"])
         results = gate_results(prompts, gates, source=str(source_root), artifact=str(candidate),
                                device=device, suite=suite_identity(suite),
-                               report=str(report_dir / REPORT_NAME), **identity)
+                               report=str(report_dir / REPORT_NAME),
+                               thresholds_from=thresholds_from)
         worst = results["worst_prompt"]
         write_stacked_sheet(partial / WORST_SHEET_NAME, load_rendering(source_paths[worst])["frames"],
                             load_rendering(candidate_paths[worst])["frames"])
@@ -425,8 +426,9 @@ def _compare_and_report(source_root, candidate, suite, requests, gates, source_p
 
 
 def gate_results(prompts: dict[str, dict], gates: dict[str, OutputGate], **identity) -> dict:
-    """The whole result: ``identity`` (source, artifact, device, suite, report), the prompts,
-    the worst latent error and the gates' verdicts."""
+    """The whole result: ``identity`` (source, artifact, device, suite, report,
+    thresholds_from), the prompts, the worst prompt, the worst latent error and the gates'
+    verdicts."""
     verdict = apply_output_gates(prompts, gates)
     return {**identity, "prompts": prompts, "worst_prompt": worst_prompt(prompts),
             "latent_rel_err": max(p["latent_rel_err"] for p in prompts.values()), **verdict}
