@@ -151,7 +151,8 @@ def _state(gates: dict | None) -> str:
         return "not measured"
     if "skipped" in gates:
         return "skipped"
-    return "passed" if gates.get("passed") else "failed"
+    verdict = "passed" if gates.get("passed") else "failed"
+    return verdict if gates.get("enforced", True) else f"{verdict}, not enforced (--no-gates)"
 
 
 def output_gate_blocks(output: dict | None) -> list[str]:
@@ -235,12 +236,12 @@ def tensor_gate_blocks(tensor: dict | None) -> list[str]:
     per_bits = tensor.get("per_bits") or {}
     checked = tensor.get("tensors_checked")
     counted = f" on {checked:,} quantized tensors" if checked is not None else ""
+    enforced = "" if tensor.get("enforced", True) else ", not enforced (--no-gates)"
     if tensor.get("passed"):
-        blocks = [f"Tensor gates **passed**{counted}."]
+        blocks = [f"Tensor gates **passed**{counted}{enforced}."]
     else:
-        enforced = "" if tensor.get("enforced", True) else "; not enforced (--no-gates)"
         problems = len(tensor.get("failures", []))
-        blocks = [f"Tensor gates **failed**{counted} ({problems} problem(s){enforced})."]
+        blocks = [f"Tensor gates **failed**{counted} ({problems} problem(s)){enforced}."]
     if per_bits:
         rows = []
         for bits, row in sorted(per_bits.items(), key=lambda item: int(item[0])):

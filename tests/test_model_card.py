@@ -76,7 +76,7 @@ def test_card_shows_a_row_per_prompt_the_thresholds_and_the_worst_prompt(package
     results = record(art, packaged[0])
     card = (art / MODEL_CARD_NAME).read_text()
     assert results["worst_prompt"] == "neon-sign"
-    assert "**Not validated**: tensor gates not measured; output gates failed." in card
+    assert "**Not validated**: tensor gates passed; output gates failed." in card
     assert "Output gates **failed** on 1 of 2 prompts" in card
     assert all(label in card for _, label, _ in OUTPUT_METRICS)
     threshold_row = next(line for line in card.splitlines() if line.startswith("| **threshold**"))
@@ -140,9 +140,10 @@ def test_what_was_not_measured_is_said(packaged):
                               "tensor_gates": {"passed": False, "enforced": False,
                                                "tensors_checked": 3, "failures": ["x: bad"]}}
     card = render_model_card(manifest, None)
-    assert "**Not validated**: tensor gates failed; output gates skipped." in card
+    assert ("**Not validated**: tensor gates failed, not enforced (--no-gates); output gates "
+            "skipped.") in card
     assert "**Not measured**: output gates skipped: --no-gates was given." in card
-    assert "Tensor gates **failed** on 3 quantized tensors (1 problem(s); not enforced" in card
+    assert "Tensor gates **failed** on 3 quantized tensors (1 problem(s)), not enforced" in card
     manifest["validation"] = {"validated": False, "output_gates": None, "tensor_gates": None}
     card = render_model_card(manifest, None)
     assert "**Not measured**: no output gates were recorded" in card
