@@ -16,7 +16,7 @@ Three parts, one JSON (benchmarks/results/budget.json):
 - ``ltx23_22b``: the real LTX-2.3 layout on the meta device (damage from synthetic
   heavy-tailed rows; no weights exist here): uniform Q5 and the 15 GB targets per scope.
 
-Quantized weights are set to their HLWQ reconstruction (quant.core quantize + dequantize,
+Quantized weights are set to their HLWQ reconstruction (hlwq.quant.core quantize + dequantize,
 the numerics the packed runtime decodes) in the loaded model, so each configuration costs
 one quantization pass and no artifact on disk.
 """

@@ -1,9 +1,9 @@
 """`hlwq bench runtime`: one LTX-2.3 denoising step from BF16 weights vs from packed weights.
 
 The real-width transformer fixture (``make_real_width_transformer``, 2 blocks
-by default) is quantized into artifacts (quant.core, packaged with
+by default) is quantized into artifacts (hlwq.quant.core, packaged with
 tasks.package), then every model runs in its own process
-(``python -m benchmarks.runtime_bench worker ...``), so one model's memory
+(``python -m hlwq.benchmarks.runtime_bench worker ...``), so one model's memory
 never hides another's:
 
 - ``bf16``: ``LTX2VideoTransformer3DModel.from_pretrained`` of the BF16 source;
@@ -17,7 +17,7 @@ real 48-block transformer 0.5B of 19.0B (2.6 %); so ``ltx23`` on 2 blocks
 cannot go below ~0.56x BF16 whatever the runtime does, while ``generic`` on 2
 blocks packs 99 % of the weights, close to the real model's 97 %. The real
 model's numbers under ``ltx23`` are given by arithmetic (``full_model``:
-quant.sizes over the transformer built on the meta device).
+hlwq.quant.sizes over the transformer built on the meta device).
 
 Each worker imports diffusers' LTX-2 module and loads its decode kernels (code:
 ~170 MB of RSS in either mode, a per-process constant), resets the peak mark (CPU: the kernel's
@@ -113,7 +113,7 @@ def prepare_source(work: Path, layers: int) -> Path:
 
 
 def prepare_artifact(source: Path, out: Path, policy_name: str) -> Path:
-    """Quantize every tensor the policy selects (quant.core) and package an artifact (once)."""
+    """Quantize every tensor the policy selects (hlwq.quant.core) and package an artifact (once)."""
     from hlwq.quant.core import quantize_tensor
     from hlwq.store.inventory import build_inventory
     from hlwq.store.package import package_artifact

@@ -1,7 +1,7 @@
 """Size budgets: bits per tensor so a package fits a target size with the least damage.
 
 The problem is a multiple-choice knapsack. Each quantized tensor takes exactly one
-:class:`Candidate` (bit width, exact packed bytes from :func:`quant.sizes.packed_nbytes`,
+:class:`Candidate` (bit width, exact packed bytes from :func:`hlwq.quant.sizes.packed_nbytes`,
 expected damage); the chosen bytes plus the bytes of everything kept must not exceed
 the budget; the summed damage is minimised.
 

@@ -1,6 +1,6 @@
 """Decode a PackedTensor into a caller's buffer in the Hadamard domain, fast on the CPU.
 
-``quant.core.dequantize`` returns ``W = R @ H`` block by block, where
+``hlwq.quant.core.dequantize`` returns ``W = R @ H`` block by block, where
 ``R[row, j] = scales[row, group(j)] * codebook[codes[row, j]] / sqrt(block_size)``
 (quant/packed.py). This module writes ``R`` itself, ``(out, in_padded)``, into
 a preallocated buffer of the caller's dtype. The packed runtime uses it since

@@ -28,7 +28,7 @@ connectors' input projections), ``vae.``, ``audio_vae.``, ``vocoder.``; the mode
 in the metadata key ``config``) is written by :func:`save_single_file` and read back by
 :func:`load_single_file`. diffusers 0.42.1's ``from_single_file`` cannot read LTX-2.3 files: its
 converters lack the 2.3 renames (``prompt_adaln_single``, decoder ``up_blocks.7/8``) and the
-vocoder and connectors, so this module maps names itself (``runtime.ltx23_config``).
+vocoder and connectors, so this module maps names itself (``hlwq.store.ltx23_config``).
 
 Our ``config`` metadata holds one object per component, each the diffusers config of that
 component plus ``_class_name``; Lightricks' own files hold ltx-core's config there instead.

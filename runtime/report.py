@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw
 from hlwq.quant.names import block_and_module, block_index
 from hlwq.runtime.video import contact_sheet, thumbnail_jpeg, to_uint8_frames
 from hlwq.store.atomic import atomic_write_bytes, atomic_write_text
+from hlwq.store.model_card import OUTPUT_METRICS, output_gate_table
 
 SHEET_DIR, PLOT_DIR = "sheets", "plots"
 REPORT_NAME = "report.html"
@@ -39,12 +40,6 @@ DIFF_GAIN = 10          # the difference panel shows |packed - source| x this
 SHEET_FRAME_SIDE = 192  # frames in a sheet are shrunk to this longer side (real renders are large)
 LABEL_HEIGHT = 14
 THUMBNAIL_WIDTH = 960   # contact sheets attached to the Prefect run are JPEGs this wide at most
-TABLE_METRICS = (("psnr_mean", "PSNR mean dB", "{:.2f}"), ("psnr_min", "PSNR worst frame dB", "{:.2f}"),
-                 ("ssim_mean", "SSIM mean", "{:.4f}"), ("ssim_min", "SSIM worst frame", "{:.4f}"),
-                 ("temporal_diff", "temporal diff", "{:.4f}"),
-                 ("audio_snr_db", "audio SNR dB", "{:.2f}"), ("mel_distance", "log-mel dist dB", "{:.3f}"),
-                 ("latent_rel_err", "latent rel err", "{:.4f}"),
-                 ("block_rel_err", "worst block rel err", "{:.4f}"))
 
 
 # --------------------------------------------------------------------------- contact sheets
@@ -93,6 +88,22 @@ def comparison_sheet(source_frames, candidate_frames, gain: int = DIFF_GAIN) -> 
 
 def write_comparison_sheet(path: str | os.PathLike, source_frames, candidate_frames) -> Path:
     atomic_write_bytes(path, _png_bytes(comparison_sheet(source_frames, candidate_frames)))
+    return Path(path)
+
+
+def stacked_sheet(source_frames, candidate_frames) -> Image.Image:
+    """The source's contact sheet above the packed one: the model card's picture of a prompt."""
+    panels = [_labelled(contact_sheet(_shrunk(to_uint8_frames(np.asarray(frames)))), label)
+              for frames, label in ((source_frames, "source"), (candidate_frames, "packed"))]
+    sheet = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels) + 4),
+                      (255, 255, 255))
+    sheet.paste(panels[0], (0, 0))
+    sheet.paste(panels[1], (0, panels[0].height + 4))
+    return sheet
+
+
+def write_stacked_sheet(path: str | os.PathLike, source_frames, candidate_frames) -> Path:
+    atomic_write_bytes(path, _png_bytes(stacked_sheet(source_frames, candidate_frames)))
     return Path(path)
 
 
@@ -281,12 +292,12 @@ def _gate_table(results: dict) -> str:
 def _metrics_table(results: dict) -> str:
     failing = {(pid, gate["metric"]) for gate in results["gates"].values()
                for pid in gate["failed_prompts"]}
-    head = "".join(f"<th>{_e(label)}</th>" for _, label, _ in TABLE_METRICS)
+    head = "".join(f"<th>{_e(label)}</th>" for _, label, _ in OUTPUT_METRICS)
     rows = []
     for pid, entry in results["prompts"].items():
         cells = "".join(
             f'<td class="{"fail" if (pid, key) in failing else ""}">{fmt.format(entry[key])}</td>'
-            for key, _, fmt in TABLE_METRICS)
+            for key, _, fmt in OUTPUT_METRICS)
         size = f'{entry["width"]}x{entry["height"]}x{entry["frames"]}'
         rows.append(f'<tr class="{"pass" if entry["passed"] else "fail"}">'
                     f'<td class="name">{_e(pid)}</td><td>{size}</td>{cells}</tr>')
@@ -357,18 +368,14 @@ def write_report(report_dir: str | os.PathLike, results: dict,
 
 
 def report_markdown(results: dict) -> str:
+    """The gates' verdicts, then the model card's per-prompt table."""
     lines = [f"# Output gates {'passed' if results['passed'] else 'FAILED'}", "",
              f"Report: `{results['report']}`", "",
              "| gate | worst value | threshold | verdict | failed prompts |", "|---|---:|---:|---|---|"]
     for name, gate in results["gates"].items():
         lines.append(f"| {name} | {gate['value']:.4g} | {gate['threshold']:g} | {gate['verdict']} "
                      f"| {', '.join(gate['failed_prompts']) or '-'} |")
-    lines += ["", "| prompt | " + " | ".join(label for _, label, _ in TABLE_METRICS) + " |",
-              "|---|" + "---:|" * len(TABLE_METRICS)]
-    for pid, entry in results["prompts"].items():
-        lines.append(f"| {pid} | " + " | ".join(fmt.format(entry[key])
-                                                 for key, _, fmt in TABLE_METRICS) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + output_gate_table(results)
 
 
 def publish_report(results: dict, report_dir: str | os.PathLike) -> None:

@@ -1,6 +1,6 @@
 """The CUDA decode path of PackedLinear: one Triton kernel, used only when CUDA and Triton exist.
 
-It writes the same values as ``quant.dequant_into.decode_rotated_into`` (the CPU
+It writes the same values as ``hlwq.quant.dequant_into.decode_rotated_into`` (the CPU
 reference it is tested against): ``factor * scales[row, j >> log2(G)] *
 codebook[code[row, j]]`` into a reused buffer of the activation's dtype; the
 Hadamard rotation and the matmul stay with cuBLAS (see runtime/packed_linear.py).
@@ -61,7 +61,7 @@ def _decode_kernel():
 
 
 def decode_rotated_into(packed: PackedTensor, out: torch.Tensor, factor: float) -> torch.Tensor:
-    """Triton twin of ``quant.dequant_into.decode_rotated_into`` (same arguments, same values)."""
+    """Triton twin of ``hlwq.quant.dequant_into.decode_rotated_into`` (same arguments, same values)."""
     rows, width = out.shape
     levels = scaled_levels(packed, factor).to(out.device)
     grid = (rows, -(-width // BLOCK))

@@ -1,8 +1,11 @@
-"""The generated model card (README.md) and the quality summary `hlwq inspect` shows too.
+"""The generated model card (README.md) and the tables `hlwq inspect` shows too.
 
 Everything comes from the manifest and the metrics table: sizes are the
-manifest's (quant.sizes arithmetic, the same numbers `hlwq plan` prints),
-quality is a distribution over quantized tensors, never a single average.
+manifest's (hlwq.quant.sizes arithmetic, the same numbers `hlwq plan` prints),
+the output gates' evidence is the manifest's ``validation`` section (one row per
+rendered prompt, the thresholds and where they came from, the worst prompt's
+contact sheet), and weight error is a distribution over quantized tensors, never
+a single average. No local absolute path enters the card.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from pathlib import PurePosixPath
+from pathlib import PurePosixPath, PureWindowsPath
 
 import yaml
 
@@ -90,7 +93,7 @@ QUALITY_HEADER = ["metric", "worst", "worst 1 %", "median"]
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -101,20 +104,9 @@ def render_model_card(manifest: dict, quality: dict | None) -> str:
     bits = settings.get("bits")
     parts = [front_matter(manifest), f"# {title}: HLWQ Q{bits}" if bits else f"# {title}: HLWQ",
              _INTRO.format(format=manifest["format"], version=manifest["format_version"]),
-             "## Sizes", markdown_table(SIZE_HEADER, size_rows(manifest)), _SIZE_NOTE,
-             "## Quality"]
-    if quality:
-        intro = f"Per quantized tensor ({quality['tensors']:,} tensors), error against the source:"
-        parts += [intro, markdown_table(QUALITY_HEADER, quality_rows(quality)),
-                  "Worst tensors by relative MSE:",
-                  markdown_table(["tensor", "component", "cosine", "relative MSE"],
-                                 [[f"`{w['tensor']}`", str(w["component"]), f"{w['cosine']:.6f}",
-                                   f"{w['rel_mse']:.3e}"] for w in quality["worst_tensors"]])]
-    else:
-        parts.append("No per-tensor metrics were recorded.")
-    validated = manifest["validation"].get("validated")
-    parts.append(f"Validation gates: **{'passed' if validated else 'not passed or skipped'}** "
-                 "(details in `manifest.json`, `validation`).")
+             "## Sizes", markdown_table(SIZE_HEADER, size_rows(manifest)), _SIZE_NOTE]
+    parts += ["## Validation", *validation_blocks(manifest["validation"])]
+    parts += ["## Weight error", *weight_error_blocks(quality)]
     parts += ["## Lineage", "\n".join(_lineage_lines(source, settings)),
               "## How to use", _USAGE]
     return "\n\n".join(parts) + "\n"
@@ -162,9 +154,170 @@ def card_license(card_text: str) -> dict | None:
     return found or None
 
 
+def weight_error_blocks(quality: dict | None) -> list[str]:
+    if not quality:
+        return ["No per-tensor metrics were recorded."]
+    return [f"Per quantized tensor ({quality['tensors']:,} tensors), error against the source:",
+            markdown_table(QUALITY_HEADER, quality_rows(quality)),
+            "Worst tensors by relative MSE:",
+            markdown_table(["tensor", "component", "cosine", "relative MSE"],
+                           [[f"`{w['tensor']}`", str(w["component"]), f"{w['cosine']:.6f}",
+                             f"{w['rel_mse']:.3e}"] for w in quality["worst_tensors"]])]
+
+
+# ---------------------------------------------------------------- validation evidence
+
+# The per-prompt output metrics (tasks/validate_output.py) as the card, `hlwq inspect` and the
+# HTML report show them: key, label, format.
+OUTPUT_METRICS = (("psnr_mean", "PSNR mean dB", "{:.2f}"),
+                  ("psnr_min", "PSNR worst frame dB", "{:.2f}"),
+                  ("ssim_mean", "SSIM mean", "{:.4f}"), ("ssim_min", "SSIM worst frame", "{:.4f}"),
+                  ("temporal_diff", "temporal diff", "{:.4f}"),
+                  ("audio_snr_db", "audio SNR dB", "{:.2f}"),
+                  ("mel_distance", "log-mel dist dB", "{:.3f}"),
+                  ("latent_rel_err", "latent rel err", "{:.4f}"),
+                  ("block_rel_err", "worst block rel err", "{:.4f}"))
+NAMED_TENSOR_FAILURES = 5
+
+
+def validation_blocks(validation: dict) -> list[str]:
+    """The verdict, then the output gates' evidence, then the tensor gates': markdown blocks
+    for the card and `hlwq inspect`. What was not measured is said, never left out."""
+    tensor, output = validation.get("tensor_gates"), validation.get("output_gates")
+    verdict = "**Validated**" if validation.get("validated") else "**Not validated**"
+    return [f"{verdict}: tensor gates {_state(tensor)}; output gates {_state(output)}.",
+            "### Output gates", *output_gate_blocks(output),
+            "### Tensor gates", *tensor_gate_blocks(tensor)]
+
+
+def _state(gates: dict | None) -> str:
+    if not gates:
+        return "not measured"
+    if "skipped" in gates:
+        return "skipped"
+    verdict = "passed" if gates.get("passed") else "failed"
+    return verdict if gates.get("enforced", True) else f"{verdict}, not enforced (--no-gates)"
+
+
+def output_gate_blocks(output: dict | None) -> list[str]:
+    """Per prompt every output metric against its threshold, where the thresholds came from,
+    the failures and the worst prompt's contact sheet; or, plainly, that nothing was measured."""
+    if not output:
+        return [_NOT_RECORDED]
+    if "skipped" in output:
+        return [f"**Not measured**: output gates skipped: {output['skipped']}."]
+    prompts, suite = output["prompts"], output["suite"]
+    failed = [pid for pid, entry in prompts.items() if not entry["passed"]]
+    verdict = (f"**passed** on {len(prompts)} of {len(prompts)} prompts" if not failed else
+               f"**failed** on {len(failed)} of {len(prompts)} prompts")
+    blocks = [_MEASURED.format(verdict=verdict, suite=suite["name"], sha=suite["sha256"][:16],
+                               device=output["device"]),
+              output_gate_table(output), _thresholds_origin(output.get("thresholds_from"), "output")]
+    if output.get("failures"):
+        blocks.append("\n".join(f"- {line}" for line in output["failures"]))
+    if output.get("failed_blocks"):
+        blocks.append(f"Blocks that drift past `max_block_rel_err`: {', '.join(output['failed_blocks'])}.")
+    worst = output.get("worst_prompt")
+    if worst:
+        entry = prompts[worst["id"]]
+        prompt = " ".join(str(entry["prompt"]).split())      # one line, whatever the suite holds
+        blocks.append(f"Worst prompt, `{worst['id']}` (seed {entry['seed']}): \"{prompt}\". "
+                      "Source above, packed below:\n\n"
+                      f"![{worst['id']}: source above, packed below]({worst['sheet']})")
+    blocks.append(f"Every prompt's sheets and plots: [{output['report']}]({output['report']}). "
+                  "Not measured: image-to-video and audio-to-video conditioning (the suite is "
+                  "text-to-video only).")
+    return blocks
+
+
+def output_gate_table(results: dict) -> str:
+    """One row per prompt with every output metric; the first row holds the gates' thresholds
+    (>= for a min_ gate, <= for a max_ gate); a value that fails its gate is bold."""
+    gate_of = {gate["metric"]: (name, gate) for name, gate in results["gates"].items()}
+    failing = {(pid, gate["metric"]) for gate in results["gates"].values()
+               for pid in gate["failed_prompts"]}
+    thresholds = ["**threshold**", "", ""]
+    for key, _, _ in OUTPUT_METRICS:
+        name, gate = gate_of.get(key, (None, None))
+        thresholds.append("" if gate is None else
+                          f"{'>=' if name.startswith('min_') else '<='} {gate['threshold']:g}")
+    rows = [thresholds + [""]]
+    for pid, entry in results["prompts"].items():
+        cells = [_metric_cell(entry.get(key), fmt, (pid, key) in failing)
+                 for key, _, fmt in OUTPUT_METRICS]
+        verdict = "pass" if entry["passed"] else f"FAIL ({', '.join(entry['failed_gates'])})"
+        rows.append([f"`{pid}`", f"{entry['width']}x{entry['height']}x{entry['frames']}",
+                     str(entry["steps"]), *cells, verdict])
+    return markdown_table(["prompt", "WxHxF", "steps", *(label for _, label, _ in OUTPUT_METRICS),
+                           "verdict"], rows)
+
+
+def _metric_cell(value, fmt: str, failed: bool) -> str:
+    if value is None:
+        return "-"
+    text = fmt.format(value)
+    return f"**{text}**" if failed else text
+
+
+def _thresholds_origin(sources: list[dict] | None, section: str) -> str:
+    """Which gates files the thresholds came from (names and hashes, never local paths)."""
+    table = f"`[{section}]`" if section == "output" else f"`[{section}.<bits>]`"
+    if not sources:
+        return f"Thresholds: {table} of the gates file (`tasks/gates.toml` unless `--gates`)."
+    first, *overrides = sources
+    text = (f"Thresholds: {table} of `{first['name']}` (sha256 `{first['sha256'][:16]}`), "
+            "which documents each gate and how its default was measured")
+    if overrides:
+        text += ", with the keys of " + ", ".join(
+            f"`{s['name']}` (sha256 `{s['sha256'][:16]}`)" for s in overrides) + " merged over it"
+    return text + "."
+
+
+def tensor_gate_blocks(tensor: dict | None) -> list[str]:
+    """Per bit width the worst and mean per-tensor errors against the thresholds."""
+    if not tensor:
+        return ["**Not measured**: no tensor gates were recorded for this artifact."]
+    per_bits = tensor.get("per_bits") or {}
+    checked = tensor.get("tensors_checked")
+    counted = f" on {checked:,} quantized tensors" if checked is not None else ""
+    enforced = "" if tensor.get("enforced", True) else ", not enforced (--no-gates)"
+    if tensor.get("passed"):
+        blocks = [f"Tensor gates **passed**{counted}{enforced}."]
+    else:
+        problems = len(tensor.get("failures", []))
+        blocks = [f"Tensor gates **failed**{counted} ({problems} problem(s)){enforced}."]
+    if per_bits:
+        rows = []
+        for bits, row in sorted(per_bits.items(), key=lambda item: int(item[0])):
+            limit = row["thresholds"]
+            rows.append([str(bits), f"{row['tensors']:,}",
+                         f"{row['min_cosine']:.6f} (>= {limit['min_cosine']:g})",
+                         f"{row['max_rel_mse']:.3e} (<= {limit['max_rel_mse']:g})",
+                         f"{row['mean_rel_mse']:.3e} (<= {limit['max_mean_rel_mse']:g})"])
+        blocks += [markdown_table(["bits", "tensors", "worst cosine", "worst relative MSE",
+                                   "mean relative MSE"], rows),
+                   _thresholds_origin(tensor.get("thresholds_from"), "tensor")]
+    failures = tensor.get("failures") or []
+    if failures:
+        shown = [f"- {line}" for line in failures[:NAMED_TENSOR_FAILURES]]
+        if len(failures) > NAMED_TENSOR_FAILURES:
+            shown.append(f"- ... and {len(failures) - NAMED_TENSOR_FAILURES} more (manifest.json)")
+        blocks.append("\n".join(shown))
+    return blocks
+
+
+# ---------------------------------------------------------------- lineage
+
+
 def _lineage_lines(source: dict, settings: dict) -> list[str]:
-    name = source.get("source") or source.get("repo")
-    lines = [f"- source: `{name}` ({source.get('kind')}), layout `{source['layout']}`"]
+    """Where the weights came from: the Hub repo and revision, or a local folder's or file's
+    name; never a local absolute path."""
+    if source.get("repo"):
+        named = f"Hub repo `{source['repo']}`"
+    else:
+        kind = "file" if source.get("kind") == "file" else "folder"
+        named = f"local {kind} `{_name_only(str(source.get('source') or ''))}`"
+    lines = [f"- source: {named}, layout `{source['layout']}`"]
     if source.get("revision"):
         lines.append(f"- revision: `{source['revision']}`")
     if source.get("commit_sha"):
@@ -172,12 +325,38 @@ def _lineage_lines(source: dict, settings: dict) -> list[str]:
     lines.append(f"- source files: {len(source.get('files', []))}, sha256 of each in "
                  "`manifest.json`")
     for key in sorted(settings):
-        value = settings[key]
+        value = _without_local_paths(settings[key])
         shown = value if isinstance(value, (str, int, float)) else json.dumps(value, sort_keys=True)
         lines.append(f"- {key.replace('_', ' ')}: `{shown}`")
     return lines
 
 
+def _name_only(text: str) -> str:
+    """An absolute path's last part (a policy file, a local source); other text unchanged."""
+    for flavour in (PurePosixPath, PureWindowsPath):
+        path = flavour(text)
+        if path.is_absolute():
+            return path.name
+    return text
+
+
+def _without_local_paths(value):
+    if isinstance(value, str):
+        return _name_only(value)
+    if isinstance(value, dict):
+        return {key: _without_local_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_local_paths(item) for item in value]
+    return value
+
+
+_NOT_RECORDED = ("**Not measured**: no output gates were recorded for this artifact "
+                 "(`hlwq validate DIR --against SOURCE` renders the prompt suite with both models "
+                 "and records them here).")
+_MEASURED = ("Output gates {verdict}. Every prompt of the suite `{suite}` (sha256 `{sha}`) was "
+             "rendered by the source and by this artifact with the same seed and settings on "
+             "`{device}`, and the two renders compared: video frame by frame, audio, final "
+             "latents and each transformer block's output on the first denoising step.")
 _INTRO = ("Hadamard-Lloyd weight quantization (HLWQ) of the source checkpoint: the selected "
           "linear weights are stored as packed codes, block scales and a per-tensor codebook; "
           "every other tensor and file is kept exactly as in the source. "
@@ -188,12 +367,12 @@ _USAGE = """With the `hlwq-pipeline` package installed:
 
 ```bash
 hlwq verify .                      # hashes, shards and tensor entries
-hlwq inspect .                     # size and quality tables
+hlwq inspect .                     # the size, validation and weight-error tables
 hlwq render --artifact . --prompts prompts.jsonl --out renders/
 hlwq export-dequantized . ../bf16  # a plain checkpoint for other tools
 ```
 
 ```python
-from hlwq.runtime.loader import load_pipeline
-pipe = load_pipeline("path/to/this/artifact")   # packed weights stay packed
+from hlwq import load_pipeline
+pipe = load_pipeline("path/to/this/artifact", device="cuda")   # packed weights stay packed
 ```"""

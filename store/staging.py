@@ -26,7 +26,7 @@ def staged_key(source_id: str, tensor_name: str, policy_id: str, bits: int, bloc
     """sha256 hex of the fields that determine a staged result, as canonical JSON.
 
     ``source_id`` should pin the bytes (a file's sha256 or a commit sha plus path);
-    ``tensor_name`` should be unique in the run (e.g. ``quant.artifact.tensor_key``).
+    ``tensor_name`` should be unique in the run (e.g. ``hlwq.store.artifact.tensor_key``).
     """
     fields = {"source_id": source_id, "tensor": tensor_name, "policy": policy_id, "bits": bits,
               "block_size": block_size, "group_size": group_size or block_size, "mode": mode,

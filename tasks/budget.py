@@ -1,13 +1,13 @@
-"""Size budgets around quant.budget: measure each tensor's damage per bit width, allocate.
+"""Size budgets around hlwq.quant.budget: measure each tensor's damage per bit width, allocate.
 
 Damage of tensor ``t`` at ``b`` bits is ``sensitivity_t * relative_error_t(b)``:
 
 - ``relative_error_t(b)`` is measured, never guessed: a seeded sample of the tensor's
   rows (whole rows, so every rotation block in it is a real one; about
-  :data:`SAMPLE_WEIGHTS` values) is quantized with quant.core at every candidate width
+  :data:`SAMPLE_WEIGHTS` values) is quantized with hlwq.quant.core at every candidate width
   and compared with the original. Without weights (a plan of the meta-device layout or
   of a Hub repo) the sample is synthetic: heavy-tailed Student-t(5) rows with loud
-  outlier columns of the tensor's real width (runtime.fixtures' trained-looking values).
+  outlier columns of the tensor's real width (hlwq.quant.synthetic's trained-looking values).
 - ``sensitivity_t``, two estimates:
 
   ``params`` (needs no model): the tensor's share of the quantized parameters, doubled for
@@ -136,7 +136,7 @@ def relative_errors(sample: torch.Tensor, bits: Iterable[int] = CANDIDATE_BITS,
                     block_size: int = 128, group_size: int | None = None, mode: str = "refined",
                     channel_weights: torch.Tensor | None = None,
                     name: str | None = None) -> dict[int, float]:
-    """Relative error of ``sample`` quantized at each width (quant.budget.weighted_relative_mse)."""
+    """Relative error of ``sample`` quantized at each width (hlwq.quant.budget.weighted_relative_mse)."""
     errors = {}
     for b in bits:
         packed = quantize_tensor(sample, b, block_size, mode, group_size, name=name)
@@ -271,7 +271,7 @@ def measure_damages(rows: Sequence[Mapping], sampler: Sampler = synthetic_sample
                                  f"{', '.join(SENSITIVITIES)}")
     if sensitivity == "activations" and stats is None:
         raise BudgetError("sensitivity 'activations' needs activation statistics from a run of "
-                          "the model (tasks.budget.activation_stats); use 'params' without one")
+                          "the model (hlwq.tasks.budget.activation_stats); use 'params' without one")
     bits = tuple(bits)
     rows = [row for row in rows if row["action"] == "quantize"]
     shares = params_sensitivity(rows) if sensitivity == "params" else None

@@ -8,6 +8,7 @@ over the defaults.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tomllib
@@ -49,6 +50,19 @@ def load_gate_config(path: str | os.PathLike | None = None) -> dict:
         config = _merged(config, _read_toml(Path(path)))
     tensor_gates(config, source=path or DEFAULT_GATES_FILE)
     return config
+
+
+def gate_sources(path: str | os.PathLike | None = None) -> list[dict]:
+    """Where thresholds come from, in merge order: the defaults, then ``path`` if given.
+
+    Names only (``tasks/gates.toml``, the user file's name), with each file's sha256: this goes
+    into the manifest and the model card, which never hold a local absolute path.
+    """
+    files = [(DEFAULT_GATES_FILE, "tasks/gates.toml")]
+    if path is not None:
+        files.append((Path(path), Path(path).name))
+    return [{"name": name, "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
+            for file, name in files]
 
 
 def tensor_gates(config: dict, source: str | os.PathLike = "gates config") -> dict[int, TensorGate]:
@@ -131,7 +145,7 @@ def tensor_gates_task(rows: list[dict], gates_file: str | None = None, enforce: 
     else:
         logger.warning("%s", gate_failure_message(
             report, "packaging anyway (--no-gates): the artifact is marked unvalidated"))
-    return {**report.to_dict(), "enforced": enforce}
+    return {**report.to_dict(), "enforced": enforce, "thresholds_from": gate_sources(gates_file)}
 
 
 def _read_toml(path: Path) -> dict:

@@ -136,7 +136,7 @@ def remote_safetensors_headers(
     """Every ``.safetensors`` header of a Hub repo, read with HTTP Range requests only.
 
     Keys are paths in the repo; values are the same validated ``SafetensorsHeader`` that
-    ``quant.safetensors_io.read_header`` gives for a local file (absolute offsets), so a
+    ``hlwq.store.safetensors_io.read_header`` gives for a local file (absolute offsets), so a
     plan of a Hub repo and of a local folder share one code path.
     """
     hub = parse_hub_source(repo, revision)

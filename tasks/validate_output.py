@@ -48,13 +48,14 @@ from hlwq.store.atomic import (
 )
 from hlwq.store.package import file_record, write_card_and_manifest
 from hlwq.store.prompts import DEFAULT_SUITE, FRAME_STEP, SIDE_MULTIPLE, RenderRequest, load_prompts
-from hlwq.tasks.gates import load_gate_config
+from hlwq.tasks.gates import gate_sources, load_gate_config
 from hlwq.tasks.render import audio_sample_rate, render_arguments, resolve_device, resolve_factory
 
 SOURCE_FACTORY = "hlwq.runtime.ltx23_models:load_ltx23_pipeline"
 CANDIDATE_FACTORY = "hlwq.runtime.loader:load_pipeline"
 REPORT_DIR = "validation"
 RESULTS_NAME = "results.json"
+WORST_SHEET_NAME = "worst-prompt.png"   # the model card's picture: source above, packed below
 # What LTX2Pipeline needs to render: a source without all of them (a transformer alone)
 # cannot be rendered, and its output gates are skipped.
 PIPELINE_PARTS = ("transformer", "connectors", "vae", "audio_vae", "vocoder", "text_encoder",
@@ -224,31 +225,34 @@ def suite_identity(path: str | os.PathLike | None) -> dict:
 
 
 def renderable_source(root: str | os.PathLike) -> str | None:
-    """None when ``root`` holds a whole LTX-2 pipeline; else why it cannot be rendered."""
+    """None when ``root`` holds a whole LTX-2 pipeline; else why it cannot be rendered.
+
+    The reason names no path: it is recorded in the manifest and the model card.
+    """
     root = Path(root)
     index = root / "model_index.json"
     if index.is_file():
         try:
             names = set(json.loads(index.read_text()))
         except (OSError, ValueError) as exc:
-            return f"{index}: unreadable ({exc})"
+            return f"the source's model_index.json is unreadable ({getattr(exc, 'strerror', None) or exc})"
         missing = [part for part in PIPELINE_PARTS if part not in names or not (root / part).is_dir()]
     else:
         from hlwq.runtime.ltx23_models import find_single_file
 
         if not root.is_dir() or find_single_file(root) is None:
-            return f"{root}: neither a diffusers pipeline folder nor an LTX-2.3 single-file folder"
+            return "the source is neither a diffusers pipeline folder nor an LTX-2.3 single-file folder"
         missing = [part for part in ("text_encoder", "tokenizer", "scheduler")
                    if not (root / part).is_dir()]
     if missing:
-        return f"{root}: not a whole LTX-2 pipeline (lacks {', '.join(missing)})"
+        return f"the source is not a whole LTX-2 pipeline (lacks {', '.join(missing)})"
     return None
 
 
 def output_gates_skip_reason(source_root: str | os.PathLike, gates: bool = True) -> str | None:
     """Why a requantization run skips the output gates (None: it runs them)."""
     if not gates:
-        return "gates not enforced (--no-gates)"
+        return "--no-gates was given"
     return renderable_source(source_root)
 
 
@@ -368,7 +372,7 @@ def run_output_gates(source_root: str | os.PathLike, candidate: str | os.PathLik
     requests = load_suite(suite, long_side, frames, steps)
     problem = renderable_source(source_root)
     if problem:
-        raise SourceError(f"output gates cannot render the source: {problem}")
+        raise SourceError(f"output gates cannot render the source {source_root}: {problem}")
     device, dtype = resolve_device(device)
     report_dir = Path(report_dir) if report_dir else Path(candidate) / REPORT_DIR
     # Real-size renders take gigabytes: keep them beside the artifact, not in /tmp.
@@ -384,12 +388,19 @@ def run_output_gates(source_root: str | os.PathLike, candidate: str | os.PathLik
             lambda: resolve_factory(candidate_factory)(str(candidate), device=device, dtype=dtype),
             requests, device, work / "candidate", model_fingerprint(candidate), "packed artifact")
         return _compare_and_report(source_root, candidate, suite, requests, gates, source_paths,
-                                   candidate_paths, report_dir, device)
+                                   candidate_paths, report_dir, device, gate_sources(gates_file))
 
 
 def _compare_and_report(source_root, candidate, suite, requests, gates, source_paths,
-                        candidate_paths, report_dir: Path, device: str) -> dict:
-    from hlwq.runtime.report import REPORT_NAME, SHEET_DIR, write_comparison_sheet, write_report
+                        candidate_paths, report_dir: Path, device: str,
+                        thresholds_from: list[dict]) -> dict:
+    from hlwq.runtime.report import (
+        REPORT_NAME,
+        SHEET_DIR,
+        write_comparison_sheet,
+        write_report,
+        write_stacked_sheet,
+    )
 
     with directory_transaction(report_dir) as partial:
         prompts = {}
@@ -404,18 +415,33 @@ def _compare_and_report(source_root, candidate, suite, requests, gates, source_p
                                    packed["frames"])
         results = gate_results(prompts, gates, source=str(source_root), artifact=str(candidate),
                                device=device, suite=suite_identity(suite),
-                               report=str(report_dir / REPORT_NAME))
+                               report=str(report_dir / REPORT_NAME),
+                               thresholds_from=thresholds_from)
+        worst = results["worst_prompt"]
+        write_stacked_sheet(partial / WORST_SHEET_NAME, load_rendering(source_paths[worst])["frames"],
+                            load_rendering(candidate_paths[worst])["frames"])
         write_report(partial, results, metrics_path(candidate))
         atomic_write_text(partial / RESULTS_NAME, json.dumps(results, indent=2, sort_keys=True))
     return results
 
 
 def gate_results(prompts: dict[str, dict], gates: dict[str, OutputGate], **identity) -> dict:
-    """The whole result: ``identity`` (source, artifact, device, suite, report), the prompts,
-    the worst latent error and the gates' verdicts."""
+    """The whole result: ``identity`` (source, artifact, device, suite, report,
+    thresholds_from), the prompts, the worst prompt, the worst latent error and the gates'
+    verdicts."""
     verdict = apply_output_gates(prompts, gates)
-    return {**identity, "prompts": prompts,
+    return {**identity, "prompts": prompts, "worst_prompt": worst_prompt(prompts),
             "latent_rel_err": max(p["latent_rel_err"] for p in prompts.values()), **verdict}
+
+
+def worst_prompt(prompts: dict[str, dict]) -> str:
+    """The prompt failing the most gates, then the one with the lowest mean PSNR (NaN lowest):
+    the one whose contact sheet the model card shows."""
+    def badness(pid: str) -> tuple[int, float]:
+        entry = prompts[pid]
+        psnr = entry["psnr_mean"]
+        return len(entry.get("failed_gates", [])), math.inf if math.isnan(psnr) else -psnr
+    return max(prompts, key=badness)
 
 
 def metrics_path(candidate: str | os.PathLike) -> Path | None:
@@ -432,12 +458,16 @@ def summary_for_manifest(results: dict) -> dict:
     """What the manifest keeps: per-prompt metrics and the verdicts (block rows stay in
     ``validation/results.json``)."""
     return {
-        "passed": results["passed"], "suite": results["suite"], "device": results["device"],
+        "passed": results["passed"], "device": results["device"],
+        "suite": {key: results["suite"][key] for key in ("name", "sha256")},   # no local path
         "prompts": {pid: {k: v for k, v in entry.items() if k != "blocks"}
                     for pid, entry in results["prompts"].items()},
-        "gates": results["gates"], "failures": results["failures"],
+        "gates": results["gates"], "thresholds_from": results["thresholds_from"],
+        "failures": results["failures"],
         "failed_blocks": sorted({f"block {b['block']} ({b['stream']})"
                                  for b in results["failed_blocks"]}, key=_block_order),
+        "worst_prompt": {"id": results["worst_prompt"],
+                         "sheet": f"{REPORT_DIR}/{WORST_SHEET_NAME}"},
         "report": f"{REPORT_DIR}/report.html",
     }
 

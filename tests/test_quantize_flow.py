@@ -137,6 +137,10 @@ def test_flow_packages_a_diffusers_checkpoint(checkpoint, tmp_path, cluster):
     manifest = read_manifest(out)
     assert manifest["validation"]["validated"] is True
     assert manifest["validation"]["tensor_gates"]["passed"] is True
+    card = (out / "README.md").read_text()
+    assert "output gates skipped: the source is not a whole LTX-2 pipeline (lacks" in card
+    assert f"Tensor gates **passed** on {2 * QUANTIZED_PER_LAYER} quantized tensors" in card
+    assert str(tmp_path) not in card
     assert summary["quantized"] == 2 * QUANTIZED_PER_LAYER and summary["skipped"] == 0
     assert summary["prefect_tasks"] == 2            # one task run per transformer block
     assert 0.0 <= summary["overhead_fraction"] < 1.0 and summary["prefect_task_s"] >= 0
@@ -174,6 +178,10 @@ def test_gate_failure_stops_before_packaging_and_the_rerun_skips_done_work(check
     manifest = read_manifest(out)
     assert manifest["validation"]["validated"] is False
     assert manifest["validation"]["tensor_gates"]["passed"] is False
+    card = (out / "README.md").read_text()
+    assert "**Not measured**: output gates skipped: --no-gates was given." in card
+    assert "Tensor gates **failed**" in card and "not enforced (--no-gates)" in card
+    assert "with the keys of `strict.toml`" in card and str(tmp_path) not in card
 
 
 def test_generic_single_file(tmp_path, cluster):

@@ -27,6 +27,7 @@ from hlwq.tasks.gates import load_gate_config
 from hlwq.tasks.validate_output import (
     OUTPUT_GATES,
     REPORT_DIR,
+    WORST_SHEET_NAME,
     apply_output_gates,
     failure_message,
     load_suite,
@@ -35,6 +36,7 @@ from hlwq.tasks.validate_output import (
     renderable_source,
     run_output_gates,
     scale_request,
+    worst_prompt,
 )
 from hlwq.testing.fixtures import make_tiny_ltx23
 
@@ -150,10 +152,21 @@ def test_gates_name_the_prompts_and_blocks_and_nan_fails():
     assert "broken" in message and "drifts" in message and "block 3 (audio)" in message
 
 
+def test_the_worst_prompt_fails_most_gates_then_has_the_lowest_psnr():
+    prompts = {"a": prompt_entry(psnr_mean=20.0), "b": prompt_entry(psnr_mean=30.0),
+               "c": prompt_entry(psnr_mean=40.0)}
+    assert worst_prompt(prompts) == "a"
+    prompts["c"]["failed_gates"] = ["min_audio_snr_db"]
+    assert worst_prompt(prompts) == "c"
+    prompts["b"].update(psnr_mean=math.nan, failed_gates=["min_psnr_mean"])
+    assert worst_prompt(prompts) == "b"
+
+
 def test_only_whole_pipelines_are_rendered(tmp_path, tiny):
     assert renderable_source(tiny) is None
     partial = write_diffusers_checkpoint(tmp_path / "partial")
-    assert "lacks" in renderable_source(partial)
+    reason = renderable_source(partial)       # goes into the manifest and the card: no path
+    assert "not a whole LTX-2 pipeline (lacks" in reason and str(tmp_path) not in reason
     with pytest.raises(SourceError, match="cannot render the source"):
         run_output_gates(partial, partial)
 
@@ -196,7 +209,13 @@ def test_the_report_and_the_verdict_go_into_the_artifact(artifacts, outcomes):
         assert validation["validated"] is (bits == 5)
         assert manifest["validation"]["output_gates"]["passed"] is (bits == 5)
         card = (path / "README.md").read_text()
-        assert ("**passed**" in card) is (bits == 5)
+        assert ("Output gates **passed**" in card) is (bits == 5)
+        # the card: a row per prompt, the worst prompt's sheet (a listed file), no local path
+        assert all(f"| `{pid}` |" in card for pid in outcomes[bits]["prompts"])
+        worst = manifest["validation"]["output_gates"]["worst_prompt"]
+        assert worst["id"] == outcomes[bits]["worst_prompt"]
+        assert f"]({REPORT_DIR}/{WORST_SHEET_NAME})" in card and worst["sheet"] in manifest["files"]
+        assert (path / worst["sheet"]).is_file() and str(path.parent) not in card
     assert (artifacts[2] / REPORT_DIR / "sheets" / "text-neon-sign.png").is_file()
 
 

@@ -40,8 +40,9 @@ def verify(artifact: str, no_hashes: bool) -> None:
 @click.argument("artifact")
 @click.option("--json", "as_json", is_flag=True, help="Print the tables as JSON.")
 def inspect(artifact: str, as_json: bool) -> None:
-    """Show ARTIFACT's per-component sizes, quality distribution and worst tensors (a folder,
-    or a Hub repo owner/name[@revision], downloaded and verified first)."""
+    """Show ARTIFACT's per-component sizes, its validation (the output gates per prompt and the
+    tensor gates, as the model card shows them), quality distribution and worst tensors (a
+    folder, or a Hub repo owner/name[@revision], downloaded and verified first)."""
     from hlwq.runtime.hub import resolve_artifact
     from hlwq.store.artifact import METRICS_NAME, open_artifact
     from hlwq.store.model_card import (
@@ -51,6 +52,7 @@ def inspect(artifact: str, as_json: bool) -> None:
         quality_rows,
         quality_summary,
         size_rows,
+        validation_blocks,
     )
 
     directory = resolve_artifact(artifact)
@@ -70,6 +72,7 @@ def inspect(artifact: str, as_json: bool) -> None:
     click.echo(f"{artifact}: {source.get('repo') or source.get('source')} "
                f"({source['layout']}), {json.dumps(manifest['quantization'], sort_keys=True)}")
     click.echo("\n" + markdown_table(SIZE_HEADER, size_rows(manifest)))
+    click.echo("\n" + "\n\n".join(validation_blocks(manifest["validation"])))
     if quality:
         click.echo("\n" + markdown_table(QUALITY_HEADER, quality_rows(quality)))
         click.echo("\nworst tensors by relative MSE:")
