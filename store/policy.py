@@ -4,6 +4,7 @@ A policy is data (store/policies/<name>.toml, or any TOML/YAML file of the same
 shape), never a code branch::
 
     name = "example"
+    extends = "ltx23"                 # optional: a built-in policy whose rules follow these
     min_numel = 65536                 # smaller tensors are kept (0: no minimum)
     default_reason = "matched no rule"
 
@@ -45,7 +46,7 @@ ACTIONS = ("quantize", "keep")
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 REGEX_PREFIX = "re:"
 RULE_KEYS = {"match", "components", "action", "bits", "reason"}
-POLICY_KEYS = {"name", "description", "min_numel", "default_reason", "rules"}
+POLICY_KEYS = {"name", "description", "extends", "min_numel", "default_reason", "rules"}
 OVERRIDE_KEYS = {"include", "exclude", "bits"}
 
 
@@ -117,8 +118,7 @@ def load_policy(name_or_path: str | Path, bits: int = 5, include=(), exclude=(),
     """A built-in policy by name, or a TOML/YAML policy file, adjusted by include/exclude
     patterns (command-line strings) and an overrides file."""
     check_bits(bits)
-    path = _policy_path(name_or_path)
-    policy = _parse_policy(path, _read_mapping(path), bits)
+    policy = _load_policy_file(_policy_path(name_or_path), bits)
     if overrides_file is not None:
         policy = _apply_overrides_file(policy, Path(overrides_file))
     return with_patterns(policy, include=include, exclude=exclude, origin="command line")
@@ -145,6 +145,23 @@ def _policy_path(name_or_path: str | Path) -> Path:
         raise PolicyError(f"policy {str(name_or_path)!r}: not a built-in policy "
                           f"({', '.join(builtin_policies())}) and no such file")
     return path
+
+
+def _load_policy_file(path: Path, bits: int, extended_by: tuple[Path, ...] = ()) -> BitPolicy:
+    """A policy file; one that ``extends`` a built-in policy gets the base's rules after its own."""
+    data = _read_mapping(path)
+    policy = _parse_policy(path, data, bits)
+    base = data.get("extends")
+    if base is None:
+        return policy
+    if base not in builtin_policies():
+        raise PolicyError(f"{path}: extends={base!r} must name a built-in policy "
+                          f"({', '.join(builtin_policies())})")
+    base_path = POLICY_DIR / f"{base}.toml"
+    if base_path.resolve() in {p.resolve() for p in (*extended_by, path)}:
+        raise PolicyError(f"{path}: extends={base!r} makes a cycle of policies")
+    base_policy = _load_policy_file(base_path, bits, (*extended_by, path))
+    return replace(policy, rules=(*policy.rules, *base_policy.rules))
 
 
 def _read_mapping(path: Path) -> dict:

@@ -180,3 +180,24 @@ def test_a_folder_with_two_checkpoints_needs_files(single_file):
         assert result.exit_code == 0, result.output
         assert json.loads(result.output)["total_tensors"] == 4
     assert "--layout reads no checkpoint" in str(run("--layout", "ltx23-22b", "--files", "x").exception)
+
+
+def test_plan_ltx23_full_package_is_about_28gb():
+    """Every large component packed: the whole Q5 package, Gemma included (46 GB in ltx23)."""
+    result = run("--layout", "ltx23-22b", "--policy", "ltx23-full", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    components = report["components"]
+    assert components["connectors"]["quantized_tensors"] == 98
+    assert components["text_encoder"]["quantized_tensors"] == 336
+    assert 27.0e9 < report["total_packed_bytes"] < 28.5e9
+
+
+@pytest.mark.slow
+def test_plan_ltx23_full_fits_15gb_checkpoint():
+    """The ltx23 policy stops at 15.01 GB (BF16 connectors); ltx23-full fits 15 GB."""
+    result = run("--layout", "ltx23-22b", "--policy", "ltx23-full", "--target-size", "15GB",
+                 "--target-scope", "checkpoint", "--json")
+    assert result.exit_code == 0, result.output
+    budget = json.loads(result.output)["budget"]
+    assert budget["total_bytes"] <= budget["target_bytes"] == 15e9

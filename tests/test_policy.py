@@ -214,3 +214,77 @@ def test_bad_overrides_and_unknown_policy(tmp_path):
         load_policy("ltx23", overrides_file=path)
     with pytest.raises(PolicyError, match="'ltx99': not a built-in policy \\(generic, ltx23"):
         load_policy("ltx99")
+
+
+# --------------------------------------------------------------------------- ltx23-full
+
+
+@pytest.fixture(scope="module")
+def ltx23_full():
+    return load_policy("ltx23-full")
+
+
+@pytest.fixture(scope="module")
+def package_rows():
+    from hlwq.runtime.ltx23_layout import ltx23_22b_package_rows
+
+    return ltx23_22b_package_rows()
+
+
+def decisions(policy, rows, component):
+    return [(row["tensor"], policy.decide(row["tensor"], row["shape"], row["dtype"], component))
+            for row in rows if row["component"] == component]
+
+
+def test_ltx23_full_extends_ltx23_for_the_transformer(ltx23, ltx23_full, package_rows):
+    full = decisions(ltx23_full, package_rows, "transformer")
+    assert full == decisions(ltx23, package_rows, "transformer")
+    assert sum(d.action == "quantize" for _, d in full) == 1344
+
+
+def test_ltx23_full_packs_connectors_and_language_model(ltx23_full, package_rows):
+    connectors = decisions(ltx23_full, package_rows, "connectors")
+    packed = {n for n, d in connectors if d.action == "quantize"}
+    # 2 streams x 8 blocks x 6 linears, plus the two input projections
+    assert len(packed) == 98 and {"video_text_proj_in.weight", "audio_text_proj_in.weight"} <= packed
+    assert not any("gate_logits" in n or "registers" in n for n in packed)
+    text = decisions(ltx23_full, package_rows, "text_encoder")
+    packed = [n for n, d in text if d.action == "quantize"]
+    assert len(packed) == 48 * 7 and all(n.startswith("model.language_model.layers.") for n in packed)
+    reasons = dict(text)
+    assert "row lookup" in reasons["model.language_model.embed_tokens.weight"].reason
+    assert "vision tower" in reasons["model.vision_tower.post_layernorm.weight"].reason
+    assert "RMSNorm" in reasons["model.language_model.norm.weight"].reason
+
+
+@pytest.mark.parametrize("name, component", [
+    (f"{OFFICIAL}video_embeddings_connector.transformer_1d_blocks.3.attn1.to_q.weight", "connectors"),
+    (f"{OFFICIAL}audio_embeddings_connector.transformer_1d_blocks.0.ff.net.2.weight", "connectors"),
+    ("text_embedding_projection.video_aggregate_embed.weight", "connectors"),
+    ("language_model.model.layers.47.mlp.down_proj.weight", "text_encoder"),   # as published
+    ("model.language_model.layers.0.self_attn.o_proj.weight", "text_encoder"),
+])
+def test_ltx23_full_matches_every_layout(ltx23_full, name, component):
+    assert ltx23_full.decide(name, (256, 256), "BF16", component).action == "quantize"
+
+
+@pytest.mark.parametrize("component, words", [
+    ("vae", "video VAE"), ("audio_vae", "audio VAE"), ("vocoder", "vocoder"),
+    ("latent_upsampler", "latent_upsampler: convolutions"), ("other", "other"),
+])
+def test_ltx23_full_says_why_each_component_is_kept(ltx23_full, component, words):
+    decision = ltx23_full.decide("decoder.conv_in.weight", (128, 128), "BF16", component)
+    assert decision.action == "keep" and words in decision.reason
+
+
+def test_extends_needs_a_builtin_policy(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('extends = "nope"\n[[rules]]\nmatch = "*"\naction = "keep"\nreason = "r"\n')
+    with pytest.raises(PolicyError, match="extends='nope' must name a built-in policy"):
+        load_policy(path)
+    path.write_text('extends = "ltx23"\n[[rules]]\nmatch = "x.weight"\naction = "quantize"\n'
+                    'reason = "mine"\n')
+    policy = load_policy(path, bits=4)
+    assert policy.decide("x.weight", (8, 8), "BF16", "vae") == Decision("quantize", 4, "mine")
+    assert policy.decide("transformer_blocks.0.attn1.to_q.weight", (8, 8), "BF16",
+                         "transformer").bits == 4

@@ -26,7 +26,7 @@ COUNT_UNITS = (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3))
 @click.option("--layout", "known_package", type=click.Choice(KNOWN_PACKAGES),
               help="Plan a known model layout instead of a SOURCE (nothing is read).")
 @click.option("--policy", "policy_name", default=AUTO_POLICY, show_default=True,
-              help="ltx23, generic, a TOML/YAML policy file, or auto "
+              help="ltx23, ltx23-full, generic, a TOML/YAML policy file, or auto "
                    "(ltx23 for LTX-2.3 layouts, generic otherwise).")
 @click.option("--bits", default=5, show_default=True, type=int, help="Bits per quantized weight.")
 @click.option("--block-size", default=128, show_default=True, type=int,

@@ -22,7 +22,7 @@ from hlwq.store.tensor_jobs import ON_NONFINITE
 @click.argument("source")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Artifact directory to create (replaced only once the new one is complete).")
-@click.option("--policy", help="ltx23, generic or a policy file [default: ltx23 for LTX-2.3 "
+@click.option("--policy", help="ltx23, ltx23-full, generic or a policy file [default: ltx23 for LTX-2.3 "
                                "layouts, generic otherwise].")
 @click.option("--bits", default=5, show_default=True, type=int, help="Bits per quantized weight.")
 @click.option("--mode", type=click.Choice(MODES), default="refined",
