@@ -1,7 +1,8 @@
 """load_pipeline: an LTX-2.3 diffusers pipeline straight from an HLWQ artifact.
 
-Every component that holds quantized tensors (the transformer, under the
-``ltx23`` policy) is built on the meta device from its config, its quantized
+Every component that holds quantized tensors (the transformer under the
+``ltx23`` policy; also the connectors and the Gemma 3 text encoder under
+``ltx23-full``) is built on the meta device from its config, its quantized
 linears are replaced by :class:`PackedLinear` and the artifact's tensors are
 assigned as they are: the packed parts untouched, kept tensors cast to the
 compute dtype. No full-precision copy of a quantized weight ever exists.
@@ -11,8 +12,8 @@ Two artifact layouts (docs/FORMAT.md): a diffusers folder, and the official
 single file, whose ``model.diffusion_model.*`` / ``vae.*`` / ... names map to
 diffusers names with :mod:`hlwq.store.ltx23_config` and whose components are all
 built from the file's ``config`` metadata (or, for Lightricks' own files, the
-real LTX-2.3 configs); ``text_encoder/``, ``tokenizer/`` and ``scheduler/``
-sit beside it.
+real LTX-2.3 configs); ``text_encoder/`` (packed or not), ``tokenizer/`` and
+``scheduler/`` sit beside it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from hlwq.runtime.ltx23_models import (
 from hlwq.runtime.packed_linear import PACKED_BUFFERS, PackedLinear
 from hlwq.store.artifact import Artifact, TensorRecord, open_artifact
 from hlwq.store.ltx23_config import (
+    PIPELINE_CLASSES,
     SINGLE_FILE_COMPONENTS,
     TRANSFORMER_PREFIX,
     official_to_diffusers_key,
@@ -102,27 +104,39 @@ def _quantized_components(art: Artifact) -> list[str]:
 
 def _packed_component(art: Artifact, component: str, dtype: torch.dtype) -> nn.Module:
     """Built on the meta device from its config, then filled from the artifact's entries."""
-    if _uses_official_names(art):
+    official = _uses_official_names(art)
+    if official and component in SINGLE_FILE_COMPONENTS:
         entries = _official_entries(art)
-        if component not in entries:
-            raise ArtifactError(f"{art.path}: component {component!r} is not in the single file "
-                                f"(it holds {', '.join(SINGLE_FILE_COMPONENTS)})")
         config = _single_file_configs(art, entries["transformer"])[component]
         model = _meta_model(lambda: build_model(component, config))
         return load_packed_model(model, art, entries[component], dtype, component)
     entries = art.component_entries(component)
     if not entries:
         raise ArtifactError(f"{art.path}: no tensor of component {component!r} in the manifest")
+    model = _empty_component(art.path / component, component,
+                             _library_class(art, component, official))
+    return load_packed_model(model, art, _as_model_names(model, entries), dtype, component)
+
+
+def _library_class(art: Artifact, component: str, official: bool):
+    """[library, class] of a component folder: model_index.json's entry, or for the folders
+    beside an official single file (text_encoder/) the LTX-2.3 pipeline's own class."""
+    if official:
+        if component not in PIPELINE_CLASSES:
+            raise ArtifactError(f"{art.path}: component {component!r} is neither in the single "
+                                f"file ({', '.join(SINGLE_FILE_COMPONENTS)}) nor a pipeline "
+                                f"folder ({', '.join(sorted(PIPELINE_CLASSES))})")
+        return list(PIPELINE_CLASSES[component])
     index_path = art.path / "model_index.json"
     if not index_path.is_file():
         raise ArtifactError(f"{art.path}: no model_index.json; a diffusers-layout artifact needs one")
-    library_class = json.loads(index_path.read_text()).get(component)
-    model = _empty_component(art.path / component, component, library_class)
-    return load_packed_model(model, art, entries, dtype, component)
+    return json.loads(index_path.read_text()).get(component)
 
 
 def _single_file_pipeline(art: Artifact, dtype: torch.dtype, pipeline_class):
     models = {c: _packed_component(art, c, dtype) for c in SINGLE_FILE_COMPONENTS}
+    if "text_encoder" in _quantized_components(art):
+        models["text_encoder"] = _packed_component(art, "text_encoder", dtype)
     return assemble_single_file_pipeline(pipeline_class, art.path, models, dtype)
 
 
@@ -188,6 +202,48 @@ def _meta_model(build) -> nn.Module:
         return build().eval()
 
 
+def _as_model_names(model: nn.Module, entries: dict[str, TensorRecord]) -> dict[str, TensorRecord]:
+    """Entries keyed by the model's own tensor names. transformers renames checkpoint keys
+    when it loads (Gemma 3's published ``language_model.model.*`` is the module
+    ``model.language_model.*``); the same renaming applies here."""
+    expected = model.state_dict(keep_vars=True)
+    if all(name in expected for name in entries):
+        return entries
+    rename = _checkpoint_renamer(model, expected)
+    return {rename(name): entry for name, entry in entries.items()}
+
+
+def _checkpoint_renamer(model: nn.Module, expected: dict):
+    try:    # transformers >= 5
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:     # transformers 4: one {regex: replacement} table, first match wins
+        import re
+
+        table = getattr(model, "_checkpoint_conversion_mapping", None) or {}
+
+        def rename_v4(name: str) -> str:
+            for pattern, replacement in table.items():
+                renamed, count = re.subn(pattern, replacement, name)
+                if count:
+                    return renamed
+            return name
+        return rename_v4
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    prefix = getattr(model, "base_model_prefix", None)
+    return lambda name: rename_source_key(name, renamings, [], prefix, expected)[0]
+
+
+def _tied_aliases(model: nn.Module, state: dict) -> dict[str, str]:
+    """Tied tensors the checkpoint stores once (Gemma's lm_head is its token embedding):
+    {alias: stored name} for each alias the state lacks."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if not isinstance(tied, dict):
+        return {}
+    return {alias: source for alias, source in tied.items()
+            if alias not in state and source in state}
+
+
 # ---------------------------------------------------------------- assembly
 
 
@@ -206,12 +262,16 @@ def load_packed_model(model: nn.Module, art: Artifact, entries: dict[str, Tensor
         else:
             state[name] = entry
     expected = model.state_dict(keep_vars=True)
-    _check_coverage(set(expected), set(state), component)
+    aliases = _tied_aliases(model, state)
+    _check_coverage(set(expected), set(state) | set(aliases), component)
     for name, value in state.items():
         if isinstance(value, TensorRecord):
             _check_shape(value, name, value.shape, expected[name].shape)
             state[name] = _compute_dtype(art.load_kept(value.key), dtype)
+    state.update({alias: state[source] for alias, source in aliases.items()})
     model.load_state_dict(state, strict=True, assign=True)
+    if aliases:
+        model.tie_weights()     # one parameter again, so moving the model moves it once
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model.eval()

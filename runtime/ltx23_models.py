@@ -227,15 +227,17 @@ def load_ltx23_pipeline(path: str | os.PathLike, dtype: torch.dtype = torch.floa
 
 
 def assemble_single_file_pipeline(pipeline_class, folder: Path, models: dict, dtype: torch.dtype):
-    """A pipeline from a single-file folder: ``models`` (the components the official file holds)
-    plus the scheduler, Gemma text encoder and tokenizer from their own subfolders."""
+    """A pipeline from a single-file folder: ``models`` (the components the official file holds,
+    and the text encoder when it is already built, e.g. packed) plus the scheduler, Gemma text
+    encoder and tokenizer from their own subfolders."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
 
+    if "text_encoder" not in models:
+        models = {**models, "text_encoder": Gemma3ForConditionalGeneration.from_pretrained(
+            folder / "text_encoder", dtype=dtype)}
     return pipeline_class(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
-        text_encoder=Gemma3ForConditionalGeneration.from_pretrained(folder / "text_encoder",
-                                                                    dtype=dtype),
         tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
         **models,
     )

@@ -226,7 +226,7 @@ def ltx23_full():
 
 @pytest.fixture(scope="module")
 def package_rows():
-    from hlwq.runtime.ltx23_layout import ltx23_22b_package_rows
+    from hlwq.runtime.ltx23_models import ltx23_22b_package_rows
 
     return ltx23_22b_package_rows()
 
