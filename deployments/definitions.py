@@ -15,10 +15,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from hlwq.quant.errors import InvalidOptionError
 from hlwq.runtime.hub import is_hub_reference
+from hlwq.runtime.offload import check_offload
 
 REQUANTIZE, WATCH_UPSTREAM, NIGHTLY_RENDER = "requantize", "watch-upstream", "nightly-render"
 NIGHTLY_CRON = "0 2 * * *"
 TAGS = ["hlwq"]
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 PATH_FIELDS = ("artifacts_dir", "nightly_artifact", "nightly_prompts", "nightly_output", "output_suite")
 
 
@@ -35,6 +37,9 @@ class DeploymentSettings:
     nightly_artifact: str = "artifacts/current"
     nightly_prompts: str = "prompts/nightly.jsonl"
     nightly_output: str = "renders/nightly"
+    nightly_offload: str = "auto"    # placement: as hlwq render's --offload, --vae-tiling, --dtype
+    nightly_vae_tiling: bool = False
+    nightly_dtype: str = "auto"
     output_suite: str | None = None  # prompt suite of requantize's output gates (None: the default suite)
     publish_to: str | None = None    # Hub repo (owner/name[@branch]) requantize publishes to
     files: tuple[str, ...] = ()      # globs choosing the source's files (env: comma-separated)
@@ -58,6 +63,7 @@ class DeploymentSettings:
             ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError):
             raise InvalidOptionError(f"timezone {self.timezone!r} is not an IANA time zone (e.g. Europe/Paris)") from None
+        check_offload(self.nightly_offload, self.nightly_dtype)
         if self.watch_interval_s < 60:
             raise InvalidOptionError(f"watch interval must be at least 60 s, got {self.watch_interval_s}")
         return self
@@ -82,6 +88,10 @@ def _parsed(raw: str, annotation: str):
     """An HLWQ_* value as its field's type: whole numbers, comma-separated globs, or text."""
     if annotation == "int":
         return int(raw)
+    if annotation == "bool":
+        if raw.lower() not in BOOL_WORDS:
+            raise InvalidOptionError(f"{raw!r}: must be one of {', '.join(BOOL_WORDS)}")
+        return BOOL_WORDS[raw.lower()]
     if annotation.startswith("tuple"):
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     return raw
@@ -125,7 +135,9 @@ def build_deployments(settings: DeploymentSettings) -> list:
                     "(the artifact: a folder or a Hub repo owner/name[@revision]).",
         schedule=Cron(NIGHTLY_CRON, timezone=settings.timezone),
         parameters={"artifact": settings.nightly_artifact, "prompt_file": settings.nightly_prompts,
-                    "output_dir": settings.nightly_output},
+                    "output_dir": settings.nightly_output, "offload": settings.nightly_offload,
+                    "vae_tiling": settings.nightly_vae_tiling,
+                    "dtype": settings.nightly_dtype},
         tags=TAGS,
         entrypoint_type=module,
     )

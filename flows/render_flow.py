@@ -21,6 +21,7 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import MissingResult
 from prefect.states import Completed, Failed, State
 
+from hlwq.runtime.offload import check_offload
 from hlwq.store.catalog import FAILED, append_catalog, artifact_id, completed_renders, read_catalog
 from hlwq.store.prompts import PromptBatch, RenderRequest, load_prompts, request_key
 from hlwq.tasks.render import DEFAULT_PIPELINE_FACTORY, render_task, resolve_artifact_task
@@ -61,12 +62,20 @@ def render_batch(
     retries: int = 2,
     retry_delay_s: float = 5.0,
     pipeline_factory: str = DEFAULT_PIPELINE_FACTORY,
+    offload: str = "auto",
+    vae_tiling: bool = False,
+    dtype: str = "auto",
 ) -> State:
     """Render every valid row of `prompt_file` with the pipeline of `artifact` into `output_dir`.
 
     `artifact` is a folder or a Hub repo (`owner/name[@revision]`): then the manifest's files
-    of the revision's current commit are downloaded into the Hub cache and verified first."""
+    of the revision's current commit are downloaded into the Hub cache and verified first.
+
+    `offload` (auto, none, model, sequential, group), `vae_tiling` and `dtype` (auto,
+    float32, bfloat16, float16) place the pipeline (runtime/offload.py)."""
     logger = get_run_logger()
+    check_offload(offload, dtype)
+    placement = {"offload": offload, "vae_tiling": vae_tiling, "dtype": dtype}
     batch = load_prompts(prompt_file)
     for rejected in batch.rejected:
         logger.warning("prompt file %s: rejected %s", prompt_file, rejected)
@@ -84,7 +93,7 @@ def render_batch(
                 summary.skipped.append(done[key])
                 continue
             state = render(request.to_dict(), artifact, model_id, key, output_dir, device,
-                           pipeline_factory, return_state=True)
+                           pipeline_factory, placement, return_state=True)
             row = (state.result() if state.is_completed()
                    else failure_row(request, key, model_id, artifact, state))
             attempted.append(row)

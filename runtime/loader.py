@@ -33,6 +33,7 @@ from hlwq.runtime.ltx23_models import (
     build_model,
     model_class,
 )
+from hlwq.runtime.offload import apply_offload
 from hlwq.runtime.packed_linear import PACKED_BUFFERS, PackedLinear
 from hlwq.store.artifact import Artifact, TensorRecord, open_artifact
 from hlwq.store.ltx23_config import (
@@ -47,21 +48,17 @@ WEIGHT_SUFFIX = ".weight"
 
 
 def load_pipeline(artifact: str | os.PathLike, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32, offload: bool = False, verify: bool = True,
-                  image_to_video: bool = False):
+                  dtype: torch.dtype = torch.float32, offload: str = "none", verify: bool = True,
+                  image_to_video: bool = False, vae_tiling: bool = False):
     """``LTX2Pipeline`` (or ``LTX2ImageToVideoPipeline``) whose quantized linears stay packed.
 
     ``artifact``: a folder, or a Hub repo ``owner/name[@revision]`` whose manifest's files
     are downloaded into the Hub cache (runtime/hub.py).
     ``verify`` checks the manifest, every file's hash and every tensor entry first.
-    ``offload`` uses diffusers' model CPU offload onto ``device`` (an accelerator)
-    instead of moving the whole pipeline there. A manifest that does not match
-    the model config raises ArtifactError naming the tensor.
+    ``offload`` (runtime/offload.py: none, model, sequential, group or auto) decides which
+    weights stay on ``device`` while it renders; ``vae_tiling`` decodes the video in tiles.
+    A manifest that does not match the model config raises ArtifactError naming the tensor.
     """
-    device = torch.device(device)
-    if offload and device.type == "cpu":
-        raise InvalidOptionError("offload=True moves each model to an accelerator in turn; "
-                                 f"device={device} is the CPU (use offload=False)")
     art = open_artifact(resolve_artifact(artifact, verify=False), verify=verify)  # hashed once
     pipeline_class = _pipeline_class(image_to_video)
     if _uses_official_names(art):
@@ -69,10 +66,9 @@ def load_pipeline(artifact: str | os.PathLike, device: str | torch.device = "cpu
     else:
         packed = {c: _packed_component(art, c, dtype) for c in _quantized_components(art)}
         pipeline = pipeline_class.from_pretrained(art.path, torch_dtype=dtype, **packed)
-    if offload:
-        pipeline.enable_model_cpu_offload(device=device)
-    else:
-        pipeline.to(device)
+    pipeline.offload_mode = apply_offload(pipeline, offload, device)
+    if vae_tiling:
+        pipeline.vae.enable_tiling()
     return pipeline
 
 

@@ -23,15 +23,17 @@ from prefect import task
 
 from hlwq.quant.errors import InvalidOptionError
 from hlwq.runtime.hub import resolve_artifact
+from hlwq.runtime.offload import check_offload
 from hlwq.runtime.video import write_contact_sheet, write_mp4
 from hlwq.store.catalog import RENDERED
 from hlwq.store.hash_cache import sha256_file
 from hlwq.store.prompts import RenderRequest
 
 DEFAULT_PIPELINE_FACTORY = "hlwq.runtime.loader:load_pipeline"
+DEFAULT_PLACEMENT = {"offload": "auto", "vae_tiling": False, "dtype": "auto"}
 VIDEO_DIR, SHEET_DIR = "videos", "contact-sheets"
 
-_PIPELINES: dict[tuple, Any] = {}        # (factory, artifact, device) -> text-to-video pipeline
+_PIPELINES: dict[tuple, Any] = {}        # (factory, artifact, device, options) -> pipeline
 _IMAGE_TO_VIDEO: dict[tuple, Any] = {}    # same key -> image-to-video view of the same modules
 _PIPELINE_LOCK = threading.Lock()  # one render at a time per pipeline: schedulers keep state
 
@@ -42,13 +44,17 @@ def resolve_artifact_task(artifact: str) -> str:
     return str(resolve_artifact(artifact))
 
 
-def resolve_device(device: str = "auto") -> tuple[str, torch.dtype]:
-    """'auto' -> CUDA in bfloat16 when present, else the CPU in float32."""
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, torch.dtype]:
+    """'auto' -> CUDA when present, else the CPU; dtype 'auto' -> bfloat16 on CUDA, float32
+    on the CPU."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise InvalidOptionError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
-    return device, (torch.float32 if device == "cpu" else torch.bfloat16)
+    check_offload("auto", dtype)
+    if dtype == "auto":
+        return device, (torch.float32 if device == "cpu" else torch.bfloat16)
+    return device, getattr(torch, dtype)
 
 
 def resolve_factory(spec: str) -> Callable[..., Any]:
@@ -61,12 +67,19 @@ def resolve_factory(spec: str) -> Callable[..., Any]:
         ) from exc
 
 
-def cached_pipeline(artifact: str, image_to_video: bool, device: str, factory: str) -> Any:
-    """The process's pipeline for this artifact and device; built on first use only."""
-    device, dtype = resolve_device(device)
-    key = (factory, str(Path(artifact).resolve()), device)
+def cached_pipeline(artifact: str, image_to_video: bool, device: str, factory: str,
+                    placement: dict[str, Any] | None = None) -> Any:
+    """The process's pipeline for this artifact, device and placement; built on first use only.
+
+    ``placement``: ``offload``, ``vae_tiling`` and ``dtype`` (runtime/offload.py); the factory
+    gets the first two as keyword arguments."""
+    placement = {**DEFAULT_PLACEMENT, **(placement or {})}
+    device, dtype = resolve_device(device, placement["dtype"])
+    key = (factory, str(Path(artifact).resolve()), device, tuple(sorted(placement.items())))
     if key not in _PIPELINES:
-        pipeline = resolve_factory(factory)(artifact, device=device, dtype=dtype)
+        pipeline = resolve_factory(factory)(artifact, device=device, dtype=dtype,
+                                            offload=placement["offload"],
+                                            vae_tiling=placement["vae_tiling"])
         if hasattr(pipeline, "set_progress_bar_config"):
             pipeline.set_progress_bar_config(disable=True)  # Prefect logs carry the progress
         _PIPELINES[key] = pipeline
@@ -160,9 +173,10 @@ def render_request(
     output_dir: str,
     device: str = "auto",
     factory: str = DEFAULT_PIPELINE_FACTORY,
+    placement: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Render one request to `<output_dir>/videos/<id>-<key>.mp4` plus its contact sheet; return its catalog row."""
-    pipeline = cached_pipeline(artifact, request.image_to_video, device, factory)
+    pipeline = cached_pipeline(artifact, request.image_to_video, device, factory, placement)
     device_name, _ = resolve_device(device)
     arguments = render_arguments(request, device_name)
     if request.image_to_video:
@@ -207,6 +221,7 @@ def render_task(
     output_dir: str,
     device: str = "auto",
     factory: str = DEFAULT_PIPELINE_FACTORY,
+    placement: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return render_request(RenderRequest(**request), artifact, artifact_id, render_key, output_dir,
-                          device, factory)
+                          device, factory, placement)

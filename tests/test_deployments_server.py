@@ -71,6 +71,19 @@ def test_file_globs_reach_requantize_and_watch(monkeypatch):
         assert "exclude_files" not in served[name].parameters
 
 
+def test_render_placement_reaches_nightly_render(monkeypatch):
+    monkeypatch.setenv("HLWQ_NIGHTLY_VAE_TILING", "yes")
+    settings = DeploymentSettings.from_env(nightly_offload="group", nightly_dtype="float16")
+    nightly = {d.name: d for d in build_deployments(settings)}["nightly-render"]
+    assert {k: nightly.parameters[k] for k in ("offload", "vae_tiling", "dtype")} == {
+        "offload": "group", "vae_tiling": True, "dtype": "float16"}
+    with pytest.raises(InvalidOptionError, match="--offload 'disk'"):
+        DeploymentSettings.from_env(nightly_offload="disk")
+    monkeypatch.setenv("HLWQ_NIGHTLY_VAE_TILING", "maybe")
+    with pytest.raises(InvalidOptionError, match="'maybe'"):
+        DeploymentSettings.from_env()
+
+
 def test_watch_names_are_valid_prefect_names():
     assert state_variable_name("Lightricks/LTX-2.3") == "hlwq_watch_lightricks_ltx-2_3"
     assert artifact_output("art/", "Lightricks/LTX-2.3", "0123456789abcdef", 5) == "art/LTX-2.3-0123456789ab-q5"
@@ -173,7 +186,9 @@ def test_served_deployments_watch_requantize_and_render_nightly(tmp_path):
                 assert interval["interval"] == 3600
                 assert requantize["schedules"] == []
                 assert nightly["parameters"] == {"artifact": artifact, "prompt_file": str(prompts),
-                                                 "output_dir": str(tmp_path / "renders")}
+                                                 "output_dir": str(tmp_path / "renders"),
+                                                 "offload": "auto", "vae_tiling": False,
+                                                 "dtype": "auto"}
                 assert watch["parameters"]["source"] == "acme/ltx-tiny"
                 assert {"source", "revision", "bits", "policy", "out"} <= set(
                     requantize["parameter_openapi_schema"]["properties"])

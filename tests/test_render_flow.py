@@ -22,6 +22,7 @@ from hlwq.store.catalog import read_catalog
 from hlwq.tasks import render as render_module
 
 ATTEMPTS: dict[str, int] = {}
+PLACEMENTS: list[dict] = []     # what each scripted_factory call was asked for
 
 
 class ScriptedPipeline:
@@ -45,7 +46,8 @@ class ScriptedPipeline:
         return SimpleNamespace(frames=frames, audio=torch.zeros(1, 2, samples))
 
 
-def scripted_factory(artifact, device, dtype):
+def scripted_factory(artifact, device, dtype, **placement):
+    PLACEMENTS.append({"device": device, "dtype": dtype, **placement})
     return ScriptedPipeline()
 
 
@@ -170,7 +172,23 @@ def test_missing_manifest_and_unimportable_factory_are_named(tmp_path):
         render_module.resolve_factory("no_such_module_xyz:load")
 
 
-def tiny_fixture_factory(artifact, device, dtype):
+def test_offload_tiling_and_dtype_reach_the_pipeline_factory(tmp_path, fake_artifact):
+    from hlwq.quant.errors import InvalidOptionError
+
+    render_module.clear_pipeline_cache()
+    PLACEMENTS.clear()
+    prompts = write_prompts(tmp_path / "p.jsonl", [
+        {"prompt": "one", "width": 32, "height": 32, "frames": 9, "steps": 1}])
+    state = run_batch(fake_artifact, prompts, tmp_path / "out", device="cpu", offload="group",
+                      vae_tiling=True, dtype="bfloat16")
+    assert state.is_completed()
+    assert PLACEMENTS == [{"device": "cpu", "dtype": torch.bfloat16, "offload": "group",
+                           "vae_tiling": True}]
+    with pytest.raises(InvalidOptionError, match="--offload 'disk'"):
+        run_batch(fake_artifact, prompts, tmp_path / "out2", offload="disk").result()
+
+
+def tiny_fixture_factory(artifact, device, dtype, **placement):
     """The real diffusers LTX-2.3 pipeline of the tiny fixture (unquantized)."""
     from hlwq.testing.fixtures import load_tiny_pipeline
 

@@ -193,6 +193,6 @@ def test_layer_missing_from_config_names_the_tensor(diffusers_artifact, tmp_path
         load_pipeline(bad, verify=False)
 
 
-def test_offload_needs_an_accelerator(diffusers_artifact):
-    with pytest.raises(InvalidOptionError, match="offload"):
-        load_pipeline(diffusers_artifact, device="cpu", offload=True)
+def test_offload_mode_is_checked(diffusers_artifact):
+    with pytest.raises(InvalidOptionError, match="--offload 'yes'"):
+        load_pipeline(diffusers_artifact, device="cpu", offload="yes", verify=False)

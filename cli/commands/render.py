@@ -8,6 +8,7 @@ import sys
 import click
 
 from hlwq.cli.prefect_env import configure_prefect
+from hlwq.runtime.offload import DTYPE_NAMES, OFFLOAD_MODES
 
 
 @click.command()
@@ -20,16 +21,24 @@ from hlwq.cli.prefect_env import configure_prefect
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output folder: videos/, contact-sheets/ and catalog/ go there.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--offload", type=click.Choice(OFFLOAD_MODES), default="auto", show_default=True,
+              help="Which weights stay on the device: none (all), model (one component at a "
+                   "time), sequential (one layer at a time), group (one block at a time, "
+                   "streamed on CUDA); auto picks the fastest that fits the free memory.")
+@click.option("--vae-tiling", is_flag=True, help="Decode the video in tiles (less memory).")
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="auto", show_default=True,
+              help="Compute dtype (auto: bfloat16 on CUDA, float32 on the CPU).")
 @click.option("--retries", default=2, show_default=True, type=int, help="Retries per failing render.")
 @click.option("--json", "as_json", is_flag=True, help="Print the batch summary as JSON.")
-def render(artifact, prompts, out, device, retries, as_json):
+def render(artifact, prompts, out, device, offload, vae_tiling, dtype, retries, as_json):
     """Render every valid row of a prompt file. Bad rows are listed and skipped; renders already
     in the catalog with an intact output are skipped. Exit 1 when a render failed or a row was
     rejected."""
     configure_prefect()
     from hlwq.flows.render_flow import render_batch
 
-    state = render_batch(artifact, prompts, out, device=device, retries=retries, return_state=True)
+    state = render_batch(artifact, prompts, out, device=device, retries=retries, offload=offload,
+                         vae_tiling=vae_tiling, dtype=dtype, return_state=True)
     summary = state.result(raise_on_failure=False)
     if not isinstance(summary, dict):  # the flow itself failed before it could summarize
         raise summary if isinstance(summary, BaseException) else click.ClickException(str(state.message))

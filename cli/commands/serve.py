@@ -25,6 +25,7 @@ from pathlib import Path
 import click
 
 from hlwq.quant.errors import HLWQError
+from hlwq.runtime.offload import DTYPE_NAMES, OFFLOAD_MODES
 from hlwq.store.atomic import atomic_write_text
 
 DEFAULT_HOME = "work-runs/prefect-server"
@@ -253,6 +254,13 @@ def server_status(home: str | None) -> None:
                    "(HLWQ_NIGHTLY_ARTIFACT).")
 @click.option("--nightly-prompts", default=None, help="Prompt file of the nightly render (HLWQ_NIGHTLY_PROMPTS).")
 @click.option("--nightly-output", default=None, help="Output folder of the nightly render (HLWQ_NIGHTLY_OUTPUT).")
+@click.option("--nightly-offload", type=click.Choice(OFFLOAD_MODES),
+              default=None, help="Offload mode of the nightly render (HLWQ_NIGHTLY_OFFLOAD, "
+                                 "default auto; see hlwq render --offload).")
+@click.option("--nightly-vae-tiling/--no-nightly-vae-tiling", default=None,
+              help="Tiled VAE decode in the nightly render (HLWQ_NIGHTLY_VAE_TILING).")
+@click.option("--nightly-dtype", type=click.Choice(DTYPE_NAMES),
+              default=None, help="Compute dtype of the nightly render (HLWQ_NIGHTLY_DTYPE).")
 @click.option("--output-suite", default=None,
               help="Prompt suite for requantize's output gates (HLWQ_OUTPUT_SUITE; default: the repo's suite).")
 @click.option("--publish-to", default=None,
