@@ -49,7 +49,7 @@ from hlwq.tasks.packaging import package_artifact_task
 from hlwq.tasks.plan import inventory_task
 from hlwq.tasks.publish import publish_task
 from hlwq.tasks.quantize import RunProgress, dask_client, quantize_group, submit_units
-from hlwq.tasks.sources import FetchResult, fetch_source_task
+from hlwq.tasks.sources import FetchResult, fetch_source_task, with_text_encoder
 from hlwq.tasks.validate_output import output_gates_skip_reason, output_gates_task
 
 BLOCK_SIZE = 128
@@ -190,9 +190,9 @@ def check_publish_to(publish_to: str | None, gates: bool) -> None:
                                  "publish it yourself with `hlwq publish --allow-unvalidated`")
 
 
-def run_tags(source: str, revision: str | None, bits: int, policy: str | None) -> list[str]:
-    return [f"source:{source}", f"revision:{revision or 'default'}", f"bits:{bits}",
-            f"policy:{policy or 'auto'}"]
+def run_tags(source: str, revision: str | None, bits: int) -> list[str]:
+    """Tags known before the run starts; the flow adds ``policy:`` once it has resolved it."""
+    return [f"source:{source}", f"revision:{revision or 'default'}", f"bits:{bits}"]
 
 
 @flow(name="quantize_checkpoint", flow_run_name="quantize {source}", persist_result=False)
@@ -204,7 +204,9 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
                         gates: bool = True, gates_file: str | None = None,
                         on_nonfinite: str = "fail", output_suite: str | None = None,
                         target_size: str | None = None, target_scope: str = "package",
-                        publish_to: str | None = None) -> dict:
+                        publish_to: str | None = None,
+                        text_encoder: str | None = None,
+                        text_encoder_revision: str | None = None) -> dict:
     """Quantize a checkpoint (Hub id, folder or .safetensors file) into a packed HLWQ artifact.
 
     ``files`` / ``exclude_files``: globs choosing which of the source's files count (only
@@ -220,6 +222,9 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
 
     ``publish_to`` (a Hub repo, ``owner/name[@branch]``): once the artifact is validated,
     publish it there (tasks/publish.py; the same bytes again make no commit).
+
+    ``text_encoder``: a separate Hub repo (``text_encoder_revision``) or folder holding the
+    text encoder (LTX-2.3's Gemma 3), quantized and packaged as the source's ``text_encoder/``.
     """
     started = time.perf_counter()
     check_settings(bits, mode, group_size, on_nonfinite, workers, dask_address)
@@ -231,7 +236,7 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
                 "policy": policy, "code_version": code_version(), "on_nonfinite": on_nonfinite}
 
     plan = plan_run(source, revision, files, exclude_files, settings, staging_dir, out_dir,
-                    target_size, target_scope)
+                    target_size, target_scope, text_encoder, text_encoder_revision)
     with tags(f"revision:{plan.lineage['commit_sha'][:12]}", f"policy:{plan.settings['policy']}"):
         stage = quantize_tensors.with_options(task_runner=dask_task_runner(workers, dask_address))(
             plan.jobs, len(plan.jobs))
@@ -270,10 +275,15 @@ class RunPlan:
 
 def plan_run(source: str, revision: str | None, files, exclude_files, settings: dict,
              staging_dir: Path, out_dir: Path, target_size: str | None,
-             target_scope: str) -> RunPlan:
-    """Fetch, then inventory (headers read once; the layout picks the default policy), then
-    the jobs, then the disk check: nothing is quantized before all of it holds."""
+             target_scope: str, text_encoder: str | None = None,
+             text_encoder_revision: str | None = None) -> RunPlan:
+    """Fetch (with a separately given text encoder joined in as text_encoder/), then
+    inventory (headers read once; the layout picks the default policy), then the jobs, then
+    the disk check: nothing is quantized before all of it holds."""
     fetched = FetchResult.from_dict(fetch_source_task(source, revision, files, exclude_files))
+    if text_encoder is not None:
+        encoder = FetchResult.from_dict(fetch_source_task(text_encoder, text_encoder_revision))
+        fetched = with_text_encoder(fetched, encoder, staging_dir / "source-view")
     lineage = fetched.lineage
     inventory_root = Path(lineage["path"]) if lineage["kind"] == "file" else fetched.root
     inventory_path = staging_dir / "inventory.parquet"
@@ -462,6 +472,5 @@ def summary_markdown(summary: dict) -> str:
 
 def run_quantize(source: str, out: str, **options) -> dict:
     """Run the flow with tags for source, revision, bits and policy (what the CLI calls)."""
-    with tags(*run_tags(source, options.get("revision"), options.get("bits", 5),
-                        options.get("policy"))):
+    with tags(*run_tags(source, options.get("revision"), options.get("bits", 5))):
         return quantize_checkpoint(source, out, **options)

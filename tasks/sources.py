@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +172,46 @@ def fetch_source_task(
     return fetch_source(
         source, revision, allow_patterns, ignore_patterns, cache_dir, local_dir
     ).to_dict()
+
+
+# ---- a separate text encoder -----------------------------------------------------------------
+
+TEXT_ENCODER_DIR = "text_encoder"
+
+
+def with_text_encoder(main: FetchResult, text_encoder: FetchResult, view: Path) -> FetchResult:
+    """``main`` plus ``text_encoder``'s files under ``text_encoder/``, as one source folder.
+
+    For checkpoints that ship the text encoder as its own repo (LTX-2.3's Gemma 3). ``view``
+    is rebuilt as a folder of symlinks to both sources' fetched files (a Hub snapshot is made
+    of symlinks already), so the rest of the run reads one folder; the artifact receives the
+    files themselves. The lineage is ``main``'s with the text encoder's files added, its own
+    lineage under ``text_encoder`` and a commit over both commits.
+    """
+    lineage = main.lineage
+    if lineage["kind"] == "file":
+        raise InvalidOptionError(f"--text-encoder: the source {lineage['source']!r} is one file; "
+                                 "give the folder (or Hub repo) that holds it, with --files NAME")
+    if any(f["path"].split("/")[0] == TEXT_ENCODER_DIR for f in lineage["files"]):
+        raise SourceError(f"{lineage['source']}: already holds {TEXT_ENCODER_DIR}/; drop "
+                          f"--text-encoder or leave them out with --exclude-files "
+                          f"'{TEXT_ENCODER_DIR}/*'")
+    encoder_files = [{**f, "path": f"{TEXT_ENCODER_DIR}/{f['path']}"}
+                     for f in text_encoder.lineage["files"]]
+    targets = {f["path"]: main.root / f["path"] for f in lineage["files"]}
+    targets |= {f["path"]: text_encoder.root / f["path"].split("/", 1)[1] for f in encoder_files}
+    if view.exists():
+        shutil.rmtree(view)
+    for name, target in targets.items():
+        link = view / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(target.resolve())
+    commits = f"{lineage['commit_sha']}\n{text_encoder.lineage['commit_sha']}\n"
+    combined = {**lineage, "files": lineage["files"] + encoder_files,
+                "commit_sha": hashlib.sha256(commits.encode()).hexdigest(),
+                "commit_sha_kind": "sha256-of-source-and-text-encoder-commits",
+                TEXT_ENCODER_DIR: text_encoder.lineage}
+    return FetchResult(view, [view / name for name in targets], combined)
 
 
 # ---- local sources ---------------------------------------------------------------------------
@@ -394,4 +435,5 @@ __all__ = [
     "list_remote_files",
     "parse_hub_source",
     "remote_safetensors_headers",
+    "with_text_encoder",
 ]

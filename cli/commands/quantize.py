@@ -33,6 +33,10 @@ from hlwq.store.tensor_jobs import ON_NONFINITE
                                      "staging and output must be on storage every worker sees.")
 @click.option("--revision", help="Branch, tag or commit of a Hub SOURCE.")
 @source_file_options
+@click.option("--text-encoder", "text_encoder", metavar="SOURCE",
+              help="The text encoder as a separate Hub repo or folder (LTX-2.3's Gemma 3), "
+                   "packaged as the artifact's text_encoder/ (with --policy ltx23-full, packed).")
+@click.option("--text-encoder-revision", help="Branch, tag or commit of a Hub --text-encoder.")
 @click.option("--staging", type=click.Path(file_okay=False),
               help="Where per-tensor results wait for packaging [default: OUT.staging].")
 @click.option("--gates/--no-gates", default=True, show_default=True,
@@ -45,8 +49,8 @@ from hlwq.store.tensor_jobs import ON_NONFINITE
 @target_size_options
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 def quantize(source, out, policy, bits, mode, group_size, workers, dask_address, revision, files,
-             exclude_files, staging, gates, gates_file, on_nonfinite, target_size, target_scope,
-             as_json):
+             exclude_files, text_encoder, text_encoder_revision, staging, gates, gates_file,
+             on_nonfinite, target_size, target_scope, as_json):
     """Quantize SOURCE (a Hub repo id, a folder or a .safetensors file) into a packed HLWQ
     artifact at OUT. Re-running skips tensors already quantized."""
     if target_size is not None:
@@ -60,7 +64,8 @@ def quantize(source, out, policy, bits, mode, group_size, workers, dask_address,
                            files=list(files) or None, exclude_files=list(exclude_files) or None,
                            staging=staging, gates=gates, gates_file=gates_file,
                            on_nonfinite=on_nonfinite, target_size=target_size,
-                           target_scope=target_scope)
+                           target_scope=target_scope, text_encoder=text_encoder,
+                           text_encoder_revision=text_encoder_revision)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
         return
