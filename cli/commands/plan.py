@@ -40,11 +40,21 @@ COUNT_UNITS = (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3))
 @click.option("--overrides", type=click.Path(dir_okay=False),
               help="TOML/YAML file with include, exclude and per-pattern bits.")
 @target_size_options
+@click.option("--device-memory", metavar="SIZE",
+              help="Predict peak accelerator memory per offload mode and stage for a render, "
+                   "and say which modes fit SIZE (e.g. 16GB).")
+@click.option("--resolution", default="768x512", show_default=True,
+              help="WIDTHxHEIGHT of the render the memory plan predicts.")
+@click.option("--frames", default=121, show_default=True, type=click.IntRange(min=1),
+              help="Frames of the render the memory plan predicts.")
+@click.option("--vae-tiling", is_flag=True, help="The memory plan assumes tiled VAE decoding.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(source, known_package, policy_name, bits, block_size, revision, files, exclude_files,
-         include, exclude, overrides, target_size, target_scope, as_json):
+         include, exclude, overrides, target_size, target_scope, device_memory, resolution,
+         frames, vae_tiling, as_json):
     """Per-component tensors, parameters, original and packed bytes of SOURCE
-    (a Hub repo id, a folder or a .safetensors file)."""
+    (a Hub repo id, a folder or a .safetensors file). SOURCE may also be a packed artifact:
+    with --device-memory, its memory plan."""
     from hlwq.quant.core import check_options
     from hlwq.quant.sizes import size_table
     from hlwq.store.inventory import default_policy_for, rows_from_headers
@@ -53,6 +63,17 @@ def plan(source, known_package, policy_name, bits, block_size, revision, files, 
     check_options(bits, block_size, None, "refined")
     if (source is None) == (known_package is None):
         raise click.UsageError("give exactly one of SOURCE or --layout")
+    shape = _render_shape(device_memory, resolution, frames, vae_tiling)
+    if source is not None and (Path(source) / "manifest.json").is_file():   # a packed artifact
+        from hlwq.runtime.memory_plan import artifact_inputs
+
+        if shape is None:
+            raise click.UsageError(f"{source} is a packed artifact: give --device-memory SIZE "
+                                   "for its memory plan")
+        report = {"source": str(source), "artifact": True,
+                  "memory": _memory_plan(*artifact_inputs(source), shape, device_memory)}
+        click.echo(json.dumps(report, indent=2) if as_json else format_memory(report["memory"]))
+        return
     label, layout, headers, package_rows, base = _planned_source(
         source, known_package, revision, list(files) or None, list(exclude_files) or None)
     if policy_name == AUTO_POLICY:
@@ -71,7 +92,62 @@ def plan(source, known_package, policy_name, bits, block_size, revision, files, 
               "block_size": block_size, **sizes}
     if budget is not None:
         report["budget"] = budget
-    click.echo(json.dumps(report, indent=2) if as_json else format_plan(report))
+    if shape is not None:
+        report["memory"] = _planned_memory(rows, source, block_size, shape, device_memory)
+    text = format_plan(report) + ("\n\n" + format_memory(report["memory"])
+                                  if "memory" in report else "")
+    click.echo(json.dumps(report, indent=2) if as_json else text)
+
+
+def _render_shape(device_memory, resolution, frames, vae_tiling):
+    """The render the memory plan predicts; None when no --device-memory was given."""
+    if device_memory is None:
+        return None
+    from hlwq.runtime.memory_plan import RenderShape, parse_resolution
+
+    width, height = parse_resolution(resolution)
+    return RenderShape(width=width, height=height, frames=frames, vae_tiling=vae_tiling)
+
+
+def _memory_plan(weights, configs, shape, device_memory) -> dict:
+    from hlwq.quant.budget import parse_size
+    from hlwq.runtime.memory_plan import memory_plan
+
+    return memory_plan(weights, configs, shape, parse_size(device_memory))
+
+
+def _planned_memory(rows, source, block_size, shape, device_memory) -> dict:
+    """The memory plan of what the plan would produce (packed sizes per tensor)."""
+    from hlwq.quant.sizes import tensor_nbytes
+    from hlwq.runtime.memory_plan import component_weights, folder_configs, layout_configs
+
+    sized = [{**row, "packed_bytes": tensor_nbytes(row["shape"], row["dtype"], row["bits"],
+                                                   block_size)[1]} for row in rows]
+    local = source is not None and Path(source).expanduser().exists()
+    configs = folder_configs(Path(source).expanduser()) if local else layout_configs()
+    return _memory_plan(component_weights(sized), configs, shape, device_memory)
+
+
+def format_memory(memory: dict) -> str:
+    """Peak memory per mode and stage, and which modes fit."""
+    stages = [s["name"] for s in next(iter(memory["modes"].values()))["stages"]]
+    header = ("mode", *stages, "peak", *(("fits",) if "fits" in memory else ()))
+    body = []
+    for mode, entry in memory["modes"].items():
+        cells = [f"{format_bytes(s['weights_bytes'])} + {format_bytes(s['activation_bytes'])}"
+                 for s in entry["stages"]]
+        fits = (("yes" if memory["fits"][mode] else "no"),) if "fits" in memory else ()
+        body.append((mode, *cells, format_bytes(entry["peak_bytes"]), *fits))
+    title = (f"Memory plan: {memory['resolution']}, {memory['frames']} frames "
+             f"({memory['video_tokens']:,} video + {memory['audio_tokens']:,} audio tokens, "
+             f"batch {memory['batch']}{', tiled VAE' if memory['vae_tiling'] else ''}); "
+             "weights + activations per stage")
+    lines = [title, "", *_aligned([header, *body], total_rule=False)]
+    if "fits" in memory:
+        lines += ["", (f"device memory {format_bytes(memory['device_memory_bytes'])} "
+                       f"(minus {format_bytes(memory['reserve_bytes'])} reserve): recommended "
+                       f"--offload {memory['recommended'] or 'none fits'}")]
+    return "\n".join(lines)
 
 
 def _planned_source(source, known_package, revision, files, exclude_files):
@@ -198,12 +274,13 @@ def _table_row(name: str, entry: dict) -> tuple[str, ...]:
             format_bytes(entry["packed_bytes"]), f"{entry['bits_per_weight']:.2f}")
 
 
-def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
+def _aligned(rows: list[tuple[str, ...]], total_rule: bool = True) -> list[str]:
     """Left-align the first column, right-align the numbers; a rule above the last (total) row."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join([row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width
                                                    in zip(row[1:], widths[1:])]) for row in rows]
-    lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    if total_rule:
+        lines.insert(len(lines) - 1, "-" * len(lines[0]))
     return lines
 
 
