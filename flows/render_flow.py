@@ -53,7 +53,16 @@ class BatchSummary:
         return {**asdict(self), "counts": counts, "message": self.message}
 
 
-@flow(name="render-batch", persist_result=False)
+def render_run_name() -> str:
+    """'<prompt file> with <artifact>', the way a user tells runs apart in the UI."""
+    from prefect.runtime import flow_run
+
+    parameters = flow_run.parameters
+    return (f"{Path(parameters['prompt_file']).stem} with "
+            f"{Path(parameters['artifact']).resolve().name}")
+
+
+@flow(name="render-batch", flow_run_name=render_run_name, persist_result=False)
 def render_batch(
     artifact: str,
     prompt_file: str,
