@@ -166,6 +166,9 @@ def _source_section(layout: str, lineage: dict, root: Path) -> dict:
     section["license"] = _source_license(root, lineage)
     section["files"] = sorted(({"path": f["path"], "size": f["size"], "sha256": f["sha256"]}
                                for f in lineage.get("files", [])), key=lambda f: f["path"])
+    if lineage.get("text_encoder"):     # given separately (quantize --text-encoder)
+        encoder = lineage["text_encoder"]
+        section["text_encoder"] = {field: encoder.get(field) for field in (*LINEAGE_FIELDS, "path")}
     return section
 
 

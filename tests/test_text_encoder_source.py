@@ -7,7 +7,6 @@ import json
 import shutil
 
 import pytest
-from click.testing import CliRunner
 
 from hlwq.quant.errors import InvalidOptionError, SourceError
 from hlwq.store.policy import load_policy
@@ -46,6 +45,15 @@ def test_text_encoder_joins_the_source(split_source, tmp_path):
     assert again.lineage == fetched.lineage                            # rebuilt, same identity
 
 
+def test_quantize_cli_takes_text_encoder_options():
+    from click.testing import CliRunner
+
+    from hlwq.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["quantize", "--help"])
+    assert "--text-encoder SOURCE" in result.output and "--text-encoder-revision" in result.output
+
+
 def test_text_encoder_source_errors(split_source, tmp_path):
     main, gemma = split_source
     single = fetch_source(str(next(main.glob("ltx-2.3-tiny.safetensors"))))
@@ -57,20 +65,21 @@ def test_text_encoder_source_errors(split_source, tmp_path):
 
 
 @pytest.mark.slow
-def test_quantize_cli_packs_a_separate_text_encoder(split_source, tmp_path):
+def test_flow_packs_a_separate_text_encoder(split_source, tmp_path):
     """The whole flow: Gemma from its own folder, packed under ltx23-full, output gates
     rendered through the packed text encoder."""
-    from hlwq.cli.main import cli
+    from flow_support import patient_prefect
+
+    from hlwq.flows.quantize_flow import run_quantize
 
     main, gemma = split_source
     out = tmp_path / "artifact"
-    result = CliRunner().invoke(cli, [
-        "quantize", str(main), "--text-encoder", str(gemma), "--policy", "ltx23-full",
-        "--mode", "reference", "--workers", "1", "--out", str(out), "--json"])
-    assert result.exit_code == 0, result.output
+    with patient_prefect():
+        run_quantize(str(main), str(out), text_encoder=str(gemma), policy="ltx23-full",
+                     mode="reference", workers=1)
     manifest = json.loads((out / "manifest.json").read_text())
     packed = [e for e in manifest["tensors"].values()
               if e["component"] == "text_encoder" and e["action"] == "quantize"]
     assert len(packed) == 14 and all(e["file"].startswith("text_encoder/") for e in packed)
-    assert manifest["source"]["lineage"]["text_encoder"]["path"] == str(gemma.resolve())
+    assert manifest["source"]["text_encoder"]["path"] == str(gemma.resolve())
     assert manifest["validation"]["output_gates"]["passed"] is not None
