@@ -119,7 +119,7 @@ def pack_block_linears(model) -> int:
 def step_benchmark(device: torch.device, layers: int, frames: int, steps: int,
                    dry_run: bool) -> dict:
     from hlwq.benchmarks.runtime_bench import audio_frames, step_arguments
-    from hlwq.runtime.ltx23_layout import build_model
+    from hlwq.runtime.ltx23_models import build_model
     from hlwq.store.ltx23_config import real_width_transformer_config, tiny_config
     from hlwq.testing.fixtures import fill_synthetic_
 

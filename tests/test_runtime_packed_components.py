@@ -14,8 +14,8 @@ from artifact_helpers import quantize_source
 import hlwq.quant.core
 from hlwq.runtime.loader import load_pipeline
 from hlwq.runtime.packed_linear import PackedLinear
-from hlwq.tasks.export import export_dequantized
-from hlwq.tasks.package import package_artifact
+from hlwq.store.export import export_dequantized
+from hlwq.store.package import package_artifact
 from hlwq.testing.fixtures import load_tiny_pipeline, make_tiny_ltx23
 
 PACKED = ("transformer", "connectors", "text_encoder")

@@ -9,8 +9,8 @@ import shutil
 import pytest
 
 from hlwq.quant.errors import InvalidOptionError, SourceError
+from hlwq.store.inventory import build_inventory
 from hlwq.store.policy import load_policy
-from hlwq.tasks.inventory import build_inventory
 from hlwq.tasks.sources import fetch_source, with_text_encoder
 from hlwq.testing.fixtures import make_tiny_ltx23
 
