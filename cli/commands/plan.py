@@ -110,10 +110,10 @@ def _render_shape(device_memory, resolution, frames, vae_tiling):
 
 
 def _memory_plan(weights, configs, shape, device_memory) -> dict:
-    from hlwq.quant.budget import parse_size
+    from hlwq.quant.sizes import parse_size
     from hlwq.runtime.memory_plan import memory_plan
 
-    return memory_plan(weights, configs, shape, parse_size(device_memory))
+    return memory_plan(weights, configs, shape, parse_size(device_memory, "--device-memory"))
 
 
 def _planned_memory(rows, source, block_size, shape, device_memory) -> dict:
@@ -145,8 +145,9 @@ def format_memory(memory: dict) -> str:
     lines = [title, "", *_aligned([header, *body], total_rule=False)]
     if "fits" in memory:
         lines += ["", (f"device memory {format_bytes(memory['device_memory_bytes'])} "
-                       f"(minus {format_bytes(memory['reserve_bytes'])} reserve): recommended "
-                       f"--offload {memory['recommended'] or 'none fits'}")]
+                       f"(minus {format_bytes(memory['reserve_bytes'])} reserve): " +
+                       (f"recommended --offload {memory['recommended']}" if memory["recommended"]
+                        else "no mode fits (try --vae-tiling, fewer frames or a lower resolution)"))]
     return "\n".join(lines)
 
 
