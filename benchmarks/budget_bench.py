@@ -34,6 +34,7 @@ from pathlib import Path
 import click
 import torch
 
+from hlwq.quant.budget import candidate_formats, format_label
 from hlwq.quant.core import dequantize, quantize_tensor
 from hlwq.quant.errors import BudgetError
 from hlwq.quant.sizes import parse_size, size_table
@@ -66,13 +67,15 @@ class WeightSetter:
         self.cache = {} if cache else None
 
     @torch.no_grad()
-    def apply(self, bits: dict[str, int]) -> None:
+    def apply(self, formats: dict[str, tuple[int, int]]) -> None:
+        """Set each weight to its reconstruction in ``formats[name]`` = (bits, group size)."""
         for name, original in self.originals.items():
-            width = bits[name]
-            key = (name, width)
+            bits, group = formats[name]
+            key = (name, bits, group)
             weight = self.cache.get(key) if self.cache is not None else None
             if weight is None:
-                weight = dequantize(quantize_tensor(original.float(), width, name=name))
+                weight = dequantize(quantize_tensor(original.float(), bits, group_size=group,
+                                                    name=name))
                 if self.cache is not None:
                     self.cache[key] = weight
             self.model.get_parameter(name).copy_(weight)
@@ -89,14 +92,29 @@ def output_rel_err(reference: list, candidate: list) -> float:
     return math.sqrt(float((new - ref).square().sum()) / float(ref.square().sum()))
 
 
-def configurations(rows, scope, budgets: dict[str, int], damages: dict[str, dict]) -> list[dict]:
-    """For each budget: the best uniform width that fits and one allocation per damage model."""
-    from hlwq.quant.budget import best_uniform_bits, tensor_options
+def _key(row) -> str:
     from hlwq.store.artifact import tensor_key
-    from hlwq.tasks.budget import allocate_rows, rows_in_scope
 
-    def _key(row):
-        return tensor_key(row["component"], row["tensor"])
+    return tensor_key(row["component"], row["tensor"])
+
+
+def uniform_sizes(rows, formats) -> dict[str, int]:
+    """Total bytes of ``rows`` with every quantized tensor in one format, by format label."""
+    return {format_label(*f): size_table([{**r, "bits": f[0], "group_size": f[1]} for r in rows])
+            ["total_packed_bytes"] for f in formats}
+
+
+def uniform_config(budget: str, budget_bytes: int, quantized, fmt) -> dict:
+    return {"budget": budget, "budget_bytes": budget_bytes, "kind": f"uniform {format_label(*fmt)}",
+            "formats": {_key(r): tuple(fmt) for r in quantized}}
+
+
+def configurations(rows, scope, budgets: dict[str, int], damages: dict[str, dict],
+                   uniform: dict[str, tuple[int, int]] | None = None) -> list[dict]:
+    """For each budget: the best uniform format that fits (or ``uniform[budget]``) and one
+    allocation per damage model, each described by its bytes and mix of formats."""
+    from hlwq.quant.budget import best_uniform_format, tensor_options
+    from hlwq.tasks.budget import allocate_rows, rows_in_scope
 
     scoped = rows_in_scope(rows, scope)
     quantized = [r for r in scoped if r["action"] == "quantize"]
@@ -105,27 +123,32 @@ def configurations(rows, scope, budgets: dict[str, int], damages: dict[str, dict
                for r in quantized]
     configs = []
     for label, budget in budgets.items():
-        uniform = best_uniform_bits(options, budget, fixed)
-        if uniform is not None:
-            configs.append({"budget": label, "budget_bytes": budget, "kind": f"uniform Q{uniform}",
-                            "bits": {_key(r): uniform for r in quantized}})
+        fmt = (uniform or {}).get(label) or best_uniform_format(options, budget, fixed)
+        if fmt is not None:
+            configs.append(uniform_config(label, budget, quantized, fmt))
         for model, damage in damages.items():
             try:
                 _, allocation = allocate_rows(rows, budget, scope, damage)
             except BudgetError:
                 continue
             configs.append({"budget": label, "budget_bytes": budget,
-                            "kind": f"budget ({model})", "bits": allocation.bits,
+                            "kind": f"budget ({model})", "formats": allocation.formats,
                             "predicted_error": allocation.damage})
-    for config in configs:
-        bits = config["bits"]
-        sized = [{**r, "bits": bits.get(_key(r), r["bits"])} for r in scoped]
-        config["total_bytes"] = size_table(sized)["total_packed_bytes"]
-        params = sum(math.prod(r["shape"]) for r in quantized)
-        config["mean_bits"] = sum(bits[_key(r)] * math.prod(r["shape"]) for r in quantized) / params
-        config["widths"] = {str(b): sum(1 for v in bits.values() if v == b)
-                            for b in sorted(set(bits.values()))}
-    return configs
+    return [describe(config, scoped, quantized) for config in configs]
+
+
+def describe(config: dict, scoped, quantized) -> dict:
+    """Bytes, mean bits and the mix of formats of a configuration (``formats`` by tensor key)."""
+    formats = config["formats"]
+    sized = [{**r, "bits": formats[_key(r)][0], "group_size": formats[_key(r)][1]}
+             if _key(r) in formats else r for r in scoped]
+    params = sum(math.prod(r["shape"]) for r in quantized)
+    mix: dict[str, int] = {}
+    for fmt in formats.values():
+        mix[format_label(*fmt)] = mix.get(format_label(*fmt), 0) + 1
+    return {**config, "total_bytes": size_table(sized)["total_packed_bytes"],
+            "mean_bits": sum(formats[_key(r)][0] * math.prod(r["shape"]) for r in quantized) / params,
+            "mix": dict(sorted(mix.items()))}
 
 
 # --------------------------------------------------------------------------- tiny fixture
@@ -133,7 +156,7 @@ def configurations(rows, scope, budgets: dict[str, int], damages: dict[str, dict
 
 def tiny_part(work: Path, log) -> dict:
     from hlwq.store.inventory import build_inventory
-    from hlwq.tasks.budget import activation_stats, file_sampler, measure_damages
+    from hlwq.tasks.budget import activation_stats, file_sampler, first_step_inputs, measure_damages
     from hlwq.tasks.gates import load_gate_config
     from hlwq.tasks.validate_output import (
         apply_output_gates,
@@ -168,13 +191,13 @@ def tiny_part(work: Path, log) -> dict:
                                       stats if model == "activations" else None)
                for model in ("activations", "params")}
 
-    uniform_size = {b: size_table([{**r, "bits": b} for r in rows])["total_packed_bytes"]
-                    for b in range(2, 9)}
-    budgets = {"=Q3": uniform_size[3], "Q3-Q4 midpoint": (uniform_size[3] + uniform_size[4]) // 2,
-               "=Q4": uniform_size[4], "Q4-Q5 midpoint": (uniform_size[4] + uniform_size[5]) // 2,
-               "=Q5": uniform_size[5]}
+    uniform_size = uniform_sizes(rows, candidate_formats())
+    budgets = {"=Q3": uniform_size["Q3"], "Q3-Q4 midpoint": (uniform_size["Q3"] + uniform_size["Q4"]) // 2,
+               "=Q4": uniform_size["Q4"], "=Q4/g32": uniform_size["Q4/g32"],
+               "Q4-Q5 midpoint": (uniform_size["Q4"] + uniform_size["Q5"]) // 2,
+               "=Q5": uniform_size["Q5"]}
     # Fractions of the way from the uniform 2-bit size to the uniform 5-bit size.
-    sweep = {f"Q2+{f:.0%} of Q2..Q5": int(uniform_size[2] + f * (uniform_size[5] - uniform_size[2]))
+    sweep = {f"Q2+{f:.0%} of Q2..Q5": int(uniform_size["Q2"] + f * (uniform_size["Q5"] - uniform_size["Q2"]))
              for f in (0.2, 0.4, 0.6, 0.7, 0.8, 0.9)}
     gates = output_gates(load_gate_config())
     renders = work / "tiny-renders"
@@ -188,11 +211,11 @@ def tiny_part(work: Path, log) -> dict:
     evaluated: dict[str, dict] = {}
 
     def evaluate(config: dict) -> dict:
-        key = json.dumps(config["bits"], sort_keys=True)
+        key = json.dumps(config["formats"], sort_keys=True)
         if key not in evaluated:
             log(f"  rendering {config['kind']} at {config['budget']} "
                 f"({config['total_bytes']:,} bytes)")
-            setter.apply({name.removeprefix("transformer/"): b for name, b in config["bits"].items()})
+            setter.apply({name.removeprefix("transformer/"): f for name, f in config["formats"].items()})
             with torch.no_grad():
                 out_err = output_rel_err(reference_out, forward(evaluation)())
             prompts = {}
@@ -212,21 +235,21 @@ def tiny_part(work: Path, log) -> dict:
                 "gates_passed": verdict["passed"],
                 "failed_gates": sorted({g for p in prompts.values() for g in p["failed_gates"]}),
                 "prompts": prompts}
-        return {k: v for k, v in config.items() if k != "bits"} | evaluated[key]
+        return {k: v for k, v in config.items() if k != "formats"} | evaluated[key]
 
-    comparisons = [evaluate(c) for c in configurations(rows, "transformer", budgets, damages)]
+    comparisons = [evaluate(c) for c in configurations(rows, "transformer", budgets, damages,
+                                                       {"=Q4/g32": (4, 32)})]
     log("sweeping smaller budgets for the smallest size that passes the default gates")
     sweep_results = [evaluate(c) for c in configurations(rows, "transformer", sweep, damages)]
-    uniform_results = [evaluate({"budget": f"=Q{b}", "budget_bytes": uniform_size[b],
-                                 "kind": f"uniform Q{b}", "total_bytes": uniform_size[b],
-                                 "mean_bits": float(b), "widths": {str(b): len(names)},
-                                 "bits": {f"transformer/{n}": b for n in names}})
-                       for b in (2, 3, 4, 5)]
+    uniform_results = [evaluate(describe(uniform_config(f"={format_label(*f)}",
+                                                        uniform_size[format_label(*f)], quantized, f),
+                                         rows, quantized))
+                       for f in ((2, 128), (2, 32), (3, 128), (3, 32), (4, 128), (4, 32), (5, 128))]
     passing = [r for r in sweep_results + comparisons + uniform_results if r["gates_passed"]]
     return {
         "fixture": "make_tiny_ltx23 (2 blocks, video width 256, audio 128), seed 0",
         "scope": "transformer", "quantized_tensors": len(quantized),
-        "uniform_sizes": {str(b): size for b, size in uniform_size.items()},
+        "uniform_sizes": uniform_size,
         "evaluation_prompts": list(EVAL_PROMPTS), "calibration_prompts": list(CALIBRATION_PROMPTS),
         "comparisons": comparisons, "gate_sweep": sweep_results, "uniform": uniform_results,
         "smallest_passing": min(passing, key=lambda r: r["total_bytes"]) if passing else None,
@@ -237,32 +260,6 @@ def tiny_part(work: Path, log) -> dict:
 
 def _mean(prompts: dict, metric: str) -> float:
     return math.fsum(p[metric] for p in prompts.values()) / len(prompts)
-
-
-class _Captured(Exception):
-    pass
-
-
-def first_step_inputs(pipeline, request) -> dict:
-    """The keyword arguments of the transformer's first call when rendering ``request``."""
-    from hlwq.tasks.validate_output import render_arguments
-
-    captured = {}
-
-    def grab(module, args, kwargs):
-        captured.update({k: v.detach().clone() if torch.is_tensor(v) else v
-                         for k, v in kwargs.items() if k != "return_dict"})
-        raise _Captured
-
-    handle = pipeline.transformer.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            pipeline(**render_arguments(request, "cpu"))
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-    return captured
 
 
 # --------------------------------------------------------------------------- real width
@@ -320,25 +317,24 @@ def real_width_part(work: Path, layers: int, log) -> dict:
     damages = {model_name: measure_damages(quantized, file_sampler(root), model_name,
                                            stats if model_name == "activations" else None)
                for model_name in ("activations", "params")}
-    uniform_size = {b: size_table([{**r, "bits": b} for r in rows])["total_packed_bytes"]
-                    for b in range(2, 9)}
-    budgets = {"=Q3": uniform_size[3], "Q3-Q4 midpoint": (uniform_size[3] + uniform_size[4]) // 2,
-               "=Q4": uniform_size[4]}
+    uniform_size = uniform_sizes(rows, candidate_formats())
+    budgets = {"=Q3": uniform_size["Q3"], "Q3-Q4 midpoint": (uniform_size["Q3"] + uniform_size["Q4"]) // 2,
+               "=Q4": uniform_size["Q4"], "=Q4/g32": uniform_size["Q4/g32"]}
     setter = WeightSetter(model, names, cache=False, keep_dtype=torch.bfloat16)
     results = []
-    for config_ in configurations(rows, "transformer", budgets, damages):
+    for config_ in configurations(rows, "transformer", budgets, damages, {"=Q4/g32": (4, 32)}):
         log(f"  forward at {config_['kind']} {config_['budget']}")
-        setter.apply({n.removeprefix("transformer/"): b for n, b in config_["bits"].items()})
+        setter.apply({n.removeprefix("transformer/"): f for n, f in config_["formats"].items()})
         with torch.no_grad():
             error = output_rel_err(reference_out, forward(evaluation)())
         setter.restore()
-        results.append({k: v for k, v in config_.items() if k != "bits"}
+        results.append({k: v for k, v in config_.items() if k != "formats"}
                        | {"transformer_out_rel_err": error})
     return {"fixture": f"make_real_width_transformer(layers={layers}), seed 0; synthetic inputs "
                        "(2x8x8 video latents, 16 audio frames, 64 text tokens), calibration seeds "
                        "1-2, evaluation seeds 11-12",
             "scope": "transformer", "quantized_tensors": len(quantized),
-            "uniform_sizes": {str(b): s for b, s in uniform_size.items()}, "comparisons": results}
+            "uniform_sizes": uniform_size, "comparisons": results}
 
 
 # --------------------------------------------------------------------------- LTX-2.3 layout
@@ -370,6 +366,7 @@ def ltx23_part(log) -> dict:
                 log(f"  {policy_name} / {scope}: allocating 15GB")
                 _, report = plan_budget(rows, parse_size("15GB"), scope)
                 report.pop("bits")
+                report.pop("group_sizes")
                 item["target_15GB"] = report
             except BudgetError as error:
                 item["target_15GB"] = {"error": str(error)}

@@ -104,14 +104,15 @@ def plan_jobs(rows: list[dict], source_base: str, file_ids: dict[str, str], stag
     for row in rows:
         if row["action"] != "quantize":
             continue
+        group_size = row.get("group_size") or settings["group_size"]   # a budget chose it
         key = staged_key(file_ids[row["file"]], tensor_key(row["component"], row["tensor"]),
-                         settings["policy"], row["bits"], BLOCK_SIZE, settings["group_size"],
+                         settings["policy"], row["bits"], BLOCK_SIZE, group_size,
                          settings["mode"], settings["code_version"])
         jobs.append(TensorJob(
             key=key, file=str(Path(source_base) / row["file"]), tensor=row["tensor"],
             component=row["component"], dtype=row["dtype"], shape=tuple(row["shape"]),
             data_start=row["data_start"], data_end=row["data_end"], bits=row["bits"],
-            block_size=BLOCK_SIZE, group_size=settings["group_size"], mode=settings["mode"],
+            block_size=BLOCK_SIZE, group_size=group_size, mode=settings["mode"],
             staging_dir=staging_dir, on_nonfinite=settings["on_nonfinite"]))
     return jobs
 
@@ -206,7 +207,8 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
                         target_size: str | None = None, target_scope: str = "package",
                         publish_to: str | None = None,
                         text_encoder: str | None = None,
-                        text_encoder_revision: str | None = None) -> dict:
+                        text_encoder_revision: str | None = None,
+                        sensitivity: str = "auto") -> dict:
     """Quantize a checkpoint (Hub id, folder or .safetensors file) into a packed HLWQ artifact.
 
     ``files`` / ``exclude_files``: globs choosing which of the source's files count (only
@@ -216,9 +218,12 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
     of tasks/validate_output.py) with the source and the artifact; only then is the artifact
     marked validated. Sources that are not whole pipelines skip them (recorded in the manifest).
 
-    ``target_size`` (e.g. "15GB") replaces the uniform ``bits`` by bits per tensor (2..8)
-    chosen to fit ``target_scope`` with the least measured damage (tasks/budget.py); the
-    allocation's report goes into the manifest's ``quantization.budget``.
+    ``target_size`` (e.g. "15GB") replaces the uniform ``bits`` by a format per tensor (2..8
+    bits, 128-value blocks or 64-/32-value scale groups) chosen to fit ``target_scope`` with
+    the least measured damage (tasks/budget.py). ``sensitivity`` weighs that damage: "auto"
+    measures the model's output on the first step of ``output_suite``'s prompts where the
+    source runs, else falls back to "params"; the allocation's report (saying which was
+    used) goes into the manifest's ``quantization.budget``.
 
     ``publish_to`` (a Hub repo, ``owner/name[@branch]``): once the artifact is validated,
     publish it there (tasks/publish.py; the same bytes again make no commit).
@@ -236,7 +241,8 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
                 "policy": policy, "code_version": code_version(), "on_nonfinite": on_nonfinite}
 
     plan = plan_run(source, revision, files, exclude_files, settings, staging_dir, out_dir,
-                    target_size, target_scope, text_encoder, text_encoder_revision)
+                    target_size, target_scope, text_encoder, text_encoder_revision,
+                    sensitivity, output_suite)
     with tags(f"revision:{plan.lineage['commit_sha'][:12]}", f"policy:{plan.settings['policy']}"):
         stage = quantize_tensors.with_options(task_runner=dask_task_runner(workers, dask_address))(
             plan.jobs, len(plan.jobs))
@@ -276,7 +282,8 @@ class RunPlan:
 def plan_run(source: str, revision: str | None, files, exclude_files, settings: dict,
              staging_dir: Path, out_dir: Path, target_size: str | None,
              target_scope: str, text_encoder: str | None = None,
-             text_encoder_revision: str | None = None) -> RunPlan:
+             text_encoder_revision: str | None = None, sensitivity: str = "auto",
+             output_suite: str | None = None) -> RunPlan:
     """Fetch (with a separately given text encoder joined in as text_encoder/), then
     inventory (headers read once; the layout picks the default policy), then the jobs, then
     the disk check: nothing is quantized before all of it holds."""
@@ -295,7 +302,8 @@ def plan_run(source: str, revision: str | None, files, exclude_files, settings: 
     budget = None
     if target_size is not None:
         budget = budget_task(str(inventory_path), str(inventory_root), target_size, target_scope,
-                             BLOCK_SIZE, settings["group_size"], settings["mode"])
+                             BLOCK_SIZE, settings["group_size"], settings["mode"],
+                             sensitivity=sensitivity, suite=output_suite)
     rows = pq.read_table(inventory_path).to_pylist()
     file_ids = {f["path"]: f"sha256:{f['sha256']}" for f in lineage["files"]}
     jobs = plan_jobs(rows, str(fetched.root), file_ids, str(staging_dir), settings)
@@ -365,7 +373,7 @@ def decided_rows(inventory_rows: list[dict], result_rows: list[dict]) -> list[di
     for row in inventory_rows:
         reason = kept.get((row["component"], row["tensor"]))
         if reason is not None:
-            row = {**row, "action": "keep", "bits": None, "reason": reason,
+            row = {**row, "action": "keep", "bits": None, "group_size": None, "reason": reason,
                    "packed_bytes": row["original_bytes"]}
         decided.append(row)
     return decided

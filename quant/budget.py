@@ -1,9 +1,14 @@
 """Size budgets: bits per tensor so a package fits a target size with the least damage.
 
 The problem is a multiple-choice knapsack. Each quantized tensor takes exactly one
-:class:`Candidate` (bit width, exact packed bytes from :func:`hlwq.quant.sizes.packed_nbytes`,
-expected damage); the chosen bytes plus the bytes of everything kept must not exceed
-the budget; the summed damage is minimised.
+:class:`Candidate`: a format (bit width 2-8 and scale-group size: one scale per
+128-value rotation block, or per 64- or 32-value group), its exact packed bytes from
+:func:`hlwq.quant.sizes.packed_nbytes` (so each format costs its true bits per weight) and
+its expected damage; the chosen bytes plus the bytes of everything kept must not exceed
+the budget; the summed damage is minimised. Smaller groups cost 0.125-0.375 bits per
+weight and buy far less error at few bits (shared/REFERENCE.md: Q4 with 32-value groups
+at 4.5 bits beats Q4 with 128-value blocks by 25 % and Q5_0 of GGUF per bit), so the
+allocation weighs widths and group sizes in one currency.
 
 :func:`allocate` solves it the Lagrangian way. At a price ``lam`` per byte each tensor
 on its own takes the candidate minimising ``damage + lam * bytes``; as the price falls,
@@ -11,9 +16,10 @@ a tensor walks along the lower convex hull of its (bytes, damage) points. Taking
 steps in order of damage saved per byte, and skipping a tensor for good once its next
 step does not fit, gives the Lagrangian solution for the budget; what is left of the
 budget then goes, greedily, to the upgrades (any candidate, on the hull or not) that
-save the most damage. The result never exceeds the budget; it is optimal when the
-budget falls on a hull breakpoint, and otherwise worse than the optimum by at most the
-damage one skipped hull step would have saved.
+save the most damage. Last, every uniform format that fits is compared, so the result is
+never worse than the best single format. The result never exceeds the budget; it is
+optimal when the budget falls on a hull breakpoint, and otherwise worse than the optimum
+by at most the damage one skipped hull step would have saved.
 
 The damage model: ``damage = sensitivity * weighted_relative_mse``, where the relative error
 of a bit width is measured by quantizing a sample of the tensor (optionally weighted by
@@ -34,9 +40,10 @@ import torch
 from hlwq.quant.codebook import MAX_BITS, MIN_BITS
 from hlwq.quant.errors import BudgetError
 from hlwq.quant.names import block_and_module, natural_key
-from hlwq.quant.sizes import format_size, packed_nbytes
+from hlwq.quant.sizes import format_bits_per_weight, format_size, packed_nbytes
 
 CANDIDATE_BITS = tuple(range(MIN_BITS, MAX_BITS + 1))
+CANDIDATE_GROUPS = (128, 64, 32)    # scale-group sizes tried (those dividing the block size)
 
 
 # --------------------------------------------------------------------------- damage model
@@ -61,12 +68,34 @@ def weighted_relative_mse(reference: torch.Tensor, approx: torch.Tensor,
     return float(err.sum()) / ref_energy
 
 
+Format = tuple[int, int]    # (bits, group_size)
+
+
+def candidate_formats(block_size: int = 128, group_size: int | None = None,
+                      bits: Iterable[int] = CANDIDATE_BITS) -> tuple[Format, ...]:
+    """Every (bits, group size) the allocation chooses from: ``bits`` x the CANDIDATE_GROUPS
+    that divide ``block_size`` (only ``group_size`` when one is given)."""
+    groups = (group_size,) if group_size else tuple(
+        g for g in CANDIDATE_GROUPS if g <= block_size and block_size % g == 0)
+    return tuple((b, g) for b in bits for g in groups)
+
+
+def format_label(bits: int, group_size: int, block_size: int = 128) -> str:
+    """``Q4`` (one scale per rotation block) or ``Q4/g32`` (one per 32-value group)."""
+    return f"Q{bits}" if group_size == block_size else f"Q{bits}/g{group_size}"
+
+
 @dataclass(frozen=True)
 class Candidate:
-    """One way to store a tensor: its bit width, exact packed bytes and expected damage."""
+    """One way to store a tensor: its format, exact packed bytes and expected damage."""
     bits: int
     nbytes: int
     damage: float
+    group_size: int = 128
+
+    @property
+    def format(self) -> Format:
+        return self.bits, self.group_size
 
 
 @dataclass(frozen=True)
@@ -76,14 +105,23 @@ class TensorOptions:
     candidates: tuple[Candidate, ...]
 
 
-def tensor_options(name: str, shape: Sequence[int], damages: Mapping[int, float],
+def tensor_options(name: str, shape: Sequence[int], damages: Mapping[Format | int, float],
                    block_size: int = 128, group_size: int | None = None) -> TensorOptions:
-    """Candidates of a 2-D tensor from its damage per bit width; bytes from hlwq.quant.sizes."""
-    out_features, in_features = shape
-    candidates = tuple(Candidate(bits, packed_nbytes((out_features, in_features), bits,
-                                                     block_size, group_size), float(damage))
-                       for bits, damage in sorted(damages.items()))
-    return TensorOptions(name, candidates)
+    """Candidates of a 2-D tensor from its damage per format; bytes from hlwq.quant.sizes.
+
+    ``damages`` keys are ``(bits, group_size)``; a bare bit width means ``group_size``
+    (default: one scale per block)."""
+    candidates = []
+    for key, damage in sorted(damages.items(), key=lambda kv: _as_format(kv[0], block_size,
+                                                                          group_size)):
+        bits, group = _as_format(key, block_size, group_size)
+        candidates.append(Candidate(bits, packed_nbytes(tuple(shape), bits, block_size, group),
+                                    float(damage), group))
+    return TensorOptions(name, tuple(candidates))
+
+
+def _as_format(key: Format | int, block_size: int, group_size: int | None) -> Format:
+    return tuple(key) if isinstance(key, tuple) else (key, group_size or block_size)
 
 
 # --------------------------------------------------------------------------- allocation
@@ -91,16 +129,24 @@ def tensor_options(name: str, shape: Sequence[int], damages: Mapping[int, float]
 
 @dataclass(frozen=True)
 class Allocation:
-    """Bits per tensor under a budget, with the bytes and damage they add up to."""
-    bits: dict[str, int]
+    """A format per tensor under a budget, with the bytes and damage they add up to."""
+    formats: dict[str, Format]
     budget: int
     fixed_bytes: int          # everything in scope that is not quantized (kept tensors)
-    quantized_bytes: int      # exact packed bytes of the quantized tensors at their bits
+    quantized_bytes: int      # exact packed bytes of the quantized tensors in their formats
     damage: float             # summed expected damage
 
     @property
     def total_bytes(self) -> int:
         return self.fixed_bytes + self.quantized_bytes
+
+    @property
+    def bits(self) -> dict[str, int]:
+        return {name: bits for name, (bits, _) in self.formats.items()}
+
+    @property
+    def group_sizes(self) -> dict[str, int]:
+        return {name: group for name, (_, group) in self.formats.items()}
 
 
 def smallest_size(options: Sequence[TensorOptions], fixed_bytes: int = 0) -> int:
@@ -115,10 +161,10 @@ def allocate(options: Sequence[TensorOptions], budget: int, fixed_bytes: int = 0
     if floor > budget:
         lowest = min((c for option in options for c in option.candidates),
                      key=lambda c: c.nbytes, default=None)
-        at = f"{lowest.bits} bits" if lowest else "no quantized tensor"
+        at = format_label(*lowest.format) if lowest else "no quantized tensor"
         raise BudgetError(
             f"target size {format_size(budget)} cannot be met: with every quantized tensor at "
-            f"its smallest width ({at}) the scope still needs {format_size(floor)} "
+            f"its smallest format ({at}) the scope still needs {format_size(floor)} "
             f"({format_size(fixed_bytes)} kept unquantized + {format_size(floor - fixed_bytes)} "
             f"quantized). The smallest reachable size is {format_size(floor)}; ask for at "
             "least that, quantize more tensors (policy), or narrow --target-scope")
@@ -126,29 +172,44 @@ def allocate(options: Sequence[TensorOptions], budget: int, fixed_bytes: int = 0
     position, left = _hull_walk(hulls, budget - floor)
     chosen = [hull[step] for hull, step in zip(hulls, position)]
     chosen = _fill(options, chosen, left)
-    return Allocation(
-        bits={option.name: c.bits for option, c in zip(options, chosen)}, budget=budget,
-        fixed_bytes=fixed_bytes, quantized_bytes=sum(c.nbytes for c in chosen),
-        damage=math.fsum(c.damage for c in chosen))
+    uniform = best_uniform_format(options, budget, fixed_bytes)
+    if uniform is not None:
+        flat = [_candidate(option, *uniform) for option in options]
+        if math.fsum(c.damage for c in flat) < math.fsum(c.damage for c in chosen):
+            chosen = flat
+    return _allocation(options, chosen, budget, fixed_bytes)
 
 
-def uniform_allocation(options: Sequence[TensorOptions], bits: int, budget: int = 0,
-                       fixed_bytes: int = 0) -> Allocation:
-    """Every tensor at ``bits`` (for comparisons; ``budget`` is only recorded)."""
-    chosen = [_candidate(option, bits) for option in options]
-    return Allocation(bits={o.name: bits for o in options}, budget=budget, fixed_bytes=fixed_bytes,
+def _allocation(options, chosen: Sequence[Candidate], budget: int, fixed_bytes: int) -> Allocation:
+    return Allocation(formats={option.name: c.format for option, c in zip(options, chosen)},
+                      budget=budget, fixed_bytes=fixed_bytes,
                       quantized_bytes=sum(c.nbytes for c in chosen),
                       damage=math.fsum(c.damage for c in chosen))
 
 
+def uniform_allocation(options: Sequence[TensorOptions], bits: int, group_size: int = 128,
+                       budget: int = 0, fixed_bytes: int = 0) -> Allocation:
+    """Every tensor in one format (for comparisons; ``budget`` is only recorded)."""
+    return _allocation(options, [_candidate(option, bits, group_size) for option in options],
+                       budget, fixed_bytes)
+
+
+def best_uniform_format(options: Sequence[TensorOptions], budget: int,
+                        fixed_bytes: int = 0) -> Format | None:
+    """The single format every tensor offers that fits the budget with the least damage
+    (None when none fits)."""
+    formats = set.intersection(*({c.format for c in o.candidates} for o in options)) \
+        if options else set()
+    fitting = [(a.damage, f) for f in sorted(formats)
+               if (a := uniform_allocation(options, *f, budget, fixed_bytes)).total_bytes <= budget]
+    return min(fitting)[1] if fitting else None
+
+
 def best_uniform_bits(options: Sequence[TensorOptions], budget: int,
                       fixed_bytes: int = 0) -> int | None:
-    """The widest single bit width that fits the budget, or None when none does."""
-    widths = set.intersection(*({c.bits for c in o.candidates} for o in options)) if options \
-        else set(CANDIDATE_BITS)
-    fitting = [bits for bits in widths
-               if uniform_allocation(options, bits, budget, fixed_bytes).total_bytes <= budget]
-    return max(fitting, default=None)
+    """The bit width of :func:`best_uniform_format` (None when no single format fits)."""
+    best = best_uniform_format(options, budget, fixed_bytes)
+    return None if best is None else best[0]
 
 
 def lower_hull(candidates: Iterable[Candidate]) -> list[Candidate]:
@@ -208,12 +269,12 @@ def _fill(options: Sequence[TensorOptions], chosen: list[Candidate], left: int) 
         chosen[i] = c
 
 
-def _candidate(option: TensorOptions, bits: int) -> Candidate:
+def _candidate(option: TensorOptions, bits: int, group_size: int = 128) -> Candidate:
     for c in option.candidates:
-        if c.bits == bits:
+        if c.format == (bits, group_size):
             return c
-    raise BudgetError(f"tensor {option.name!r}: no candidate at {bits} bits "
-                      f"(has {[c.bits for c in option.candidates]})")
+    raise BudgetError(f"tensor {option.name!r}: no candidate {format_label(bits, group_size)} "
+                      f"(has {', '.join(format_label(*c.format) for c in option.candidates)})")
 
 
 def _check_options(options: Sequence[TensorOptions]) -> None:
@@ -223,7 +284,7 @@ def _check_options(options: Sequence[TensorOptions]) -> None:
             raise BudgetError(f"tensor {option.name!r}: listed twice in the allocation problem")
         seen.add(option.name)
         if not option.candidates:
-            raise BudgetError(f"tensor {option.name!r}: no candidate bit width")
+            raise BudgetError(f"tensor {option.name!r}: no candidate format")
         for c in option.candidates:
             if not (c.nbytes > 0 and math.isfinite(c.damage) and c.damage >= 0):
                 raise BudgetError(f"tensor {option.name!r}: candidate {c} needs positive bytes "
@@ -233,27 +294,42 @@ def _check_options(options: Sequence[TensorOptions]) -> None:
 # --------------------------------------------------------------------------- reporting
 
 
-def allocation_tables(rows: Iterable[Mapping]) -> dict:
-    """Bits per module type and per block of quantized rows (``tensor``, ``shape``, ``bits``,
-    optional ``packed_bytes`` and ``damage``): tensors, params, bytes, mean bits
-    (parameter-weighted) and how many tensors took each width."""
+def allocation_tables(rows: Iterable[Mapping], block_size: int = 128) -> dict:
+    """The chosen mix of quantized rows (``tensor``, ``shape``, ``bits``, optional
+    ``group_size``, ``packed_bytes`` and ``damage``): per format (tensors, params, bytes,
+    true bits per weight), and per module type and per block (tensors, params, bytes, mean
+    bits, parameter-weighted, and how many tensors took each width and each format)."""
+    by_format: dict[str, dict] = {}
     by_module: dict[str, dict] = {}
     by_block: dict[str, dict] = {}
     for row in rows:
         block, module = block_and_module(row["tensor"])
+        group = row.get("group_size") or block_size
+        label = format_label(row["bits"], group, block_size)
+        params = math.prod(row["shape"])
+        mix = by_format.setdefault(label, {"bits": row["bits"], "group_size": group,
+                                           "bits_per_weight": format_bits_per_weight(row["bits"], group),
+                                           "tensors": 0, "params": 0, "packed_bytes": 0})
+        mix["tensors"] += 1
+        mix["params"] += params
+        mix["packed_bytes"] += row.get("packed_bytes") or 0
         for table, key in ((by_module, module), (by_block, block or "(not in a block)")):
             entry = table.setdefault(key, {"tensors": 0, "params": 0, "packed_bytes": 0,
-                                           "damage": 0.0, "bits_params": 0, "widths": {}})
-            params = math.prod(row["shape"])
+                                           "damage": 0.0, "bits_params": 0, "widths": {},
+                                           "formats": {}})
             entry["tensors"] += 1
             entry["params"] += params
             entry["packed_bytes"] += row.get("packed_bytes") or 0
             entry["damage"] += row.get("damage") or 0.0
             entry["bits_params"] += row["bits"] * params
             entry["widths"][str(row["bits"])] = entry["widths"].get(str(row["bits"]), 0) + 1
+            entry["formats"][label] = entry["formats"].get(label, 0) + 1
+    order = {label: (mix["bits"], -mix["group_size"]) for label, mix in by_format.items()}
     for table in (by_module, by_block):
         for entry in table.values():
             entry["mean_bits"] = entry.pop("bits_params") / entry["params"]
             entry["widths"] = dict(sorted(entry["widths"].items(), key=lambda kv: int(kv[0])))
+            entry["formats"] = dict(sorted(entry["formats"].items(), key=lambda kv: order[kv[0]]))
     blocks = dict(sorted(by_block.items(), key=lambda item: natural_key(item[0])))
-    return {"modules": by_module, "blocks": blocks}
+    return {"formats": dict(sorted(by_format.items(), key=lambda kv: order[kv[0]])),
+            "modules": by_module, "blocks": blocks}

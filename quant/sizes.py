@@ -22,6 +22,13 @@ def packed_nbytes(shape: tuple[int, ...], bits: int, block_size: int = 128,
                                                       group_size).values())
 
 
+def format_bits_per_weight(bits: int, group_size: int, block_size: int = 128) -> float:
+    """Bits per weight of a format (codes and scales of the packed layout) before padding
+    and the codebook: ``bits + 16 / group_size``."""
+    layout = packed_layout((1, block_size), bits, block_size, group_size)
+    return 8.0 * (layout["codes"].nbytes + layout["scales"].nbytes) / block_size
+
+
 def original_nbytes(shape: tuple[int, ...], dtype: str) -> int:
     """Bytes of a tensor as stored in a safetensors file (dtype as safetensors names it)."""
     return math.prod(shape) * DTYPE_BYTES[dtype]

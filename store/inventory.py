@@ -39,6 +39,7 @@ INVENTORY_SCHEMA = pa.schema([
     ("component", pa.string()),
     ("action", pa.string()),
     ("bits", pa.int64()),
+    ("group_size", pa.int64()),      # values per fp16 scale (a size budget mixes them)
     ("reason", pa.string()),
     ("original_bytes", pa.int64()),
     ("packed_bytes", pa.int64()),
@@ -117,6 +118,7 @@ def rows_from_headers(headers: Mapping[str, SafetensorsHeader], layout: str, pol
                 "file": file, "tensor": name, "dtype": entry.dtype, "shape": shape,
                 "numel": math.prod(shape), "data_start": entry.start, "data_end": entry.end,
                 "component": component, "action": decision.action, "bits": decision.bits,
+                "group_size": (group_size or block_size) if decision.bits is not None else None,
                 "reason": decision.reason, "original_bytes": original, "packed_bytes": packed,
             })
     return rows

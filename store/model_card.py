@@ -105,6 +105,8 @@ def render_model_card(manifest: dict, quality: dict | None) -> str:
     parts = [front_matter(manifest), f"# {title}: HLWQ Q{bits}" if bits else f"# {title}: HLWQ",
              _INTRO.format(format=manifest["format"], version=manifest["format_version"]),
              "## Sizes", markdown_table(SIZE_HEADER, size_rows(manifest)), _SIZE_NOTE]
+    if settings.get("budget"):
+        parts += ["## Size budget", *budget_section(settings["budget"])]
     parts += ["## Validation", *validation_blocks(manifest["validation"])]
     parts += ["## Weight error", *weight_error_blocks(quality)]
     parts += ["## Lineage", "\n".join(_lineage_lines(source, settings)),
@@ -309,6 +311,27 @@ def tensor_gate_blocks(tensor: dict | None) -> list[str]:
 # ---------------------------------------------------------------- lineage
 
 
+def budget_section(budget: dict) -> list[str]:
+    """The mix of formats a size budget chose, and what it was compared with."""
+    uniform = budget.get("best_uniform")
+    against = ("no single format fits" if uniform is None else
+               f"the best single format that fits, {uniform['format']}, predicts "
+               f"{uniform['predicted_error']:.4g}")
+    intro = (f"Formats chosen per tensor to fit {format_bytes(budget['target_bytes'])} "
+             f"(scope `{budget['scope']}`) with the least predicted damage: "
+             f"{format_bytes(budget['total_bytes'])} in all. Sensitivity `{budget['sensitivity']}`"
+             + (f" ({budget['sensitivity_source']})" if budget.get("sensitivity_source") else "")
+             + "; "
+             f"predicted error {budget['predicted_error']:.4g} ({budget['error_unit']}), where "
+             f"{against}.")
+    rows = [[f"`{label}`", f"{e['bits']}", f"{e['group_size']}", f"{e['bits_per_weight']:.3f}",
+             f"{e['tensors']:,}", f"{e['params']:,}", format_bytes(e["packed_bytes"])]
+            for label, e in budget.get("formats", {}).items()]
+    header = ["format", "bits", "values per scale", "bits/weight", "tensors", "parameters",
+              "packed"]
+    return [intro, markdown_table(header, rows)]
+
+
 def _lineage_lines(source: dict, settings: dict) -> list[str]:
     """Where the weights came from: the Hub repo and revision, or a local folder's or file's
     name; never a local absolute path."""
@@ -324,7 +347,7 @@ def _lineage_lines(source: dict, settings: dict) -> list[str]:
         lines.append(f"- {source.get('commit_sha_kind') or 'commit sha'}: `{source['commit_sha']}`")
     lines.append(f"- source files: {len(source.get('files', []))}, sha256 of each in "
                  "`manifest.json`")
-    for key in sorted(settings):
+    for key in sorted(set(settings) - {"budget"}):     # the budget has its own section
         value = _without_local_paths(settings[key])
         shown = value if isinstance(value, (str, int, float)) else json.dumps(value, sort_keys=True)
         lines.append(f"- {key.replace('_', ' ')}: `{shown}`")

@@ -1,10 +1,12 @@
-"""Size budgets around hlwq.quant.budget: measure each tensor's damage per bit width, allocate.
+"""Size budgets around hlwq.quant.budget: measure each tensor's damage per format, allocate.
 
-Damage of tensor ``t`` at ``b`` bits is ``sensitivity_t * relative_error_t(b)``:
+A format is a bit width (2-8) and a scale-group size (128-value blocks, 64- or 32-value
+groups: hlwq.quant.budget.candidate_formats). Damage of tensor ``t`` in format ``f`` is
+``sensitivity_t * relative_error_t(f)``:
 
-- ``relative_error_t(b)`` is measured, never guessed: a seeded sample of the tensor's
+- ``relative_error_t(f)`` is measured, never guessed: a seeded sample of the tensor's
   rows (whole rows, so every rotation block in it is a real one; about
-  :data:`SAMPLE_WEIGHTS` values) is quantized with hlwq.quant.core at every candidate width
+  :data:`SAMPLE_WEIGHTS` values) is quantized with hlwq.quant.core in every candidate format
   and compared with the original. Without weights (a plan of the meta-device layout or
   of a Hub repo) the sample is synthetic: heavy-tailed Student-t(5) rows with loud
   outlier columns of the tensor's real width (hlwq.quant.synthetic's trained-looking values).
@@ -40,10 +42,13 @@ from prefect import task
 from hlwq.quant.budget import (
     CANDIDATE_BITS,
     Allocation,
+    Format,
     allocate,
     allocation_tables,
-    best_uniform_bits,
+    best_uniform_format,
     block_and_module,
+    candidate_formats,
+    format_label,
     smallest_size,
     tensor_options,
     uniform_allocation,
@@ -66,6 +71,8 @@ SCOPE_HELP = ("package: every tensor the plan lists; checkpoint: all but the tex
               "(what the LTX-2.3 checkpoint files hold; Gemma 3 is a separate download); "
               "transformer: the transformer alone")
 SENSITIVITIES = ("params", "activations")
+SENSITIVITY_CHOICES = ("auto", *SENSITIVITIES)   # auto: activations where the model runs
+CALIBRATION_PROMPTS = 2       # prompts of the suite whose first denoising step calibrates
 SAMPLE_WEIGHTS = 1 << 16      # values quantized per tensor and width: ~500 blocks of 128
 MIN_SAMPLE_ROWS = 8
 EDGE_FRACTION = 1 / 8         # "params" prior: the first and last eighth of the blocks ...
@@ -132,15 +139,16 @@ def synthetic_rows(in_features: int, count: int, seed: int = 0) -> torch.Tensor:
     return synthetic_tensor(spec, seed)
 
 
-def relative_errors(sample: torch.Tensor, bits: Iterable[int] = CANDIDATE_BITS,
-                    block_size: int = 128, group_size: int | None = None, mode: str = "refined",
+def relative_errors(sample: torch.Tensor, formats: Iterable[Format] | None = None,
+                    block_size: int = 128, mode: str = "refined",
                     channel_weights: torch.Tensor | None = None,
-                    name: str | None = None) -> dict[int, float]:
-    """Relative error of ``sample`` quantized at each width (hlwq.quant.budget.weighted_relative_mse)."""
+                    name: str | None = None) -> dict[Format, float]:
+    """Relative error of ``sample`` quantized in each format (hlwq.quant.budget.weighted_relative_mse;
+    default: every candidate format)."""
     errors = {}
-    for b in bits:
-        packed = quantize_tensor(sample, b, block_size, mode, group_size, name=name)
-        errors[b] = weighted_relative_mse(sample, dequantize(packed), channel_weights)
+    for bits, group in formats or candidate_formats(block_size):
+        packed = quantize_tensor(sample, bits, block_size, mode, group, name=name)
+        errors[bits, group] = weighted_relative_mse(sample, dequantize(packed), channel_weights)
     return errors
 
 
@@ -237,6 +245,106 @@ def _flat_output(output) -> torch.Tensor:
     return torch.cat([_flat_output(part) for part in output if isinstance(part, (torch.Tensor, tuple, list))])
 
 
+class _Captured(Exception):
+    """Stops a render at the transformer's first call (its inputs are all calibration needs)."""
+
+
+def first_step_inputs(pipeline, request, device: str = "cpu") -> dict:
+    """The keyword arguments of the transformer's first call when rendering ``request``."""
+    from hlwq.tasks.render import render_arguments
+
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured.update({k: v.detach().clone() if torch.is_tensor(v) else v
+                         for k, v in kwargs.items() if k != "return_dict"})
+        raise _Captured
+
+    handle = pipeline.transformer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pipeline(**render_arguments(request, device))
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def suite_activation_stats(source_root: str | os.PathLike, rows: Sequence[Mapping],
+                           suite: str | os.PathLike | None = None,
+                           prompts: int = CALIBRATION_PROMPTS, device: str = "auto",
+                           block_size: int = 128) -> tuple[ActivationStats, dict]:
+    """Output sensitivity of the transformer's quantized linears (``rows``), measured on the
+    first denoising step of the first ``prompts`` prompts of the suite. Returns the statistics
+    and what they were measured on."""
+    from hlwq.tasks.render import resolve_device, resolve_factory
+    from hlwq.tasks.validate_output import SOURCE_FACTORY, load_suite, suite_identity
+
+    device, dtype = resolve_device(device)
+    requests = load_suite(suite)[:prompts]
+    pipeline = resolve_factory(SOURCE_FACTORY)(source_root, dtype=dtype).to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    inputs = [first_step_inputs(pipeline, request, device) for request in requests]
+    transformer = pipeline.transformer
+
+    def forward():
+        return [transformer(**kwargs, return_dict=False) for kwargs in inputs]
+
+    names = {key.removeprefix("transformer/") for row in rows for key in _stats_keys(row)
+             if key.startswith("transformer/")}
+    stats = activation_stats(transformer, forward, "transformer", names, block_size=block_size)
+    return stats, {"suite": suite_identity(suite)["name"], "prompts": [r.id for r in requests],
+                   "device": device, "step": "first denoising step"}
+
+
+def choose_sensitivity(rows: Sequence[Mapping], source_root: str | os.PathLike, scope: str,
+                       sensitivity: str = "auto", suite: str | os.PathLike | None = None,
+                       device: str = "auto",
+                       block_size: int = 128) -> tuple[str, ActivationStats | None, str]:
+    """(sensitivity, statistics, why): output sensitivity where the source runs as a whole
+    pipeline and every quantized tensor in scope is a transformer linear; ``params`` else."""
+    from hlwq.tasks.validate_output import renderable_source
+
+    if sensitivity not in SENSITIVITY_CHOICES:
+        raise InvalidOptionError(f"--sensitivity {sensitivity!r}: must be one of "
+                                 f"{', '.join(SENSITIVITY_CHOICES)}")
+    if sensitivity == "params":
+        return "params", None, "asked for (--sensitivity params)"
+    quantized = [r for r in rows_in_scope(rows, scope) if r["action"] == "quantize"]
+    others = sorted({r["component"] for r in quantized if r["component"] != "transformer"})
+    problem = renderable_source(source_root) or _memory_shortfall(rows, device) or (
+        f"quantized tensors of {', '.join(others)} lie outside the transformer, whose output "
+        "the calibration measures" if others else None)
+    if problem:
+        if sensitivity == "activations":
+            raise BudgetError(f"--sensitivity activations: the model's output cannot be "
+                              f"measured: {problem}; use --sensitivity params or auto")
+        return "params", None, f"fallback: the model cannot run here ({problem})"
+    stats, measured = suite_activation_stats(source_root, quantized, suite, device=device,
+                                             block_size=block_size)
+    return "activations", stats, (f"measured: the model's output on the {measured['step']} of "
+                                  f"prompts {', '.join(measured['prompts'])} of suite "
+                                  f"{measured['suite']} ({measured['device']})")
+
+
+def _memory_shortfall(rows: Sequence[Mapping], device: str) -> str | None:
+    """Why the whole source does not fit on ``device`` (None when it does)."""
+    import psutil
+
+    from hlwq.quant.sizes import format_size
+    from hlwq.tasks.render import resolve_device
+
+    device, dtype = resolve_device(device)
+    need = sum(math.prod(row["shape"]) for row in rows) * torch.empty((), dtype=dtype).element_size()
+    have = (torch.cuda.mem_get_info(torch.device(device))[0] if device.startswith("cuda")
+            else psutil.virtual_memory().available)
+    if need > have:
+        return (f"the model needs about {format_size(need)} on {device}, "
+                f"{format_size(have)} are free")
+    return None
+
+
 # --------------------------------------------------------------------------- damage
 
 
@@ -262,8 +370,9 @@ def measure_damages(rows: Sequence[Mapping], sampler: Sampler = synthetic_sample
                     sensitivity: str = "params", stats: ActivationStats | None = None,
                     bits: Iterable[int] = CANDIDATE_BITS, block_size: int = 128,
                     group_size: int | None = None, mode: str = "refined",
-                    seed: int = 0) -> dict[str, dict[int, float]]:
-    """``{tensor_key: {bits: damage}}`` for every quantized row (module docstring).
+                    seed: int = 0) -> dict[str, dict[Format, float]]:
+    """``{tensor_key: {(bits, group_size): damage}}`` for every quantized row (module
+    docstring): ``bits`` x every candidate group size, or only ``group_size`` when given.
 
     Samples that cannot differ (synthetic ones of one width) are measured once."""
     if sensitivity not in SENSITIVITIES:
@@ -272,7 +381,9 @@ def measure_damages(rows: Sequence[Mapping], sampler: Sampler = synthetic_sample
     if sensitivity == "activations" and stats is None:
         raise BudgetError("sensitivity 'activations' needs activation statistics from a run of "
                           "the model (hlwq.tasks.budget.activation_stats); use 'params' without one")
-    bits = tuple(bits)
+    # The reference encoder has one scale per block: no group sizes to choose from.
+    formats = candidate_formats(block_size, block_size if mode == "reference" else group_size,
+                                bits)
     rows = [row for row in rows if row["action"] == "quantize"]
     shares = params_sensitivity(rows) if sensitivity == "params" else None
     cache: dict[tuple, dict[int, float]] = {}
@@ -282,13 +393,13 @@ def measure_damages(rows: Sequence[Mapping], sampler: Sampler = synthetic_sample
         if sensitivity == "params":
             cache_key = (row["shape"][1], count) if sampler is synthetic_sampler else (key,)
             if cache_key not in cache:
-                cache[cache_key] = relative_errors(sampler(row, count, seed), bits, block_size,
-                                                   group_size, mode, name=key)
+                cache[cache_key] = relative_errors(sampler(row, count, seed), formats,
+                                                   block_size, mode, name=key)
             damages[key] = {b: shares[key] * e for b, e in cache[cache_key].items()}
             continue
         weights, gain = _activation_entry(stats, row)
-        errors = relative_errors(sampler(row, count, seed), bits, block_size, group_size, mode,
-                                 weights, name=key)
+        errors = relative_errors(sampler(row, count, seed), formats, block_size, mode, weights,
+                                 name=key)
         damages[key] = {b: gain * e for b, e in errors.items()}
     return damages
 
@@ -322,11 +433,11 @@ def _key(row: Mapping) -> str:
 
 
 def allocate_rows(rows: Sequence[Mapping], target_bytes: int, scope: str,
-                  damages: Mapping[str, Mapping[int, float]], block_size: int = 128,
-                  group_size: int | None = None) -> tuple[list[dict], Allocation]:
-    """Give every quantized row in ``scope`` the bits of the least-damage allocation that
-    fits ``target_bytes``; rows outside the scope keep their policy bits. Returns all rows
-    (with ``bits``, ``packed_bytes`` and ``damage`` updated) and the allocation."""
+                  damages: Mapping[str, Mapping[Format, float]],
+                  block_size: int = 128) -> tuple[list[dict], Allocation]:
+    """Give every quantized row in ``scope`` the format of the least-damage allocation that
+    fits ``target_bytes``; rows outside the scope keep their policy's. Returns all rows
+    (``bits``, ``group_size``, ``packed_bytes`` and ``damage`` updated) and the allocation."""
     in_scope = {_key(row) for row in rows_in_scope(rows, scope)}
     options, fixed = [], 0
     for row in rows:
@@ -336,45 +447,49 @@ def allocate_rows(rows: Sequence[Mapping], target_bytes: int, scope: str,
             if _key(row) not in damages:
                 raise BudgetError(f"tensor {_key(row)!r}: no damage measured for it")
             options.append(tensor_options(_key(row), row["shape"], damages[_key(row)],
-                                          block_size, group_size))
+                                          block_size))
         else:
             fixed += tensor_nbytes(row["shape"], row["dtype"], None)[1]
     allocation = allocate(options, target_bytes, fixed)
-    return apply_bits(rows, allocation.bits, damages, block_size, group_size), allocation
+    return apply_formats(rows, allocation.formats, damages, block_size), allocation
 
 
-def apply_bits(rows: Sequence[Mapping], bits: Mapping[str, int],
-               damages: Mapping[str, Mapping[int, float]] | None = None, block_size: int = 128,
-               group_size: int | None = None) -> list[dict]:
-    """Rows with the allocated bits (and their exact packed bytes and damage) filled in."""
+def apply_formats(rows: Sequence[Mapping], formats: Mapping[str, Format],
+                  damages: Mapping[str, Mapping[Format, float]] | None = None,
+                  block_size: int = 128) -> list[dict]:
+    """Rows with the allocated formats (and their exact packed bytes and damage) filled in."""
     updated = []
     for row in rows:
         row = dict(row)
         key = _key(row)
-        if row["action"] == "quantize" and key in bits:
-            row["bits"] = bits[key]
-            row["packed_bytes"] = tensor_nbytes(row["shape"], row["dtype"], bits[key],
-                                                block_size, group_size)[1]
+        if row["action"] == "quantize" and key in formats:
+            bits, group = formats[key]
+            row["bits"], row["group_size"] = bits, group
+            row["packed_bytes"] = tensor_nbytes(row["shape"], row["dtype"], bits, block_size,
+                                                group)[1]
             if damages is not None and key in damages:
-                row["damage"] = damages[key][bits[key]]
+                row["damage"] = damages[key][bits, group]
         updated.append(row)
     return updated
 
 
 def budget_report(rows: Sequence[Mapping], allocation: Allocation, scope: str, sensitivity: str,
-                  damage_source: str, damages: Mapping[str, Mapping[int, float]],
-                  block_size: int = 128, group_size: int | None = None) -> dict:
-    """The allocation as a small JSON-able summary: sizes, predicted error, the best uniform
-    width that fits for comparison, and tables by module type and block."""
-    quantized = [row for row in rows if row["action"] == "quantize" and _key(row) in allocation.bits]
-    options = [tensor_options(_key(row), row["shape"], damages[_key(row)], block_size, group_size)
+                  damage_source: str, damages: Mapping[str, Mapping[Format, float]],
+                  block_size: int = 128) -> dict:
+    """The allocation as a small JSON-able summary: sizes, predicted error, the chosen mix of
+    formats, the best uniform format that fits for comparison, and tables by module type
+    and block."""
+    quantized = [row for row in rows
+                 if row["action"] == "quantize" and _key(row) in allocation.formats]
+    options = [tensor_options(_key(row), row["shape"], damages[_key(row)], block_size)
                for row in quantized]
     params = sum(math.prod(row["shape"]) for row in quantized)
-    uniform_bits = best_uniform_bits(options, allocation.budget, allocation.fixed_bytes)
+    best = best_uniform_format(options, allocation.budget, allocation.fixed_bytes)
     uniform = None
-    if uniform_bits is not None:
-        u = uniform_allocation(options, uniform_bits, allocation.budget, allocation.fixed_bytes)
-        uniform = {"bits": uniform_bits, "total_bytes": u.total_bytes,
+    if best is not None:
+        u = uniform_allocation(options, *best, allocation.budget, allocation.fixed_bytes)
+        uniform = {"bits": best[0], "group_size": best[1],
+                   "format": format_label(*best, block_size), "total_bytes": u.total_bytes,
                    "predicted_error": u.damage}
     return {
         "target_bytes": allocation.budget, "scope": scope, "sensitivity": sensitivity,
@@ -388,7 +503,7 @@ def budget_report(rows: Sequence[Mapping], allocation: Allocation, scope: str, s
         / params if params else 0.0,
         "bits_per_weight": bits_per_weight(allocation.quantized_bytes, params),
         "best_uniform": uniform,
-        **allocation_tables(quantized),
+        **allocation_tables(quantized, block_size),
     }
 
 
@@ -397,36 +512,45 @@ def plan_budget(rows: Sequence[Mapping], target_bytes: int, scope: str = "packag
                 sensitivity: str = "params", stats: ActivationStats | None = None,
                 block_size: int = 128, group_size: int | None = None, mode: str = "refined",
                 seed: int = 0) -> tuple[list[dict], dict]:
-    """Measure, allocate and report: (rows with allocated bits, report)."""
+    """Measure, allocate and report: (rows with allocated formats, report). ``group_size``
+    limits the formats to that group size (default: every candidate group size)."""
     scoped = {_key(row) for row in rows_in_scope(rows, scope)}
     damages = measure_damages([row for row in rows if _key(row) in scoped], sampler, sensitivity,
                               stats, block_size=block_size, group_size=group_size, mode=mode,
                               seed=seed)
-    allocated, allocation = allocate_rows(rows, target_bytes, scope, damages, block_size,
-                                          group_size)
+    allocated, allocation = allocate_rows(rows, target_bytes, scope, damages, block_size)
     report = budget_report(allocated, allocation, scope, sensitivity, damage_source, damages,
-                           block_size, group_size)
-    report["bits"] = dict(allocation.bits)
+                           block_size)
+    report["bits"] = allocation.bits
+    report["group_sizes"] = allocation.group_sizes
     return allocated, report
 
 
 @task(name="size-budget", persist_result=False)
 def budget_task(inventory_path: str, source_root: str, target_size: str, scope: str = "package",
                 block_size: int = 128, group_size: int | None = None,
-                mode: str = "refined", seed: int = 0) -> dict:
-    """Allocate bits for ``target_size`` on a saved inventory, measuring damage on the source's
-    own rows, and rewrite the inventory with the allocated bits. Returns the report (without
-    the per-tensor bits: the inventory and the manifest's tensor entries hold those)."""
+                mode: str = "refined", seed: int = 0, sensitivity: str = "auto",
+                suite: str | None = None, device: str = "auto") -> dict:
+    """Allocate formats for ``target_size`` on a saved inventory, measuring damage on the
+    source's own rows (weighted by output sensitivity where the model runs:
+    :func:`choose_sensitivity`), and rewrite the inventory with the allocated bits and group
+    sizes. Returns the report (without the per-tensor formats: the inventory and the
+    manifest's tensor entries hold those)."""
     from hlwq.store.inventory import save_inventory
 
     table = pq.read_table(inventory_path)
+    rows = table.to_pylist()
     root = Path(source_root)
-    allocated, report = plan_budget(table.to_pylist(), parse_size(target_size), scope,
+    sensitivity, stats, why = choose_sensitivity(rows, root, scope, sensitivity, suite, device,
+                                                 block_size)
+    allocated, report = plan_budget(rows, parse_size(target_size), scope,
                                     file_sampler(root if root.is_dir() else root.parent),
-                                    "measured", block_size=block_size, group_size=group_size,
-                                    mode=mode, seed=seed)
+                                    "measured", sensitivity, stats, block_size=block_size,
+                                    group_size=group_size, mode=mode, seed=seed)
     columns = table.schema.names
     save_inventory(pa.Table.from_pylist([{name: row[name] for name in columns} for row in allocated],
                                         schema=table.schema), inventory_path)
     report.pop("bits")
+    report.pop("group_sizes")
+    report["sensitivity_source"] = why
     return report

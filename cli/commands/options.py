@@ -4,18 +4,30 @@ from __future__ import annotations
 
 import click
 
-from hlwq.tasks.budget import SCOPE_HELP, SCOPES
+from hlwq.tasks.budget import SCOPE_HELP, SCOPES, SENSITIVITY_CHOICES
 
 
 def target_size_options(command):
     """``--target-size`` and ``--target-scope`` (a size budget instead of one --bits)."""
     size = click.option(
-        "--target-size", help="Instead of one --bits: bits per tensor (2..8) chosen so "
+        "--target-size", help="Instead of one --bits: a format per tensor (2..8 bits, one "
+                              "scale per 128-value block or per 64/32 values) chosen so "
                               "--target-scope fits SIZE (e.g. 15GB, 14.5GiB, 800MB) with the "
                               "least expected damage.")
     scope = click.option("--target-scope", type=click.Choice(SCOPES), default="package",
                          show_default=True, help=f"What --target-size counts. {SCOPE_HELP}.")
     return size(scope(command))
+
+
+def sensitivity_option(command):
+    """``--sensitivity``: how a size budget weighs each tensor's error."""
+    return click.option(
+        "--sensitivity", type=click.Choice(SENSITIVITY_CHOICES), default="auto",
+        show_default=True,
+        help="What --target-size minimises: activations = the model's output error, measured "
+             "on the first denoising step of the suite's prompts; params = weight error "
+             "weighted by parameter count; auto = activations where the whole model runs here, "
+             "params otherwise (the budget report says which).")(command)
 
 
 def source_file_options(command):

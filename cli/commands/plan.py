@@ -250,20 +250,25 @@ def format_budget(budget: dict) -> list[str]:
          f"({budget['bits_per_weight']:.3f} bits/weight stored, scales included)"),
         (f"  predicted error {budget['predicted_error']:.4g} ({budget['error_unit']}; "
          f"damage from {samples.get(budget['damage_source'], budget['damage_source'])})"),
-        ("  best uniform width that fits: none" if uniform is None else
-         f"  best uniform width that fits: {uniform['bits']}-bit, "
+        ("  best uniform format that fits: none" if uniform is None else
+         f"  best uniform format that fits: {uniform['format']}, "
          f"{format_bytes(uniform['total_bytes'])}, predicted error "
          f"{uniform['predicted_error']:.4g}"),
     ]
-    widths = sorted({int(w) for entry in budget["modules"].values() for w in entry["widths"]})
-    counts = {w: sum(e["widths"].get(str(w), 0) for e in budget["modules"].values()) for w in widths}
+    formats = budget["formats"]
+    mix = [(label, f"{e['tensors']:,}", format_count(e["params"]), format_bytes(e["packed_bytes"]),
+            f"{e['bits_per_weight']:.3f}") for label, e in formats.items()]
+    mix_total = ("total", f"{budget['quantized_tensors']:,}", format_count(budget["quantized_params"]),
+                 format_bytes(budget["quantized_bytes"]), f"{budget['bits_per_weight']:.3f}")
+    lines += ["", *_aligned([("format", "tensors", "params", "packed", "bits/weight"), *mix,
+                             mix_total])]
     total = ("total", f"{budget['quantized_tensors']:,}", format_count(budget["quantized_params"]),
              format_bytes(budget["quantized_bytes"]), f"{budget['mean_bits']:.2f}",
-             *(str(counts[w]) for w in widths))
+             *(str(e["tensors"]) for e in formats.values()))
     for title, table in (("module", budget["modules"]), ("block", budget["blocks"])):
-        header = (title, "tensors", "params", "packed", "mean bits", *(f"{w}-bit" for w in widths))
+        header = (title, "tensors", "params", "packed", "mean bits", *formats)
         body = [(name, f"{e['tensors']:,}", format_count(e["params"]), format_bytes(e["packed_bytes"]),
-                 f"{e['mean_bits']:.2f}", *(str(e["widths"].get(str(w), "")) for w in widths))
+                 f"{e['mean_bits']:.2f}", *(str(e["formats"].get(label, "")) for label in formats))
                 for name, e in table.items()]
         lines += ["", *_aligned([header, *body, total])]
     return lines

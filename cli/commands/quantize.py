@@ -11,6 +11,7 @@ from hlwq.cli.prefect_env import configure_prefect
 configure_prefect()   # first: Prefect reads its settings when it is imported
 
 from hlwq.cli.commands.options import (  # imports Prefect
+    sensitivity_option,
     source_file_options,
     target_size_options,
 )
@@ -27,7 +28,8 @@ from hlwq.store.tensor_jobs import ON_NONFINITE
 @click.option("--bits", default=5, show_default=True, type=int, help="Bits per quantized weight.")
 @click.option("--mode", type=click.Choice(MODES), default="refined",
               show_default=True, help="Encoder: refined scale search, or the reference's choices.")
-@click.option("--group-size", type=int, help="Values per fp16 scale (a divisor of 128; default 128).")
+@click.option("--group-size", type=int, help="Values per fp16 scale (a divisor of 128; default 128; "
+                                        "with --target-size, the only group size it may choose).")
 @click.option("--workers", type=int, help="Local Dask workers [default: one per core, memory allowing].")
 @click.option("--dask-address", help="Scheduler of an existing Dask cluster (e.g. tcp://host:8786); "
                                      "staging and output must be on storage every worker sees.")
@@ -47,10 +49,11 @@ from hlwq.store.tensor_jobs import ON_NONFINITE
 @click.option("--on-nonfinite", type=click.Choice(ON_NONFINITE), default="fail",
               show_default=True, help="A tensor with NaN/Inf fails the run, or is kept unquantized.")
 @target_size_options
+@sensitivity_option
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 def quantize(source, out, policy, bits, mode, group_size, workers, dask_address, revision, files,
              exclude_files, text_encoder, text_encoder_revision, staging, gates, gates_file,
-             on_nonfinite, target_size, target_scope, as_json):
+             on_nonfinite, target_size, target_scope, sensitivity, as_json):
     """Quantize SOURCE (a Hub repo id, a folder or a .safetensors file) into a packed HLWQ
     artifact at OUT. Re-running skips tensors already quantized."""
     if target_size is not None:
@@ -65,7 +68,7 @@ def quantize(source, out, policy, bits, mode, group_size, workers, dask_address,
                            staging=staging, gates=gates, gates_file=gates_file,
                            on_nonfinite=on_nonfinite, target_size=target_size,
                            target_scope=target_scope, text_encoder=text_encoder,
-                           text_encoder_revision=text_encoder_revision)
+                           text_encoder_revision=text_encoder_revision, sensitivity=sensitivity)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
         return
@@ -76,6 +79,11 @@ def quantize(source, out, policy, bits, mode, group_size, workers, dask_address,
                f"({summary['skipped']} already staged), "
                f"{sizes['total_original_bytes'] / 1e9:.3f} GB -> "
                f"{sizes['total_packed_bytes'] / 1e9:.3f} GB")
+    budget = summary.get("budget")
+    if budget:
+        mix = ", ".join(f"{label} x{entry['tensors']}" for label, entry in budget["formats"].items())
+        click.echo(f"  size budget: {mix}; sensitivity {budget['sensitivity']} "
+                   f"({budget['sensitivity_source']})")
     quality = summary["quality"]
     if quality:
         click.echo(f"  cosine min {quality['min_cosine']:.6f}, relative MSE mean "
