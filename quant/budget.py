@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -83,6 +83,16 @@ def candidate_formats(block_size: int = 128, group_size: int | None = None,
 def format_label(bits: int, group_size: int, block_size: int = 128) -> str:
     """``Q4`` (one scale per rotation block) or ``Q4/g32`` (one per 32-value group)."""
     return f"Q{bits}" if group_size == block_size else f"Q{bits}/g{group_size}"
+
+
+@dataclass
+class ActivationStats:
+    """What a run of the model on real inputs says about each linear layer, keyed by
+    ``tensor_key(component, "<module>.weight")``: the mean squared input of each input
+    channel, and the output's relative MSE per unit of the layer's own (channel-weighted)
+    relative error."""
+    channel_mean_square: dict[str, torch.Tensor] = field(default_factory=dict)
+    output_gain: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -204,13 +204,16 @@ def find_single_file(directory: Path, upsampler: bool = False) -> Path | None:
     return files[0] if files else None
 
 
-def load_ltx23_pipeline(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+def load_ltx23_pipeline(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                        transformer=None):
     """Load an LTX2Pipeline from a diffusers folder or from our single-file folder.
 
     The single-file folder holds the official-layout file plus ``text_encoder/``,
     ``tokenizer/`` and ``scheduler/`` (the parts the official file does not carry).
     ``dtype`` is the compute dtype of every component (the files hold BF16; without one
     dtype, transformers would keep Gemma in BF16 while diffusers upcasts to float32).
+    ``transformer`` replaces the folder's (diffusers folders only): e.g. one on the meta
+    device, to run everything up to the transformer's first call without its weights.
     """
     from diffusers import LTX2Pipeline
 
@@ -219,7 +222,8 @@ def load_ltx23_pipeline(path: str | os.PathLike, dtype: torch.dtype = torch.floa
         raise SourceError(f"{path}: not a directory (expected a diffusers folder or a folder "
                           "holding an ltx-2.3 single file)")
     if (path / "model_index.json").is_file():
-        return LTX2Pipeline.from_pretrained(path, dtype=dtype)
+        given = {} if transformer is None else {"transformer": transformer}
+        return LTX2Pipeline.from_pretrained(path, dtype=dtype, **given)
     single = find_single_file(path)
     if single is None:
         raise SourceError(f"{path}: neither model_index.json nor a {SINGLE_FILE_GLOB} file")

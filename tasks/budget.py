@@ -31,7 +31,6 @@ import math
 import os
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -41,6 +40,7 @@ from prefect import task
 
 from hlwq.quant.budget import (
     CANDIDATE_BITS,
+    ActivationStats,
     Allocation,
     Format,
     allocate,
@@ -153,14 +153,6 @@ def relative_errors(sample: torch.Tensor, formats: Iterable[Format] | None = Non
 
 
 # --------------------------------------------------------------------------- sensitivity
-
-
-@dataclass
-class ActivationStats:
-    """What one run of the model on real inputs says about each linear layer, keyed by
-    ``tensor_key(component, "<module>.weight")``."""
-    channel_mean_square: dict[str, torch.Tensor] = field(default_factory=dict)
-    output_gain: dict[str, float] = field(default_factory=dict)   # output / weight rel MSE
 
 
 def params_sensitivity(rows: Sequence[Mapping]) -> dict[str, float]:
@@ -313,7 +305,9 @@ def choose_sensitivity(rows: Sequence[Mapping], source_root: str | os.PathLike, 
         return "params", None, "asked for (--sensitivity params)"
     quantized = [r for r in rows_in_scope(rows, scope) if r["action"] == "quantize"]
     others = sorted({r["component"] for r in quantized if r["component"] != "transformer"})
-    problem = renderable_source(source_root) or _memory_shortfall(rows, device) or (
+    shortfall = _memory_shortfall(rows, device)
+    streamable = shortfall and (Path(source_root) / "transformer" / "config.json").is_file()
+    problem = renderable_source(source_root) or (None if streamable else shortfall) or (
         f"quantized tensors of {', '.join(others)} lie outside the transformer, whose output "
         "the calibration measures" if others else None)
     if problem:
@@ -321,11 +315,49 @@ def choose_sensitivity(rows: Sequence[Mapping], source_root: str | os.PathLike, 
             raise BudgetError(f"--sensitivity activations: the model's output cannot be "
                               f"measured: {problem}; use --sensitivity params or auto")
         return "params", None, f"fallback: the model cannot run here ({problem})"
-    stats, measured = suite_activation_stats(source_root, quantized, suite, device=device,
-                                             block_size=block_size)
-    return "activations", stats, (f"measured: the model's output on the {measured['step']} of "
-                                  f"prompts {', '.join(measured['prompts'])} of suite "
+    if streamable:
+        stats, measured = streamed_suite_stats(source_root, quantized, suite, device=device)
+        how = f"block by block, each block's output (the whole model does not fit: {shortfall})"
+    else:
+        stats, measured = suite_activation_stats(source_root, quantized, suite, device=device,
+                                                 block_size=block_size)
+        how = "the model's output"
+    return "activations", stats, (f"measured: {how} on the {measured['step']} of prompts "
+                                  f"{', '.join(measured['prompts'])} of suite "
                                   f"{measured['suite']} ({measured['device']})")
+
+
+def streamed_suite_stats(source_root: str | os.PathLike, rows: Sequence[Mapping],
+                         suite: str | os.PathLike | None = None,
+                         prompts: int = CALIBRATION_PROMPTS,
+                         device: str = "auto") -> tuple[ActivationStats, dict]:
+    """:func:`suite_activation_stats` for a transformer that does not fit: the pipeline runs
+    up to the transformer's first call with a weightless (meta) transformer, then
+    runtime/block_calibration.py streams the blocks (diffusers folders)."""
+    import json
+
+    from hlwq.runtime.block_calibration import streamed_activation_stats
+    from hlwq.runtime.ltx23_models import build_model, load_ltx23_pipeline
+    from hlwq.tasks.render import resolve_device
+    from hlwq.tasks.validate_output import load_suite, suite_identity
+
+    device, dtype = resolve_device(device)
+    folder = Path(source_root) / "transformer"
+    requests = load_suite(suite)[:prompts]
+    weightless = build_model("transformer", json.loads((folder / "config.json").read_text()),
+                             device="meta")
+    pipeline = load_ltx23_pipeline(source_root, dtype=dtype, transformer=weightless)
+    pipeline.set_progress_bar_config(disable=True)
+    for component in pipeline.components.values():
+        if isinstance(component, torch.nn.Module) and component is not weightless:
+            component.to(device)
+    inputs = [first_step_inputs(pipeline, request, device) for request in requests]
+    del pipeline
+    names = {key.removeprefix("transformer/") for row in rows for key in _stats_keys(row)
+             if key.startswith("transformer/")}
+    stats, _ = streamed_activation_stats(folder, inputs, names, dtype=dtype, device=device)
+    return stats, {"suite": suite_identity(suite)["name"], "prompts": [r.id for r in requests],
+                   "device": device, "step": "first denoising step"}
 
 
 def _memory_shortfall(rows: Sequence[Mapping], device: str) -> str | None:

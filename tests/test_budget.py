@@ -19,6 +19,7 @@ from hlwq.quant.budget import (
     allocate,
     allocation_tables,
     best_uniform_bits,
+    format_label,
     lower_hull,
     smallest_size,
     tensor_options,
@@ -335,5 +336,11 @@ def test_quantize_flow_with_a_size_budget(tmp_path):
     assert manifest["sizes"]["total_packed_bytes"] == budget["total_bytes"] <= target
     assert summary["budget"]["total_bytes"] == budget["total_bytes"]
     assert budget["best_uniform"]["bits"] == 3 and budget["scope"] == "package"
-    widths = {entry["bits"] for entry in manifest["tensors"].values() if entry.get("bits")}
-    assert widths == {3, 4}, widths
+    assert budget["sensitivity"] == "params"           # a transformer alone cannot render
+    formats = [(entry["bits"], entry["group_size"]) for entry in manifest["tensors"].values()
+               if entry.get("bits")]
+    assert len(set(formats)) >= 2, formats
+    assert {label: e["tensors"] for label, e in budget["formats"].items()} == \
+        {format_label(*f): formats.count(f) for f in set(formats)}
+    card = (out / "README.md").read_text()
+    assert "## Size budget" in card and all(f"`{label}`" in card for label in budget["formats"])

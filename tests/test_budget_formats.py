@@ -86,6 +86,7 @@ def _equal_size_comparison(rows, model, names, forward, calibration, evaluation,
     return allocation, uniform, errors
 
 
+@pytest.mark.slow
 def test_budget_beats_uniform_q4_g32_on_the_tiny_fixture(tmp_path):
     from hlwq.tasks.validate_output import load_suite
     from hlwq.testing.fixtures import load_tiny_pipeline, make_tiny_ltx23
@@ -187,3 +188,44 @@ def test_budget_task_measures_output_sensitivity_where_the_model_runs(tmp_path):
     section = card.split("## Size budget")[1].split("## Quality")[0]
     assert "Sensitivity `activations` (measured" in section
     assert all(f"`{label}`" in section for label in report["formats"])
+
+
+@pytest.mark.slow
+def test_block_by_block_calibration_agrees_with_the_whole_model(tmp_path, monkeypatch):
+    """Streaming the blocks records the same channel statistics as the in-memory forward and
+    output gains that rank the layers alike; the task streams where the model does not fit."""
+    from hlwq.runtime.block_calibration import streamed_activation_stats
+    from hlwq.tasks import budget
+    from hlwq.tasks.validate_output import load_suite
+    from hlwq.testing.fixtures import load_tiny_pipeline, make_tiny_ltx23
+
+    root = make_tiny_ltx23(tmp_path / "tiny")
+    pipeline = load_tiny_pipeline(root)
+    pipeline.set_progress_bar_config(disable=True)
+    inputs = [first_step_inputs(pipeline, load_suite(None)[1])]
+    rows = build_inventory(root, "ltx23").to_pylist()
+    chosen = [r for r in rows if r["action"] == "quantize" and (".attn1." in r["tensor"]
+                                                                or ".ff." in r["tensor"])]
+    names = {r["tensor"] for r in chosen}
+    streamed, cost = streamed_activation_stats(root / "transformer", inputs, names)
+    whole = activation_stats(pipeline.transformer, lambda: [pipeline.transformer(
+        **kwargs, return_dict=False) for kwargs in inputs], "transformer", names)
+    assert set(streamed.output_gain) == set(whole.output_gain) == \
+        {f"transformer/{n}" for n in names}
+    assert cost["blocks"] == 2 and cost["probes"] == len(names) and cost["bytes_read"] > 0
+    for key, channels in whole.channel_mean_square.items():
+        assert torch.allclose(streamed.channel_mean_square[key], channels, rtol=1e-4)
+    keys = sorted(whole.output_gain)
+
+    def ranks(values):
+        return torch.tensor(values).argsort().argsort().double()
+
+    a, b = (ranks([stats.output_gain[k] for k in keys]) for stats in (streamed, whole))
+    assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) > 0.6     # Spearman
+
+    monkeypatch.setattr(budget, "_memory_shortfall", lambda rows, device: "too big (test)")
+    only = [{**r, "action": "quantize" if r in chosen else "keep"} for r in rows]
+    sensitivity, stats, why = budget.choose_sensitivity(only, root, "transformer")
+    assert sensitivity == "activations"
+    assert "block by block" in why and "too big (test)" in why
+    assert set(stats.output_gain) == {f"transformer/{n}" for n in names}

@@ -13,6 +13,8 @@ BENCHMARKS = {
                 "Peak memory and step latency: packed runtime vs BF16."),
     "budget": ("hlwq.benchmarks.budget_bench:bench_budget",
                "Budgeted mixed precision vs the best uniform width at equal size."),
+    "calibration": ("hlwq.benchmarks.calibration_bench:bench_calibration",
+                    "Block-by-block calibration forward vs quantize cost, 48 blocks."),
 }
 
 
