@@ -25,6 +25,7 @@ from hlwq.quant.budget import (
 )
 from hlwq.quant.sizes import format_bits_per_weight, packed_nbytes, size_table
 from hlwq.store.artifact import tensor_key
+from hlwq.store.inventory import build_inventory
 from hlwq.tasks.budget import (
     activation_stats,
     allocate_rows,
@@ -32,7 +33,6 @@ from hlwq.tasks.budget import (
     first_step_inputs,
     measure_damages,
 )
-from hlwq.store.inventory import build_inventory
 
 
 def test_formats_cost_their_true_bits_per_weight():
@@ -142,8 +142,8 @@ def test_budget_task_falls_back_to_params_where_the_model_cannot_run(tmp_path):
     from flow_support import write_diffusers_checkpoint
 
     from hlwq.quant.errors import BudgetError
-    from hlwq.tasks.budget import budget_task
     from hlwq.store.inventory import save_inventory
+    from hlwq.tasks.budget import budget_task
 
     source = write_diffusers_checkpoint(tmp_path / "ckpt", layers=1, width=128)
     inventory = save_inventory(build_inventory(source, "ltx23"), tmp_path / "inventory.parquet")
@@ -165,9 +165,9 @@ def test_budget_task_falls_back_to_params_where_the_model_cannot_run(tmp_path):
 def test_budget_task_measures_output_sensitivity_where_the_model_runs(tmp_path):
     import pyarrow.parquet as pq
 
+    from hlwq.store.inventory import save_inventory
     from hlwq.store.model_card import render_model_card
     from hlwq.tasks.budget import CALIBRATION_PROMPTS, ERROR_UNITS, budget_task
-    from hlwq.store.inventory import save_inventory
     from hlwq.testing.fixtures import make_tiny_ltx23
 
     root = make_tiny_ltx23(tmp_path / "tiny")
