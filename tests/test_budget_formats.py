@@ -62,6 +62,30 @@ def test_allocation_is_never_worse_than_the_best_uniform_format():
     assert allocation.total_bytes <= 336 and allocation.group_sizes["a"] in (32, 128)
 
 
+def test_model_card_shows_the_budget_mix():
+    from hlwq.store.model_card import render_model_card
+
+    mix = {"Q4/g32": {"bits": 4, "group_size": 32, "bits_per_weight": 4.5, "tensors": 3,
+                      "params": 1536, "packed_bytes": 900},
+           "Q5": {"bits": 5, "group_size": 128, "bits_per_weight": 5.125, "tensors": 1,
+                  "params": 512, "packed_bytes": 460}}
+    budget = {"target_bytes": 1400, "scope": "transformer", "sensitivity": "params",
+              "sensitivity_source": "fallback: the model cannot run here (why)",
+              "total_bytes": 1360, "predicted_error": 0.01, "error_unit": "unit",
+              "best_uniform": {"format": "Q4/g32", "predicted_error": 0.02}, "formats": mix}
+    rows = [{"component": "transformer", "shape": [4, 128], "dtype": "BF16", "action": "keep",
+             "bits": None}]
+    card = render_model_card({"source": {"source": "/x", "kind": "local", "layout": "diffusers"},
+                              "quantization": {"budget": budget, "mode": "refined"},
+                              "format": "hlwq", "format_version": 1, "sizes": size_table(rows),
+                              "validation": {}, "tensors": {}}, None)
+    section = card.split("## Size budget")[1].split("## Quality")[0]
+    assert "Sensitivity `params` (fallback: the model cannot run here (why))" in section
+    assert "| `Q4/g32` | 4 | 32 | 4.500 | 3 |" in section and "| `Q5` | 5 | 128 | 5.125 | 1 |" in section
+    assert "Q4/g32, predicts 0.02" in section
+    assert "budget:" not in card.split("## Lineage")[1]     # not dumped again as JSON
+
+
 def _equal_size_comparison(rows, model, names, forward, calibration, evaluation, root):
     """Allocate at the size of uniform Q4/g32 with output sensitivity; return (allocation,
     uniform) predicted damage and measured output error of each."""
@@ -184,7 +208,7 @@ def test_budget_task_measures_output_sensitivity_where_the_model_runs(tmp_path):
                               "quantization": {"budget": report, "mode": "refined"},
                               "format": "hlwq", "format_version": 1,
                               "sizes": size_table(pq.read_table(inventory)),
-                              "validation": {}}, None)
+                              "validation": {}, "tensors": {}}, None)
     section = card.split("## Size budget")[1].split("## Quality")[0]
     assert "Sensitivity `activations` (measured" in section
     assert all(f"`{label}`" in section for label in report["formats"])
