@@ -79,7 +79,7 @@ def test_model_card_shows_the_budget_mix():
                               "quantization": {"budget": budget, "mode": "refined"},
                               "format": "hlwq", "format_version": 1, "sizes": size_table(rows),
                               "validation": {}, "tensors": {}}, None)
-    section = card.split("## Size budget")[1].split("## Quality")[0]
+    section = card.split("## Size budget")[1].split("\n## ")[0]
     assert "Sensitivity `params` (fallback: the model cannot run here (why))" in section
     assert "| `Q4/g32` | 4 | 32 | 4.500 | 3 |" in section and "| `Q5` | 5 | 128 | 5.125 | 1 |" in section
     assert "Q4/g32, predicts 0.02" in section
@@ -209,7 +209,7 @@ def test_budget_task_measures_output_sensitivity_where_the_model_runs(tmp_path):
                               "format": "hlwq", "format_version": 1,
                               "sizes": size_table(pq.read_table(inventory)),
                               "validation": {}, "tensors": {}}, None)
-    section = card.split("## Size budget")[1].split("## Quality")[0]
+    section = card.split("## Size budget")[1].split("\n## ")[0]
     assert "Sensitivity `activations` (measured" in section
     assert all(f"`{label}`" in section for label in report["formats"])
 
