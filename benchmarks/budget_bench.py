@@ -300,7 +300,7 @@ def real_width_part(work: Path, layers: int, log) -> dict:
     quantized = [r for r in rows if r["action"] == "quantize"]
     names = [r["tensor"] for r in quantized]
     log(f"loading the {layers}-block real-width transformer")
-    model = LTX2VideoTransformer3DModel.from_pretrained(root / "transformer",
+    model = LTX2VideoTransformer3DModel.from_pretrained(root / "transformer", use_safetensors=True,
                                                         torch_dtype=torch.float32).eval()
     config = dict(model.config)
     calibration = [real_width_inputs(config, seed) for seed in (1, 2)]

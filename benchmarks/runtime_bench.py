@@ -269,7 +269,8 @@ def worker_main(argv: list[str]) -> None:
     started = time.perf_counter()
     if args.mode == "bf16":
         model = LTX2VideoTransformer3DModel.from_pretrained(
-            args.model / "transformer", torch_dtype=torch.bfloat16).eval().to(device)
+            args.model / "transformer", torch_dtype=torch.bfloat16,
+            use_safetensors=True).eval().to(device)
     else:
         model = load_component(args.model, "transformer", device=device, dtype=torch.bfloat16)
     reply({"load_s": time.perf_counter() - started, "threads": torch.get_num_threads()})

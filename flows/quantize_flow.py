@@ -292,7 +292,7 @@ def plan_run(source: str, revision: str | None, files, exclude_files, settings: 
         encoder = FetchResult.from_dict(fetch_source_task(text_encoder, text_encoder_revision))
         fetched = with_text_encoder(fetched, encoder, staging_dir / "source-view")
     lineage = fetched.lineage
-    inventory_root = Path(lineage["path"]) if lineage["kind"] == "file" else fetched.root
+    inventory_root = fetched.files[0] if lineage["kind"] == "file" else fetched.root
     inventory_path = staging_dir / "inventory.parquet"
     inventory = inventory_task(str(inventory_root), str(inventory_path), policy=settings["policy"],
                                bits=settings["bits"], block_size=BLOCK_SIZE,
@@ -343,7 +343,7 @@ def finish_run(plan: RunPlan, stage: dict, out_dir: Path, gates: bool, gates_fil
         layout=plan.layout,
         quantization={"bits": settings["bits"], "block_size": BLOCK_SIZE,
                       "group_size": settings["group_size"] or BLOCK_SIZE, "mode": settings["mode"],
-                      "policy": {"name": settings["policy"]},
+                      "policy": {"name": Path(settings["policy"]).name},   # a name, never a path
                       "code_version": settings["code_version"],
                       **({"budget": plan.budget} if plan.budget else {})},
         metrics=metrics.drop_columns(list(RUN_ONLY_COLUMNS)),

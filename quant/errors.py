@@ -29,6 +29,11 @@ class SourceError(HLWQError):
     """A checkpoint source cannot be read: missing path, unknown repo or revision."""
 
 
+class UnsafeSourceError(SourceError):
+    """A source entry may not be read: a link leading outside the source, a special file,
+    or a pickle (loading one runs code)."""
+
+
 class AuthenticationError(SourceError):
     """The Hub refused access: a token is missing or not allowed."""
 

@@ -65,7 +65,8 @@ def load_pipeline(artifact: str | os.PathLike, device: str | torch.device = "cpu
         pipeline = _single_file_pipeline(art, dtype, pipeline_class)
     else:
         packed = {c: _packed_component(art, c, dtype) for c in _quantized_components(art)}
-        pipeline = pipeline_class.from_pretrained(art.path, torch_dtype=dtype, **packed)
+        pipeline = pipeline_class.from_pretrained(art.path, torch_dtype=dtype,
+                                                   use_safetensors=True, **packed)
     pipeline.offload_mode = apply_offload(pipeline, offload, device)
     if vae_tiling:
         pipeline.vae.enable_tiling()

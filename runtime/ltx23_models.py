@@ -223,7 +223,7 @@ def load_ltx23_pipeline(path: str | os.PathLike, dtype: torch.dtype = torch.floa
                           "holding an ltx-2.3 single file)")
     if (path / "model_index.json").is_file():
         given = {} if transformer is None else {"transformer": transformer}
-        return LTX2Pipeline.from_pretrained(path, dtype=dtype, **given)
+        return LTX2Pipeline.from_pretrained(path, dtype=dtype, use_safetensors=True, **given)
     single = find_single_file(path)
     if single is None:
         raise SourceError(f"{path}: neither model_index.json nor a {SINGLE_FILE_GLOB} file")
@@ -239,7 +239,7 @@ def assemble_single_file_pipeline(pipeline_class, folder: Path, models: dict, dt
 
     if "text_encoder" not in models:
         models = {**models, "text_encoder": Gemma3ForConditionalGeneration.from_pretrained(
-            folder / "text_encoder", dtype=dtype)}
+            folder / "text_encoder", dtype=dtype, use_safetensors=True)}
     return pipeline_class(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
         tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
@@ -253,7 +253,8 @@ def load_latent_upsampler(path: str | os.PathLike, dtype: torch.dtype = torch.fl
 
     path = Path(path)
     if (path / "latent_upsampler").is_dir():
-        return LTX2LatentUpsamplerModel.from_pretrained(path / "latent_upsampler", dtype=dtype)
+        return LTX2LatentUpsamplerModel.from_pretrained(path / "latent_upsampler", dtype=dtype,
+                                                        use_safetensors=True)
     found = find_single_file(path, upsampler=True)
     if found is None:
         raise SourceError(f"{path}: no latent_upsampler/ folder and no "

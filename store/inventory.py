@@ -23,6 +23,7 @@ from hlwq.store.atomic import atomic_path
 from hlwq.store.ltx23_config import TRANSFORMER_PREFIX, official_to_diffusers_key
 from hlwq.store.policy import BitPolicy, load_policy
 from hlwq.store.safetensors_io import SafetensorsHeader, iter_safetensors_files, read_headers
+from hlwq.store.source_tree import visible_files
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,11 @@ def read_checkpoint(root: str | os.PathLike,
     """Every weight file's header under ``root`` (parsed once) and the layout they show."""
     root = Path(root)
     headers = local_headers(root, files)
-    return headers, layout_of(headers, has_model_index=has_model_index(root), source=root)
+    layout = layout_of(headers, has_model_index=has_model_index(root), source=root)
+    if layout == "diffusers":
+        check_models_have_tensors(root, files if files is not None else visible_files(root),
+                                  headers)
+    return headers, layout
 
 
 def inventory_table(headers: Mapping[str, SafetensorsHeader], layout: str, policy: BitPolicy,
@@ -164,6 +169,24 @@ def inventory_table(headers: Mapping[str, SafetensorsHeader], layout: str, polic
         "layout": layout, "policy": policy.name, "bits": str(policy.bits),
         "block_size": str(block_size), "group_size": str(group_size or block_size),
     })
+
+
+def check_models_have_tensors(root: Path, files: list[str],
+                              headers: Mapping[str, SafetensorsHeader]) -> None:
+    """Every model component of ``model_index.json`` (a folder with a ``config.json``) yields
+    tensors; one that yields none would silently leave the artifact without its weights."""
+    try:
+        index = json.loads((root / MODEL_INDEX).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{root / MODEL_INDEX}: unreadable ({exc})") from None
+    found = {PurePosixPath(file).parts[0] for file, header in headers.items() if header.tensors}
+    for component in sorted(index if isinstance(index, dict) else {}):
+        held = [f for f in files if f.startswith(f"{component}/")]
+        if f"{component}/config.json" not in held or component in found:
+            continue
+        raise SourceError(f"component {component!r}: {MODEL_INDEX} lists it and it has a "
+                          f"config.json, but none of its files holds safetensors weights "
+                          f"(it holds {', '.join(held[:5])}); the run would leave it without them")
 
 
 def local_headers(root: Path, files: list[str] | None = None) -> dict[str, SafetensorsHeader]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -43,8 +44,16 @@ from hlwq.store.shard_writer import (
     plan_shards,
     write_weight_group,
 )
+from hlwq.store.source_tree import (
+    checked_file,
+    is_pickle,
+    is_pickle_name,
+    visible_files,
+    without_pickles,
+)
 from hlwq.store.staging import STAGED_METADATA_KEY
 
+WRITE_BITS = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
 ADDED_ROOT_FILES = (MANIFEST_NAME, METRICS_NAME, MODEL_CARD_NAME)
 LINEAGE_FIELDS = ("kind", "source", "repo", "revision", "commit_sha", "commit_sha_kind")
 
@@ -240,7 +249,8 @@ def _write_group(partial: Path, root: Path, group: tuple[str, str], rows: list[d
     """Rewrite one weight group into new shards; returns their file records and entries."""
     directory, stem = group
     base = root if root.is_dir() else root.parent
-    headers = {file: read_header(base / file) for file in sorted({r["file"] for r in rows})}
+    headers = {file: read_header(checked_file(base, file))
+               for file in sorted({r["file"] for r in rows})}
     metadata = {}
     for header in headers.values():
         for key, value in sorted(header.metadata.items()):
@@ -256,7 +266,7 @@ def _write_group(partial: Path, root: Path, group: tuple[str, str], rows: list[d
         else:
             source = headers[row["file"]].tensors[row["tensor"]]
             units[key] = [_Stored(ShardTensor(row["tensor"], source.dtype, tuple(source.shape)),
-                                  base / row["file"], source.start, source.end)]
+                                  headers[row["file"]].path, source.start, source.end)]
             entries[key] = _kept_entry(row, "")
     plan = plan_shards([(key, sum(s.tensor.nbytes for s in stored)) for key, stored in units.items()],
                        max_shard_bytes)
@@ -319,16 +329,19 @@ def _kept_entry(row: dict, file: str) -> dict:
 
 def _carry_files(partial: Path, root: Path, lineage: dict, rewritten: set) -> dict[str, dict]:
     """Hard-link (else copy) every source file outside the rewritten weight groups;
-    reuse the lineage's hashes where the size agrees."""
+    reuse the lineage's hashes where the size agrees. Only regular files inside the
+    source are carried, and never a pickle (store/source_tree.py)."""
     base = root if root.is_dir() else root.parent
     known = {f["path"]: f for f in lineage.get("files", [])}
-    names = sorted(known) if known else _visible_files(base)
+    names = sorted(known) if known else visible_files(base)
+    names = without_pickles(names, str(base),
+                            lambda name: is_pickle_name(name) or is_pickle(checked_file(base, name)))
     files = {}
     for name in names:
         if name in ADDED_ROOT_FILES or is_group_file(name, rewritten):
             continue
-        source, target = base / name, partial / name
-        link_or_copy(source, target)
+        target = partial / name
+        link_or_copy(checked_file(base, name), target)
         size = target.stat().st_size
         record = known.get(name)
         if record and record.get("size") == size and record.get("sha256"):
@@ -338,20 +351,20 @@ def _carry_files(partial: Path, root: Path, lineage: dict, rewritten: set) -> di
     return files
 
 
-def _visible_files(directory: Path) -> list[str]:
-    names = []
-    for current, subdirs, found in os.walk(directory):
-        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-        base = Path(current).relative_to(directory)
-        names += [(base / f).as_posix() for f in found if not f.startswith(".")]
-    return sorted(names)
-
-
 def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link ``source`` (a checked regular file, see ``checked_file``) at ``target`` and
+    make the shared file read-only, so editing the artifact in place cannot change the
+    source; copy where links are not possible or the file's mode cannot be changed."""
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(source.resolve(), target)
+        os.link(source, target, follow_symlinks=False)
     except OSError:          # other file system, or links not allowed: copy
+        shutil.copyfile(source, target)
+        return
+    try:
+        os.chmod(target, stat.S_IMODE(target.stat().st_mode) & ~WRITE_BITS)
+    except OSError:          # not the file's owner: an independent copy instead
+        target.unlink()
         shutil.copyfile(source, target)
 
 

@@ -235,7 +235,7 @@ def _apply_overrides_file(policy: BitPolicy, path: Path) -> BitPolicy:
     policy = replace(policy, bit_overrides=(*overrides, *policy.bit_overrides))
     include = _string_list(data.get("include", []), f"{path}: include", allow_empty=True)
     exclude = _string_list(data.get("exclude", []), f"{path}: exclude", allow_empty=True)
-    return with_patterns(policy, include=include, exclude=exclude, origin=str(path))
+    return with_patterns(policy, include=include, exclude=exclude, origin=path.name)
 
 
 def _pattern(text: str, where: str) -> Pattern:

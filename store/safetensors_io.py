@@ -20,10 +20,11 @@ import struct
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from hlwq.quant.errors import CorruptCheckpointError, SourceError
 from hlwq.quant.sizes import DTYPE_BYTES
+from hlwq.store.source_tree import visible_files
 
 MAX_HEADER_BYTES = 100_000_000   # the safetensors library's own limit
 METADATA_KEY = "__metadata__"
@@ -203,7 +204,8 @@ def iter_safetensors_files(root: str | os.PathLike) -> Iterator[Path]:
     In a folder (e.g. a diffusers pipeline with component subfolders), each
     directory that holds a ``*.safetensors.index.json`` contributes exactly the
     shards its index names; any other directory contributes all its ``*.safetensors``.
-    Hidden directories (``.cache``, ``.git``) are skipped.
+    Hidden entries (``.cache``, ``.git``) are skipped; a link leading out of ``root`` is
+    refused (store/source_tree.py), and so is an index naming a shard in another folder.
     """
     root = Path(root)
     if not root.exists():
@@ -216,10 +218,13 @@ def iter_safetensors_files(root: str | os.PathLike) -> Iterator[Path]:
         else:
             raise SourceError(f"{root}: not a .safetensors file or a {INDEX_SUFFIX} index")
         return
+    by_folder: dict[tuple[str, ...], list[str]] = {}
+    for name in visible_files(root):        # links leading out of the source are refused
+        *folder, file_name = name.split("/")
+        by_folder.setdefault(tuple(folder), []).append(file_name)
     found = False
-    for directory, subdirs, names in os.walk(root):
-        subdirs[:] = sorted(name for name in subdirs if not name.startswith("."))
-        for path in _directory_files(Path(directory), sorted(names)):
+    for folder in sorted(by_folder):        # os.walk's top-down order
+        for path in _directory_files(root.joinpath(*folder), by_folder[folder]):
             found = True
             yield path
     if not found:
@@ -239,10 +244,18 @@ def _index_shards(index: Path) -> list[Path]:
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         shards = sorted(set(weight_map.values()))
+        names = [PurePosixPath(shard).name for shard in shards]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptCheckpointError(
             f"{index}: not a safetensors index (needs a JSON object with a 'weight_map' of "
             f"tensor -> shard file): {exc!r}") from None
+    for shard, name in zip(shards, names):
+        # The Hub's indexes name shards beside them; a path would take a component's
+        # weights from another folder (or from outside the source).
+        if shard != name or name in ("", ".", "..") or "\\" in name:
+            raise CorruptCheckpointError(f"{index}: lists shard {shard!r}, which is not a file "
+                                         "name in the index's own folder (an index may name "
+                                         "only the shards beside it)")
     paths = [index.parent / shard for shard in shards]
     for path in paths:
         if not path.is_file():

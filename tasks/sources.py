@@ -42,8 +42,16 @@ from hlwq.runtime.hub import (
 )
 from hlwq.store.hash_cache import size_and_sha256
 from hlwq.store.safetensors_io import SafetensorsHeader, header_length, parse_header
+from hlwq.store.source_tree import (
+    PICKLE_SUFFIXES,
+    is_pickle,
+    source_name,
+    visible_files,
+    without_pickles,
+)
 
 HEADER_PREFETCH_BYTES = 1 << 20  # one ranged GET covers most headers, even LTX-2.3's config
+PICKLE_PATTERNS = [f"*{suffix}" for suffix in PICKLE_SUFFIXES]   # never downloaded
 
 
 @dataclass(frozen=True)
@@ -51,15 +59,17 @@ class FetchResult:
     """Where a source's files are, and their lineage.
 
     ``lineage`` keys: ``kind`` ("hub" | "local_dir" | "file"), ``source``, ``repo`` (Hub),
-    ``path`` (local), ``endpoint`` (Hub), ``revision`` (as asked), ``commit_sha`` (the Hub
+    ``endpoint`` (Hub), ``revision`` (as asked), ``commit_sha`` (the Hub
     commit it resolved to, or for local sources a sha256 over the files' paths, sizes and
     hashes), ``commit_sha_kind`` ("hub-commit" | "content-sha256"), ``allow_patterns``,
     ``ignore_patterns`` and ``files`` (``[{path, size, sha256}]``, paths relative to root).
+    Nothing in it depends on where the files lie: a local source is named by its folder's
+    (or file's) name only.
     """
 
     root: Path  # the snapshot folder, target folder, or the local source's folder
     files: list[Path]  # absolute paths of every file fetched (weights, configs, ...)
-    lineage: dict  # kind, source, repo, path, endpoint, revision, commit_sha, files, ...
+    lineage: dict  # kind, source, repo, endpoint, revision, commit_sha, files, ...
 
     def to_dict(self) -> dict:
         """JSON-able form (what the Prefect task returns)."""
@@ -219,13 +229,19 @@ def with_text_encoder(main: FetchResult, text_encoder: FetchResult, view: Path) 
 
 def local_source_files(path: Path, allow_patterns=None, ignore_patterns=None
                        ) -> tuple[str, Path, list[str]]:
-    """(kind, root, names relative to root) of a local source after the file patterns;
-    nothing is read. Raises SourceError when no .safetensors file is left."""
-    path = path.resolve()
+    """(kind, root, names relative to root) of a local source after the file patterns.
+
+    Only regular files really inside the source count (store/source_tree.py): a link
+    leading out or a special file raises UnsafeSourceError naming it. Pickles are left
+    out, and a folder whose weights are only pickles is refused. Raises SourceError when
+    no .safetensors file is left."""
     if path.is_dir():
-        kind, root, names = "local_dir", path, _visible_files(path)
+        kind, root, names = "local_dir", path.resolve(), visible_files(path)
+    elif path.suffix == ".safetensors" and not path.is_symlink():
+        kind, root, names = "file", path.resolve().parent, [path.name]
     elif path.suffix == ".safetensors":
-        kind, root, names = "file", path.parent, [path.name]
+        raise SourceError(f"{path}: a single-file source must be the file itself, not a link "
+                          f"(to {path.resolve()}); give the file it points to")
     else:
         raise SourceError(
             f"{path}: a single-file source must be a .safetensors file "
@@ -234,29 +250,19 @@ def local_source_files(path: Path, allow_patterns=None, ignore_patterns=None
     names = sorted(
         filter_repo_objects(names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
     )
+    names = without_pickles(names, str(path), lambda name: is_pickle(root / name))
     _require_safetensors(names, str(path), allow_patterns, ignore_patterns)
     return kind, root, names
 
 
 def _fetch_local(path: Path, allow_patterns, ignore_patterns) -> FetchResult:
-    path = path.resolve()
     kind, root, names = local_source_files(path, allow_patterns, ignore_patterns)
     records = _hash_files(root, names)
     lineage = _lineage(
-        kind, str(path), _content_sha256(records), "content-sha256", records,
-        allow_patterns, ignore_patterns, path=str(path),
+        kind, source_name(root / names[0] if kind == "file" else root), _content_sha256(records), "content-sha256", records,
+        allow_patterns, ignore_patterns,
     )
     return FetchResult(root, [root / name for name in names], lineage)
-
-
-def _visible_files(directory: Path) -> list[str]:
-    """Files below ``directory`` as posix paths, skipping hidden entries (.cache, .git)."""
-    names = []
-    for current, subdirs, files in os.walk(directory):
-        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-        base = Path(current).relative_to(directory)
-        names += [(base / f).as_posix() for f in files if not f.startswith(".")]
-    return names
 
 
 # ---- Hub sources -----------------------------------------------------------------------------
@@ -271,15 +277,15 @@ def _fetch_hub(
         # mix two revisions, and the lineage names what was really fetched.
         sha = resolve_commit(api, hub)
         remote = _remote_files(api, hub.repo, sha, allow_patterns, ignore_patterns)
-        _require_safetensors(
-            list(remote), f"Hub repo {hub.repo}@{hub.revision}", allow_patterns, ignore_patterns
-        )
+        where = f"Hub repo {hub.repo}@{hub.revision}"
+        remote = {name: remote[name] for name in without_pickles(list(remote), where)}
+        _require_safetensors(list(remote), where, allow_patterns, ignore_patterns)
         root = Path(
             snapshot_download(
                 hub.repo,
                 revision=sha,
                 allow_patterns=allow_patterns,
-                ignore_patterns=ignore_patterns,
+                ignore_patterns=(_pattern_list(ignore_patterns) or []) + PICKLE_PATTERNS,
                 cache_dir=cache_dir,
                 local_dir=local_dir,
                 token=token,
@@ -287,7 +293,7 @@ def _fetch_hub(
                 library_name=LIBRARY,
             )
         )
-    names = sorted(remote)
+    names = without_pickles(sorted(remote), where, lambda name: is_pickle(root / name))
     records = _hash_files(root, names)
     for record in records:
         _check_against_hub(hub, sha, root, record, remote[record["path"]])
@@ -402,7 +408,6 @@ def _lineage(
     ignore_patterns,
     *,
     repo: str | None = None,
-    path: str | None = None,
     endpoint: str | None = None,
     revision: str | None = None,
 ) -> dict:
@@ -411,7 +416,6 @@ def _lineage(
         "kind": kind,
         "source": source,
         "repo": repo,
-        "path": path,
         "endpoint": endpoint,
         "revision": revision,
         "commit_sha": commit_sha,

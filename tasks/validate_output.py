@@ -48,6 +48,7 @@ from hlwq.store.atomic import (
 )
 from hlwq.store.package import file_record, write_card_and_manifest
 from hlwq.store.prompts import DEFAULT_SUITE, FRAME_STEP, SIDE_MULTIPLE, RenderRequest, load_prompts
+from hlwq.store.source_tree import source_name
 from hlwq.tasks.gates import gate_sources, load_gate_config
 from hlwq.tasks.render import audio_sample_rate, render_arguments, resolve_device, resolve_factory
 
@@ -220,7 +221,7 @@ def scale_request(request: RenderRequest, long_side: int | None = None,
 
 def suite_identity(path: str | os.PathLike | None) -> dict:
     path = Path(path) if path else DEFAULT_SUITE
-    return {"path": str(path), "name": path.stem,
+    return {"file": path.name, "name": path.stem,
             "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
@@ -413,22 +414,22 @@ def _compare_and_report(source_root, candidate, suite, requests, gates, source_p
                                    **compare_renderings(source, packed)}
             write_comparison_sheet(partial / SHEET_DIR / f"{request.id}.png", source["frames"],
                                    packed["frames"])
-        results = gate_results(prompts, gates, source=str(source_root), artifact=str(candidate),
-                               device=device, suite=suite_identity(suite),
-                               report=str(report_dir / REPORT_NAME),
-                               thresholds_from=thresholds_from)
+        # Names, not paths: the report lands inside the artifact, which must not depend on
+        # where it (or the source) was written.
+        results = gate_results(prompts, gates, source=source_name(source_root),
+                               artifact=Path(candidate).resolve().name, device=device,
+                               suite=suite_identity(suite), thresholds_from=thresholds_from)
         worst = results["worst_prompt"]
         write_stacked_sheet(partial / WORST_SHEET_NAME, load_rendering(source_paths[worst])["frames"],
                             load_rendering(candidate_paths[worst])["frames"])
         write_report(partial, results, metrics_path(candidate))
         atomic_write_text(partial / RESULTS_NAME, json.dumps(results, indent=2, sort_keys=True))
-    return results
+    return {**results, "report": str(report_dir / REPORT_NAME)}
 
 
 def gate_results(prompts: dict[str, dict], gates: dict[str, OutputGate], **identity) -> dict:
-    """The whole result: ``identity`` (source, artifact, device, suite, report,
-    thresholds_from), the prompts, the worst prompt, the worst latent error and the gates'
-    verdicts."""
+    """The whole result: ``identity`` (source, artifact, device, suite, thresholds_from),
+    the prompts, the worst prompt, the worst latent error and the gates' verdicts."""
     verdict = apply_output_gates(prompts, gates)
     return {**identity, "prompts": prompts, "worst_prompt": worst_prompt(prompts),
             "latent_rel_err": max(p["latent_rel_err"] for p in prompts.values()), **verdict}

@@ -218,8 +218,8 @@ def make_tiny_ltx23(out_dir: str | os.PathLike, single_file: bool = False, seed:
             _write_tiny_single_file(staging, components, upsampler)
         else:
             from diffusers import LTX2Pipeline
-            LTX2Pipeline(**components).save_pretrained(staging)
-            upsampler.save_pretrained(staging / "latent_upsampler")
+            LTX2Pipeline(**components).save_pretrained(staging, safe_serialization=True)
+            upsampler.save_pretrained(staging / "latent_upsampler", safe_serialization=True)
         atomic_write_text(staging / MARKER_FILE, json.dumps(marker, indent=2))
     return out_dir
 
@@ -228,7 +228,7 @@ def _write_tiny_single_file(staging: Path, components: dict, upsampler) -> None:
     save_single_file(staging / SINGLE_FILE_NAME, components, model_version="2.3-tiny")
     save_component_file(staging / UPSAMPLER_FILE_NAME, upsampler, model_version="2.3-tiny")
     for part in ("text_encoder", "tokenizer", "scheduler"):
-        components[part].save_pretrained(staging / part)
+        components[part].save_pretrained(staging / part, safe_serialization=True)
 
 
 def load_tiny_pipeline(path: str | os.PathLike, dtype: torch.dtype = torch.float32):

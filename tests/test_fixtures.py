@@ -85,7 +85,7 @@ def test_tiny_pipeline_loads_with_from_pretrained_and_renders(tiny_dir):
     from diffusers import LTX2Pipeline
     from diffusers.pipelines.ltx2 import LTX2VocoderWithBWE
 
-    pipe = LTX2Pipeline.from_pretrained(tiny_dir, dtype=torch.float32)
+    pipe = LTX2Pipeline.from_pretrained(tiny_dir, dtype=torch.float32, use_safetensors=True)
     assert isinstance(pipe.vocoder, LTX2VocoderWithBWE)
     started = time.perf_counter()
     output = render(pipe)
@@ -141,7 +141,7 @@ def test_single_file_has_the_official_prefixes_and_config_metadata(single_dir):
 def test_single_file_round_trips_to_the_diffusers_state_dicts(tiny_dir, single_dir):
     from diffusers import LTX2Pipeline
 
-    folder = LTX2Pipeline.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+    folder = LTX2Pipeline.from_pretrained(tiny_dir, dtype=torch.bfloat16, use_safetensors=True)
     loaded = load_single_file(single_dir / SINGLE_FILE_NAME, dtype=torch.bfloat16)
     for component in SINGLE_FILE_COMPONENTS:
         expected, got = state(getattr(folder, component)), state(loaded[component])
@@ -291,7 +291,8 @@ def test_transformer_checkpoint_is_sharded_loadable_and_reused(tmp_path):
     assert set(index["weight_map"].values()) == {p.name for p in shards}
     assert json.loads((out / "model_index.json").read_text())["transformer"] == [
         "diffusers", "LTX2VideoTransformer3DModel"]
-    model = LTX2VideoTransformer3DModel.from_pretrained(folder, dtype=torch.bfloat16)
+    model = LTX2VideoTransformer3DModel.from_pretrained(folder, dtype=torch.bfloat16,
+                                                        use_safetensors=True)
     assert index["metadata"]["total_size"] == sum(t.numel() * 2 for _, t in
                                                   checkpoint_tensors(model))
     for name, tensor in checkpoint_tensors(model):
