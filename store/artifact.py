@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 
 from hlwq.quant.errors import ArtifactError, CorruptCheckpointError, SourceError, UnsafePathError
 from hlwq.quant.packed import MODES, PACKED_PARTS, PackedTensor, packed_layout
-from hlwq.quant.sizes import DTYPE_BYTES
+from hlwq.quant.sizes import DTYPE_BYTES, original_nbytes, packed_nbytes, size_table
 from hlwq.store.hash_cache import sha256_file
 
 FORMAT_NAME = "hlwq-artifact"
@@ -26,6 +26,10 @@ SHARD_FORMAT_KEY = "hlwq_format_version"     # in every written shard's __metada
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000      # the Hub's "5GB"
 LAYOUTS = ("diffusers", "ltx23-single", "generic")   # hlwq.tasks.inventory.detect_layout's names
 ACTIONS = ("quantize", "keep")
+# In each written shard's __metadata__: canonical JSON {stored base name: its quantized
+# record}, so the bytes themselves say what each packed tensor is (verify compares).
+QUANTIZED_METADATA_KEY = "hlwq_quantized"
+QUANTIZED_RECORD_FIELDS = ("shape", "dtype", "bits", "block_size", "group_size", "mode")
 IGNORED_ENTRIES = (".git", ".cache", ".gitattributes")   # Hub tooling adds these at the root
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -57,6 +61,17 @@ def packed_part_specs(name: str, shape, bits: int, block_size: int,
     names = packed_part_names(name)
     return {names[part]: (spec.safetensors_dtype, spec.shape)
             for part, spec in packed_layout(tuple(shape), bits, block_size, group_size).items()}
+
+
+def quantized_record(entry: dict) -> dict:
+    """What a shard records of one quantized tensor (``QUANTIZED_METADATA_KEY``)."""
+    return {field: entry[field] for field in QUANTIZED_RECORD_FIELDS}
+
+
+def quantized_metadata(entries: list[dict]) -> str:
+    """The ``QUANTIZED_METADATA_KEY`` value of a shard holding these quantized entries."""
+    return json.dumps({entry["name"]: quantized_record(entry) for entry in entries},
+                      sort_keys=True, separators=(",", ":"))
 
 
 def safe_relative_path(root: str | os.PathLike, relative: object) -> Path:
@@ -244,9 +259,12 @@ def verify_artifact(directory: str | os.PathLike, hashes: bool = True) -> list[s
     """Every problem with an artifact, one line each naming the file or tensor; [] when sound.
 
     Checks the manifest (JSON, version, schema), each listed file's size and
-    (with ``hashes``) sha256, files present but not listed, and that every
-    tensor entry matches its shard's header (names, dtypes, shapes) with no
-    unlisted tensors in the shards.
+    (with ``hashes``) sha256, files present but not listed, and every manifest
+    field against the bytes: each tensor entry against its shard (stored names,
+    dtypes and shapes from quant.packed.packed_layout; shape, dtype and settings
+    of a quantized tensor against the shard's own record of it), each entry's
+    byte counts, and the ``sizes`` table against the entries, with no unlisted
+    tensors in the shards.
     """
     directory = Path(directory)
     try:
@@ -263,6 +281,7 @@ def verify_artifact(directory: str | os.PathLike, hashes: bool = True) -> list[s
             readable.add(relative)
     problems.extend(_unlisted_problems(directory, manifest["files"]))
     problems.extend(_tensor_entry_problems(directory, manifest, readable))
+    problems.extend(_sizes_problems(manifest))
     return problems
 
 
@@ -320,24 +339,70 @@ def _tensor_entry_problems(directory: Path, manifest: dict, readable: set[str]) 
                             f"{', ...' if len(keys) > 3 else ''})")
             continue
         try:
-            stored = read_header(directory / relative).tensors
+            header = read_header(directory / relative)
+            written = json.loads(header.metadata.get(QUANTIZED_METADATA_KEY, "{}"))
         except (CorruptCheckpointError, SourceError) as exc:
             problems.append(f"{relative}: {exc}")
             continue
+        except json.JSONDecodeError as exc:
+            problems.append(f"{relative}: metadata {QUANTIZED_METADATA_KEY!r} is not JSON ({exc})")
+            continue
         claimed = set()
         for record in sorted(records, key=lambda r: r.key):
-            for name, (dtype, shape) in record.stored_specs().items():
-                claimed.add(name)
-                found = stored.get(name)
-                if found is None:
-                    problems.append(f"tensor {record.key}: {name!r} missing from {relative}")
-                elif (found.dtype, tuple(found.shape)) != (dtype, tuple(shape)):
-                    problems.append(f"tensor {record.key}: {name!r} in {relative} is "
-                                    f"{found.dtype} {list(found.shape)}, manifest implies "
-                                    f"{dtype} {list(shape)}")
+            claimed.update(record.stored_specs())
+            problems.extend(_stored_problems(record, relative, header.tensors, written))
         problems.extend(f"{relative}: tensor {name!r} is not described by {MANIFEST_NAME}"
-                        for name in sorted(set(stored) - claimed))
+                        for name in sorted(set(header.tensors) - claimed))
     return problems
+
+
+def _stored_problems(record: TensorRecord, relative: str, stored: dict,
+                     written: dict) -> list[str]:
+    """One entry against its shard: the parts' dtypes and shapes, what the shard recorded of
+    a quantized tensor, and the entry's byte counts."""
+    problems = []
+    for name, (dtype, shape) in record.stored_specs().items():
+        found = stored.get(name)
+        if found is None:
+            problems.append(f"tensor {record.key}: {name!r} missing from {relative}")
+        elif (found.dtype, tuple(found.shape)) != (dtype, tuple(shape)):
+            problems.append(f"tensor {record.key}: {name!r} in {relative} is "
+                            f"{found.dtype} {list(found.shape)}, manifest implies "
+                            f"{dtype} {list(shape)}")
+    if record.quantized:
+        recorded = written.get(record.name)
+        claimed = quantized_record({**vars(record), "shape": list(record.shape)})
+        if not isinstance(recorded, dict):
+            problems.append(f"tensor {record.key}: {relative} records no quantized tensor "
+                            f"{record.name!r} in its {QUANTIZED_METADATA_KEY!r} metadata")
+        else:
+            problems.extend(f"tensor {record.key}: {field} is {claimed[field]!r} in "
+                            f"{MANIFEST_NAME}, {relative} records {recorded.get(field)!r}"
+                            for field in QUANTIZED_RECORD_FIELDS
+                            if recorded.get(field) != claimed[field])
+    original = original_nbytes(record.shape, record.dtype)
+    packed = (packed_nbytes(record.shape, record.bits, record.block_size, record.group_size)
+              if record.quantized else original)
+    for field, value in (("original_bytes", original), ("packed_bytes", packed)):
+        if getattr(record, field) != value:
+            problems.append(f"tensor {record.key}: {field} is {getattr(record, field)!r} in "
+                            f"{MANIFEST_NAME}, its shape and dtype give {value}")
+    return problems
+
+
+def _sizes_problems(manifest: dict) -> list[str]:
+    """The ``sizes`` table must be ``size_table`` of the tensor entries (what plan prints)."""
+    expected = json.loads(json.dumps(size_table(list(manifest["tensors"].values()))))
+    problems = [f"{path} is {found!r} in {MANIFEST_NAME}, the tensor entries give "
+                f"{wanted!r}" for path, found, wanted in _differences(manifest["sizes"], expected)]
+    return problems[:10]
+
+
+def _differences(found, wanted, path: str = "sizes") -> list[tuple[str, object, object]]:
+    if isinstance(found, dict) and isinstance(wanted, dict):
+        return [difference for key in sorted(set(found) | set(wanted), key=str)
+                for difference in _differences(found.get(key), wanted.get(key), f"{path}.{key}")]
+    return [] if found == wanted and type(found) is type(wanted) else [(path, found, wanted)]
 
 
 # ---------------------------------------------------------------- reading

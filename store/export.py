@@ -16,6 +16,7 @@ from pathlib import Path
 from hlwq.quant.core import dequantize
 from hlwq.store.artifact import (
     DEFAULT_MAX_SHARD_BYTES,
+    QUANTIZED_METADATA_KEY,
     SHARD_FORMAT_KEY,
     Artifact,
     TensorRecord,
@@ -81,7 +82,8 @@ def carry_other_files(artifact: Artifact, partial: Path, groups) -> dict[str, di
 def group_metadata(artifact: Artifact, entries: list[TensorRecord]) -> dict[str, str]:
     """The source file's safetensors metadata, as the artifact's shards carried it."""
     header = read_header(artifact.file_path(entries[0].file))
-    return {k: v for k, v in header.metadata.items() if k != SHARD_FORMAT_KEY}
+    return {k: v for k, v in header.metadata.items()
+            if k not in (SHARD_FORMAT_KEY, QUANTIZED_METADATA_KEY)}
 
 
 def _export_group(artifact: Artifact, partial: Path, group: tuple[str, str],

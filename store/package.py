@@ -26,11 +26,13 @@ from hlwq.store.artifact import (
     MANIFEST_NAME,
     METRICS_NAME,
     MODEL_CARD_NAME,
+    QUANTIZED_METADATA_KEY,
     SHARD_FORMAT_KEY,
     is_validated,
     manifest_bytes,
     packed_part_names,
     packed_part_specs,
+    quantized_metadata,
     tensor_key,
 )
 from hlwq.store.atomic import atomic_write_bytes, atomic_write_text, directory_transaction
@@ -254,7 +256,8 @@ def _write_group(partial: Path, root: Path, group: tuple[str, str], rows: list[d
     metadata = {}
     for header in headers.values():
         for key, value in sorted(header.metadata.items()):
-            metadata.setdefault(key, value)
+            if key != QUANTIZED_METADATA_KEY:     # recorded afresh, below
+                metadata.setdefault(key, value)
     metadata[SHARD_FORMAT_KEY] = str(FORMAT_VERSION)
 
     units: dict[str, list[_Stored]] = {}
@@ -268,6 +271,9 @@ def _write_group(partial: Path, root: Path, group: tuple[str, str], rows: list[d
             units[key] = [_Stored(ShardTensor(row["tensor"], source.dtype, tuple(source.shape)),
                                   headers[row["file"]].path, source.start, source.end)]
             entries[key] = _kept_entry(row, "")
+    quantized = [entry for entry in entries.values() if entry["action"] == "quantize"]
+    if quantized:
+        metadata[QUANTIZED_METADATA_KEY] = quantized_metadata(quantized)
     plan = plan_shards([(key, sum(s.tensor.nbytes for s in stored)) for key, stored in units.items()],
                        max_shard_bytes)
     by_name = {s.tensor.name: s for stored in units.values() for s in stored}

@@ -111,8 +111,80 @@ def test_tensor_entry_inconsistent_with_shard_names_the_tensor(art):
     key = "transformer/transformer_blocks.0.attn1.to_q.weight"
     _edit_manifest(art, lambda m: m["tensors"][key].update(bits=4))
     problems = verify_artifact(art)
-    assert problems and all(p.startswith(f"tensor {key}: ") for p in problems)
+    assert problems and all(p.startswith((f"tensor {key}: ", "sizes.")) for p in problems)
     assert any("to_q.weight.codes" in p and "U8 [64, 128]" in p for p in problems)
+
+
+QUANTIZED = "transformer/transformer_blocks.0.attn1.to_q.weight"
+
+
+def _fix_arithmetic(manifest):
+    """Make an edited entry's byte counts and the sizes table agree with it again."""
+    from hlwq.quant.sizes import original_nbytes, packed_nbytes, size_table
+
+    entry = manifest["tensors"][QUANTIZED]
+    entry["original_bytes"] = original_nbytes(entry["shape"], entry["dtype"])
+    entry["packed_bytes"] = packed_nbytes(entry["shape"], entry["bits"], entry["block_size"],
+                                          entry["group_size"])
+    manifest["sizes"] = size_table(list(manifest["tensors"].values()))
+
+
+def test_shape_edit_within_the_padding_fails_verify(art):
+    # [64, 256] -> [64, 255] pads to the same 256 columns: the packed parts' shapes cannot
+    # tell, the shard's own record of the tensor can (and so can the byte counts).
+    _edit_manifest(art, lambda m: m["tensors"][QUANTIZED].update(shape=[64, 255]))
+    problems = verify_artifact(art)
+    assert (f"tensor {QUANTIZED}: shape is [64, 255] in {MANIFEST_NAME}, {SHARD} records "
+            "[64, 256]") in problems
+    assert any(p.startswith(f"tensor {QUANTIZED}: original_bytes is") for p in problems)
+    assert any(p.startswith("sizes.components.transformer.params is") for p in problems)
+
+    def edit_consistently(manifest):
+        manifest["tensors"][QUANTIZED].update(shape=[64, 255])
+        _fix_arithmetic(manifest)
+
+    _edit_manifest(art, edit_consistently)
+    problems = verify_artifact(art)
+    assert problems == [f"tensor {QUANTIZED}: shape is [64, 255] in {MANIFEST_NAME}, {SHARD} "
+                        "records [64, 256]"]
+    assert CliRunner().invoke(verify, [str(art)]).exit_code == 1
+
+
+@pytest.mark.parametrize("field, value", [("dtype", "F16"), ("mode", "refined"),
+                                          ("group_size", 64)])
+def test_quantized_settings_edit_fails_verify(art, field, value):
+    def edit(manifest):
+        manifest["tensors"][QUANTIZED][field] = value
+        _fix_arithmetic(manifest)
+
+    _edit_manifest(art, edit)
+    assert any(p.startswith(f"tensor {QUANTIZED}: {field} is {value!r} in {MANIFEST_NAME}")
+               for p in verify_artifact(art))
+
+
+def test_byte_counts_and_sizes_table_are_checked(art):
+    kept = "transformer/proj_out.bias"
+    _edit_manifest(art, lambda m: m["tensors"][kept].update(packed_bytes=1))
+    assert verify_artifact(art) == [
+        f"tensor {kept}: packed_bytes is 1 in {MANIFEST_NAME}, its shape and dtype give 64"]
+
+    _edit_manifest(art, lambda m: m["tensors"][kept].update(packed_bytes=64))
+    _edit_manifest(art, lambda m: m["sizes"].update(total_packed_bytes=42))
+    (problem,) = verify_artifact(art)
+    assert problem.startswith(f"sizes.total_packed_bytes is 42 in {MANIFEST_NAME}, the tensor "
+                              "entries give ")
+
+
+def test_inspect_reports_an_unsound_artifact(art):
+    (art / SHARD).unlink()
+    result = CliRunner().invoke(inspect, [str(art)])
+    assert result.exit_code == 1
+    assert "sound: no" in result.output and f"{SHARD}: missing" in result.output
+    assert "validated: False (the manifest says validated, but the artifact is unsound)" in (
+        result.output)
+    data = json.loads(CliRunner().invoke(inspect, [str(art), "--json"]).output)
+    assert (data["sound"], data["validated"]) == (False, False)
+    assert data["validation"]["validated"] is True      # the manifest's own claim, shown as is
 
 
 def test_schema_problems_are_listed(art):
@@ -126,6 +198,7 @@ def test_inspect_shows_sizes_and_quality(art):
     result = CliRunner().invoke(inspect, [str(art)])
     assert result.exit_code == 0, result.output
     assert "| transformer | 6 | 3 |" in result.output and "relative MSE" in result.output
+    assert "sound: yes\nvalidated: True" in result.output
     data = json.loads(CliRunner().invoke(inspect, [str(art), "--json"]).output)
     assert data["quality"]["tensors"] == 3 and data["sizes"]["quantized_tensors"] == 3
     assert 0.99 < data["quality"]["cosine"]["worst"] <= data["quality"]["cosine"]["median"] <= 1

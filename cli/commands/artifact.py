@@ -39,12 +39,14 @@ def verify(artifact: str, no_hashes: bool) -> None:
 @click.command()
 @click.argument("artifact")
 @click.option("--json", "as_json", is_flag=True, help="Print the tables as JSON.")
-def inspect(artifact: str, as_json: bool) -> None:
+@click.option("--no-hashes", is_flag=True, help="Check sizes and headers only (skip sha256).")
+def inspect(artifact: str, as_json: bool, no_hashes: bool) -> None:
     """Show ARTIFACT's per-component sizes, its validation (the output gates per prompt and the
     tensor gates, as the model card shows them), quality distribution and worst tensors (a
-    folder, or a Hub repo owner/name[@revision], downloaded and verified first)."""
+    folder, or a Hub repo owner/name[@revision], downloaded and verified first), and whether
+    it is sound (what `hlwq verify` checks). Exits 1 if it is not."""
     from hlwq.runtime.hub import resolve_artifact
-    from hlwq.store.artifact import METRICS_NAME, open_artifact
+    from hlwq.store.artifact import METRICS_NAME, open_artifact, verify_artifact
     from hlwq.store.model_card import (
         QUALITY_HEADER,
         SIZE_HEADER,
@@ -57,6 +59,9 @@ def inspect(artifact: str, as_json: bool) -> None:
 
     directory = resolve_artifact(artifact)
     manifest = open_artifact(directory, verify=False).manifest
+    problems = verify_artifact(directory, hashes=not no_hashes)
+    # A manifest's verdict means nothing once the bytes no longer match it.
+    validated = manifest["validation"]["validated"] and not problems
     metrics_path = directory / METRICS_NAME
     quality = None
     if metrics_path.is_file():
@@ -67,8 +72,10 @@ def inspect(artifact: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"source": source, "quantization": manifest["quantization"],
                                "sizes": manifest["sizes"], "quality": quality,
-                               "validation": manifest["validation"]}, indent=2, sort_keys=True))
-        return
+                               "validation": manifest["validation"], "sound": not problems,
+                               "problems": problems, "validated": validated},
+                              indent=2, sort_keys=True))
+        sys.exit(1 if problems else 0)
     click.echo(f"{artifact}: {source.get('repo') or source.get('source')} "
                f"({source['layout']}), {json.dumps(manifest['quantization'], sort_keys=True)}")
     click.echo("\n" + markdown_table(SIZE_HEADER, size_rows(manifest)))
@@ -81,7 +88,16 @@ def inspect(artifact: str, as_json: bool) -> None:
                        f"relative MSE {worst['rel_mse']:.3e}")
     else:
         click.echo("\nno metrics.parquet: no quality table")
-    click.echo(f"\nvalidated: {manifest['validation']['validated']}")
+    if problems:
+        click.echo(f"\nsound: no, {len(problems)} problem(s) (`hlwq verify` lists them all):")
+        for problem in problems[:10]:
+            click.echo(f"  {problem}")
+    else:
+        click.echo(f"\nsound: yes{' (sizes only)' if no_hashes else ''}")
+    click.echo(f"validated: {validated}"
+               + (" (the manifest says validated, but the artifact is unsound)"
+                  if manifest["validation"]["validated"] and problems else ""))
+    sys.exit(1 if problems else 0)
 
 
 @click.command(name="export-dequantized")
