@@ -258,8 +258,9 @@ def local_source_files(path: Path, allow_patterns=None, ignore_patterns=None
 def _fetch_local(path: Path, allow_patterns, ignore_patterns) -> FetchResult:
     kind, root, names = local_source_files(path, allow_patterns, ignore_patterns)
     records = _hash_files(root, names)
+    named = root / names[0] if kind == "file" else root
     lineage = _lineage(
-        kind, source_name(root / names[0] if kind == "file" else root), _content_sha256(records), "content-sha256", records,
+        kind, source_name(named), _content_sha256(records), "content-sha256", records,
         allow_patterns, ignore_patterns,
     )
     return FetchResult(root, [root / name for name in names], lineage)

@@ -145,8 +145,8 @@ def test_shape_edit_within_the_padding_fails_verify(art):
 
     _edit_manifest(art, edit_consistently)
     problems = verify_artifact(art)
-    assert problems == [f"tensor {QUANTIZED}: shape is [64, 255] in {MANIFEST_NAME}, {SHARD} "
-                        "records [64, 256]"]
+    assert problems == [
+        f"tensor {QUANTIZED}: shape is [64, 255] in {MANIFEST_NAME}, {SHARD} records [64, 256]"]
     assert CliRunner().invoke(verify, [str(art)]).exit_code == 1
 
 

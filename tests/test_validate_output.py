@@ -200,10 +200,13 @@ def test_block_errors_come_from_the_first_step_of_every_block(outcomes):
 
 
 @pytest.mark.slow
-def test_the_report_and_the_verdict_go_into_the_artifact(artifacts, outcomes):
+def test_the_report_and_the_verdict_go_into_the_artifact(artifacts, outcomes, place):
     for bits, path in artifacts.items():
         validation = record_output_gates(path, outcomes[bits])
         assert verify_artifact(path) == []                      # the report is listed and hashed
+        for name in (f"{REPORT_DIR}/results.json", f"{REPORT_DIR}/report.html", "manifest.json",
+                     "README.md"):                              # names, never local paths
+            assert str(place) not in (path / name).read_text(), name
         manifest = read_manifest(path)
         assert f"{REPORT_DIR}/report.html" in manifest["files"]
         assert validation["validated"] is (bits == 5)
