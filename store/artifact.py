@@ -26,8 +26,8 @@ SHARD_FORMAT_KEY = "hlwq_format_version"     # in every written shard's __metada
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000      # the Hub's "5GB"
 LAYOUTS = ("diffusers", "ltx23-single", "generic")   # hlwq.tasks.inventory.detect_layout's names
 ACTIONS = ("quantize", "keep")
-# In each written shard's __metadata__: canonical JSON {stored base name: its quantized
-# record}, so the bytes themselves say what each packed tensor is (verify compares).
+# In each rewritten shard's __metadata__: canonical JSON {tensor name: its quantized record}
+# for the group's quantized tensors, so the bytes say what each packed tensor is.
 QUANTIZED_METADATA_KEY = "hlwq_quantized"
 QUANTIZED_RECORD_FIELDS = ("shape", "dtype", "bits", "block_size", "group_size", "mode")
 IGNORED_ENTRIES = (".git", ".cache", ".gitattributes")   # Hub tooling adds these at the root
@@ -69,7 +69,7 @@ def quantized_record(entry: dict) -> dict:
 
 
 def quantized_metadata(entries: list[dict]) -> str:
-    """The ``QUANTIZED_METADATA_KEY`` value of a shard holding these quantized entries."""
+    """The ``QUANTIZED_METADATA_KEY`` value of the shards of a group holding these entries."""
     return json.dumps({entry["name"]: quantized_record(entry) for entry in entries},
                       sort_keys=True, separators=(",", ":"))
 

@@ -9,7 +9,7 @@ followed (they are the source's own files under a second name).
 
 One exception, because it is how huggingface_hub stores downloads: a cache snapshot
 (``models--owner--name/snapshots/<sha>``) holds links into the same repo's ``blobs/``
-folder, so the repo's cache folder is the tree its files must lie in.
+folder, so its files may lie there too.
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ TORCH_ZIP_MARK = b"PK\x03\x04"       # torch.save's zip: data.pkl inside
 HUB_CACHE_PREFIX = "models--"        # huggingface_hub's cache folder of a model repo
 
 
-def tree_root(root: str | os.PathLike) -> Path:
-    """The real folder a source's files must lie in (see the module docstring)."""
+def allowed_roots(root: str | os.PathLike) -> tuple[Path, ...]:
+    """The real folders a source's files may lie in (see the module docstring)."""
     real = Path(root).resolve()
-    if real.parent.name == "snapshots" and (real.parent.parent / "blobs").is_dir():
-        return real.parent.parent
-    return real
+    cache = real.parent.parent
+    if real.parent.name == "snapshots" and cache.name.startswith(HUB_CACHE_PREFIX):
+        return real, cache / "blobs"
+    return (real,)
 
 
 def source_name(path: str | os.PathLike) -> str:
@@ -48,7 +49,7 @@ def checked_file(root: str | os.PathLike, relative: str) -> Path:
     """The real path of ``root/relative`` after checking it is a regular file inside the
     source tree; raises UnsafeSourceError naming the entry (and the link's target)."""
     path = Path(root).joinpath(*PurePosixPath(relative).parts)
-    real = _checked_real_path(path, relative, tree_root(root))
+    real = _checked_real_path(path, relative, allowed_roots(root))
     if not real.is_file():
         raise UnsafeSourceError(f"{relative}: {_kind(real)}, not a regular file; a source may "
                                 "hold only regular files and folders")
@@ -61,7 +62,7 @@ def visible_files(directory: str | os.PathLike) -> list[str]:
     tree; a link leading out, a link loop or a special file raises UnsafeSourceError."""
     directory = Path(directory)
     names: list[str] = []
-    _walk(directory, "", tree_root(directory), {directory.resolve()}, names)
+    _walk(directory, "", allowed_roots(directory), {directory.resolve()}, names)
     return sorted(names)
 
 
@@ -89,7 +90,7 @@ def _zip_holds_pickle(path) -> bool:
         return False
 
 
-def _walk(directory: Path, prefix: str, inside: Path, ancestors: set[Path],
+def _walk(directory: Path, prefix: str, inside: tuple[Path, ...], ancestors: set[Path],
           names: list[str]) -> None:
     with os.scandir(directory) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
@@ -109,10 +110,10 @@ def _walk(directory: Path, prefix: str, inside: Path, ancestors: set[Path],
                                         "source may hold only regular files and folders")
 
 
-def _checked_real_path(path: Path, relative: str, inside: Path) -> Path:
+def _checked_real_path(path: Path, relative: str, inside: tuple[Path, ...]) -> Path:
     real = path.resolve()
-    if not real.is_relative_to(inside):
-        raise UnsafeSourceError(f"{relative}: link to {real}, outside the source {inside}; "
+    if not any(real.is_relative_to(folder) for folder in inside):
+        raise UnsafeSourceError(f"{relative}: link to {real}, outside the source {inside[0]}; "
                                 "copy the file into the source or remove the link")
     if not real.exists():
         raise UnsafeSourceError(f"{relative}: link to {real}, which does not exist")

@@ -15,9 +15,9 @@ from hub_server import LocalHub
 
 from hlwq.quant.errors import CorruptCheckpointError, SourceError, UnsafeSourceError
 from hlwq.store.artifact import MANIFEST_NAME, verify_artifact
+from hlwq.store.inventory import build_inventory
+from hlwq.store.package import package_artifact
 from hlwq.store.safetensors_io import iter_safetensors_files
-from hlwq.tasks.inventory import build_inventory
-from hlwq.tasks.package import package_artifact
 from hlwq.tasks.sources import fetch_source
 
 TRANSFORMER = "transformer/diffusion_pytorch_model.safetensors"
@@ -81,6 +81,16 @@ def test_links_inside_the_source_are_followed_and_loops_refused(source):
         fetch_source(source)
 
 
+def test_only_a_hub_cache_snapshot_may_link_into_blobs(tmp_path):
+    fake = tmp_path / "not-a-cache"
+    source = make_diffusers_source(fake / "snapshots" / "abc")
+    (fake / "blobs").mkdir()
+    (fake / "blobs" / "secret").write_text("secret\n")
+    os.symlink(fake / "blobs" / "secret", source / "vae" / "notes.txt")
+    with pytest.raises(UnsafeSourceError, match=r"^vae/notes\.txt: link to .*/blobs/secret"):
+        fetch_source(source)
+
+
 def test_special_files_are_refused(source):
     os.mkfifo(source / "vae" / "pipe")
     with pytest.raises(UnsafeSourceError, match=r"^vae/pipe: a named pipe, not a regular file"):
@@ -139,14 +149,21 @@ def test_a_component_with_only_pickled_weights_is_refused(source):
         fetch_source(source)
 
 
-def test_the_hub_never_sends_a_pickle(hub, source):
+def test_the_hub_never_sends_a_pickle(hub, source, tmp_path):
     torch.save({"w": torch.zeros(2)}, source / "transformer" / "diffusion_pytorch_model.bin")
-    hub.add_repo("acme/pickled", source)
+    sha = hub.add_repo("acme/pickled", source)
     fetched = fetch_source("acme/pickled")
     assert "transformer/diffusion_pytorch_model.bin" not in [
         f["path"] for f in fetched.lineage["files"]]
     assert not [r for r in hub.requests if r.path.endswith(".bin")]
     assert not (fetched.root / "transformer" / "diffusion_pytorch_model.bin").exists()
+    # A cache snapshot's files are links into the repo's blobs/: they may be read and carried.
+    assert (fetched.root / TRANSFORMER).is_symlink()
+    (tmp_path / "staging").mkdir()
+    art = package_source(fetched.root, tmp_path / "art", tmp_path / "staging")
+    assert verify_artifact(art) == []
+    assert json.loads((art / MANIFEST_NAME).read_text())["source"]["source"] == (
+        f"acme/pickled@{sha}")
 
     (source / VAE).unlink()
     torch.save({"w": torch.zeros(2)}, source / "vae" / "diffusion_pytorch_model.bin")
