@@ -29,20 +29,25 @@ HUB_CACHE_PREFIX = "models--"        # huggingface_hub's cache folder of a model
 def allowed_roots(root: str | os.PathLike) -> tuple[Path, ...]:
     """The real folders a source's files may lie in (see the module docstring)."""
     real = Path(root).resolve()
-    cache = real.parent.parent
-    if real.parent.name == "snapshots" and cache.name.startswith(HUB_CACHE_PREFIX):
-        return real, cache / "blobs"
-    return (real,)
+    cache = _hub_cache_of(real)
+    return (real,) if cache is None else (real, cache / "blobs")
 
 
 def source_name(path: str | os.PathLike) -> str:
     """How lineage and reports name a local source: never a path, only the folder's (or
     file's) name; a huggingface_hub cache snapshot is named ``owner/name@<commit>``."""
     real = Path(path).resolve()
-    cache = real.parent.parent.name
-    if real.parent.name == "snapshots" and cache.startswith(HUB_CACHE_PREFIX):
-        return f"{cache.removeprefix(HUB_CACHE_PREFIX).replace('--', '/', 1)}@{real.name}"
-    return real.name
+    cache = _hub_cache_of(real)
+    if cache is None:
+        return real.name
+    return f"{cache.name.removeprefix(HUB_CACHE_PREFIX).replace('--', '/', 1)}@{real.name}"
+
+
+def _hub_cache_of(real: Path) -> Path | None:
+    """The repo cache folder of a huggingface_hub snapshot (``models--o--n/snapshots/<sha>``)."""
+    cache = real.parent.parent
+    is_snapshot = real.parent.name == "snapshots" and cache.name.startswith(HUB_CACHE_PREFIX)
+    return cache if is_snapshot else None
 
 
 def checked_file(root: str | os.PathLike, relative: str) -> Path:
