@@ -369,7 +369,8 @@ def _stored_problems(record: TensorRecord, relative: str, stored: dict,
             problems.append(f"tensor {record.key}: {name!r} in {relative} is "
                             f"{found.dtype} {list(found.shape)}, manifest implies "
                             f"{dtype} {list(shape)}")
-    if record.quantized:
+    # Shards written before the record existed hold none at all: their settings go unchecked.
+    if record.quantized and written:
         recorded = written.get(record.name)
         claimed = quantized_record({**vars(record), "shape": list(record.shape)})
         if not isinstance(recorded, dict):
