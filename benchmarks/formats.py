@@ -43,6 +43,7 @@ E2M1_TIES_UP = (0.75, 1.75, 3.5)      # midpoints whose upper neighbour has the 
 E2M1_MAX_EXP = 2                      # exponent of the largest E2M1 value (6 = 1.5 * 2^2)
 HADAMARD_SLICE = 256
 HQQ_GROUP = 64
+ROW_CHUNK = 1024                      # rows per pass of the elementwise formats
 
 
 @dataclass(frozen=True)
@@ -101,12 +102,15 @@ def _fp8(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def fp8_per_tensor(weight: torch.Tensor) -> Reconstruction:
     scale = weight.abs().amax() / FP8_MAX
-    return Reconstruction(_fp8(weight, scale), weight.numel() + 4)
+    return Reconstruction(_in_row_chunks(weight, lambda rows: _fp8(rows, scale)),
+                          weight.numel() + 4)
 
 
 def fp8_per_row(weight: torch.Tensor) -> Reconstruction:
-    scale = weight.abs().amax(dim=1, keepdim=True) / FP8_MAX
-    return Reconstruction(_fp8(weight, scale), weight.numel() + 4 * weight.shape[0])
+    def rows(chunk):
+        return _fp8(chunk, chunk.abs().amax(dim=1, keepdim=True) / FP8_MAX)
+
+    return Reconstruction(_in_row_chunks(weight, rows), weight.numel() + 4 * weight.shape[0])
 
 
 def _int8_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -116,17 +120,21 @@ def _int8_rows(weight: torch.Tensor) -> torch.Tensor:
 
 
 def int8_per_row(weight: torch.Tensor) -> Reconstruction:
-    return Reconstruction(_int8_rows(weight), weight.numel() + 4 * weight.shape[0])
+    return Reconstruction(_in_row_chunks(weight, _int8_rows), weight.numel() + 4 * weight.shape[0])
 
 
 def int8_per_row_hadamard(weight: torch.Tensor) -> Reconstruction:
     from hlwq.quant.hadamard import hadamard_matrix
 
     h = hadamard_matrix(HADAMARD_SLICE)
-    rotated = _blocks(weight, HADAMARD_SLICE) @ h
-    flat = _int8_rows(rotated.reshape(weight.shape[0], -1))
-    restored = flat.reshape(rotated.shape) @ h.T
-    return Reconstruction(_unblocked(restored, weight.shape), flat.numel() + 4 * weight.shape[0])
+
+    def rows(chunk):
+        rotated = _blocks(chunk, HADAMARD_SLICE) @ h
+        restored = _int8_rows(rotated.reshape(chunk.shape[0], -1)).reshape(rotated.shape) @ h.T
+        return _unblocked(restored, chunk.shape)
+
+    padded = -(-weight.shape[1] // HADAMARD_SLICE) * HADAMARD_SLICE
+    return Reconstruction(_in_row_chunks(weight, rows), weight.shape[0] * (padded + 4))
 
 
 # --------------------------------------------------------------------------- FP4 (E2M1)
@@ -141,29 +149,41 @@ def e2m1(values: torch.Tensor) -> torch.Tensor:
     return torch.tensor(E2M1_GRID)[code].copysign_(values)
 
 
+def _in_row_chunks(weight: torch.Tensor, rows_fn) -> torch.Tensor:
+    """``rows_fn`` over ROW_CHUNK rows at a time: the float temporaries of a 67M-weight
+    tensor stay small."""
+    return torch.cat([rows_fn(chunk) for chunk in weight.split(ROW_CHUNK)])
+
+
 def nvfp4(weight: torch.Tensor) -> Reconstruction:
     """16-value blocks; block scale amax/6 in E4M3 relative to a tensor scale amax/(6*448)."""
-    blocks = _blocks(weight, 16)
-    tensor_scale = blocks.abs().amax() / (E2M1_GRID[-1] * FP8_MAX)
+    tensor_scale = weight.abs().amax() / (E2M1_GRID[-1] * FP8_MAX)
+    padded = -(-weight.shape[1] // 16) * 16 * weight.shape[0]
+    nbytes = padded // 2 + padded // 16 + 4
     if tensor_scale == 0:
-        return Reconstruction(weight.clone(), blocks.numel() // 2 + blocks.numel() // 16 + 4)
-    block_scale = (blocks.abs().amax(-1, keepdim=True) / E2M1_GRID[-1] / tensor_scale)
-    block_scale = block_scale.clamp_(max=FP8_MAX).to(torch.float8_e4m3fn).float() * tensor_scale
-    safe = torch.where(block_scale > 0, block_scale, torch.ones_like(block_scale))
-    restored = e2m1(blocks / safe) * block_scale
-    return Reconstruction(_unblocked(restored, weight.shape),
-                          blocks.numel() // 2 + blocks.numel() // 16 + 4)
+        return Reconstruction(weight.clone(), nbytes)
+
+    def rows(chunk):
+        blocks = _blocks(chunk, 16)
+        scale = blocks.abs().amax(-1, keepdim=True) / E2M1_GRID[-1] / tensor_scale
+        scale = scale.clamp_(max=FP8_MAX).to(torch.float8_e4m3fn).float() * tensor_scale
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return _unblocked(e2m1(blocks / safe) * scale, chunk.shape)
+
+    return Reconstruction(_in_row_chunks(weight, rows), nbytes)
 
 
 def mxfp4(weight: torch.Tensor) -> Reconstruction:
     """32-value blocks; shared scale 2^(floor(log2(amax)) - 2) as E8M0 (2^-127 .. 2^127)."""
-    blocks = _blocks(weight, 32)
-    amax = blocks.abs().amax(-1, keepdim=True)
-    exponent = torch.floor(torch.log2(amax.clamp(min=2.0 ** -127))) - E2M1_MAX_EXP
-    scale = torch.exp2(exponent.clamp_(-127, 127))
-    restored = e2m1(blocks / scale) * scale
-    return Reconstruction(_unblocked(restored, weight.shape),
-                          blocks.numel() // 2 + blocks.numel() // 32)
+    def rows(chunk):
+        blocks = _blocks(chunk, 32)
+        amax = blocks.abs().amax(-1, keepdim=True)
+        exponent = torch.floor(torch.log2(amax.clamp(min=2.0 ** -127))) - E2M1_MAX_EXP
+        scale = torch.exp2(exponent.clamp_(-127, 127))
+        return _unblocked(e2m1(blocks / scale) * scale, chunk.shape)
+
+    padded = -(-weight.shape[1] // 32) * 32 * weight.shape[0]
+    return Reconstruction(_in_row_chunks(weight, rows), padded // 2 + padded // 32)
 
 
 # --------------------------------------------------------------------------- HQQ
