@@ -26,6 +26,7 @@ import itertools
 import json
 import math
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -190,7 +191,7 @@ def plot(entries: list[dict], path: Path, title: str) -> None:
     axes.set_yscale("log")
     axes.set_xlabel("bits per weight (scales included)")
     axes.set_ylabel("mean relative MSE")
-    axes.set_title(title, fontsize=10)
+    axes.set_title(textwrap.fill(title, 110), fontsize=9)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8)
     buffer = io.BytesIO()
