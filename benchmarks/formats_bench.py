@@ -73,8 +73,8 @@ def checkpoint_set(root: Path, policy: str, rows: int) -> list[tuple[str, Loader
     """The weights ``policy`` quantizes in the checkpoint at ``root``, ``rows`` sampled rows
     each (0: all), read by offset (tasks.budget.read_rows)."""
     from hlwq.quant.errors import InvalidOptionError
+    from hlwq.store.inventory import build_inventory
     from hlwq.tasks.budget import read_rows, sample_rows
-    from hlwq.tasks.inventory import build_inventory
 
     base = root if root.is_dir() else root.parent
     chosen = [r for r in build_inventory(root, policy).to_pylist() if r["action"] == "quantize"]
@@ -229,8 +229,8 @@ class FakeQuantized:
 
 def tiny_output(formats: list[Format], work: Path, log) -> dict:
     from hlwq.benchmarks.budget_bench import EVAL_PROMPTS, _mean, first_step_inputs, output_rel_err
+    from hlwq.store.inventory import build_inventory
     from hlwq.tasks.gates import load_gate_config
-    from hlwq.tasks.inventory import build_inventory
     from hlwq.tasks.validate_output import (
         apply_output_gates,
         compare_renderings,
@@ -293,7 +293,7 @@ def real_width_output(formats: list[Format], work: Path, layers: int, log) -> di
     from diffusers import LTX2VideoTransformer3DModel
 
     from hlwq.benchmarks.budget_bench import output_rel_err, real_width_inputs
-    from hlwq.tasks.inventory import build_inventory
+    from hlwq.store.inventory import build_inventory
     from hlwq.testing.fixtures import make_real_width_transformer
 
     root = make_real_width_transformer(work / f"real-width-{layers}", layers)
@@ -358,7 +358,7 @@ SCOPE_TEXT = {
 
 
 def _block_index(tensor: str) -> int | None:
-    from hlwq.quant.budget import block_and_module
+    from hlwq.quant.names import block_and_module
 
     block = block_and_module(tensor)[0]
     return int(block.rsplit(".", 1)[1]) if block.startswith("transformer_blocks.") else None
@@ -368,7 +368,7 @@ def equal_size_comparison(log) -> dict:
     from hlwq.cli.commands.plan import apply_policy
     from hlwq.quant.errors import BudgetError
     from hlwq.quant.sizes import size_table
-    from hlwq.runtime.ltx23_layout import ltx23_22b_package_rows
+    from hlwq.runtime.ltx23_models import ltx23_22b_package_rows
     from hlwq.store.policy import load_policy
     from hlwq.tasks.budget import params_sensitivity, plan_budget, sample_row_count, synthetic_rows
 
@@ -378,12 +378,12 @@ def equal_size_comparison(log) -> dict:
 
     def format_error(name: str, shape) -> float:
         """The format's relative MSE on the synthetic rows the HLWQ damage model samples."""
-        from hlwq.quant.budget import relative_error
+        from hlwq.quant.budget import weighted_relative_mse
 
         key = (name, shape[1])
         if key not in width_error:
             sample = synthetic_rows(shape[1], sample_row_count(shape), SEED)
-            width_error[key] = relative_error(sample, FORMATS[name].apply(sample).weight)
+            width_error[key] = weighted_relative_mse(sample, FORMATS[name].apply(sample).weight)
         return width_error[key]
 
     results = []
@@ -425,7 +425,7 @@ def equal_size_comparison(log) -> dict:
         except BudgetError as error:
             entry["hlwq"] = {"error": str(error)}
         results.append(entry)
-    return {"layout": "LTX-2.3 22B package rows (runtime.ltx23_layout), policy ltx23",
+    return {"layout": "LTX-2.3 22B package rows (runtime.ltx23_models), policy ltx23",
             "error_unit": "params-weighted mean relative MSE of the scope's policy-quantized "
                           "weights (tasks.budget 'params' damage; edge blocks count twice; "
                           "BF16 tensors count 0), on synthetic rows of each tensor's width",
