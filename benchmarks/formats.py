@@ -79,6 +79,12 @@ def _unblocked(blocks: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return blocks.reshape(shape[0], -1)[:, :shape[1]].contiguous()
 
 
+def _in_row_chunks(weight: torch.Tensor, rows_fn) -> torch.Tensor:
+    """``rows_fn`` over ROW_CHUNK rows at a time: the float temporaries of a 67M-weight
+    tensor stay small."""
+    return torch.cat([rows_fn(chunk) for chunk in weight.split(ROW_CHUNK)])
+
+
 # --------------------------------------------------------------------------- HLWQ
 
 
@@ -147,12 +153,6 @@ def e2m1(values: torch.Tensor) -> torch.Tensor:
     for tie in E2M1_TIES_UP:
         code += magnitude == tie
     return torch.tensor(E2M1_GRID)[code].copysign_(values)
-
-
-def _in_row_chunks(weight: torch.Tensor, rows_fn) -> torch.Tensor:
-    """``rows_fn`` over ROW_CHUNK rows at a time: the float temporaries of a 67M-weight
-    tensor stay small."""
-    return torch.cat([rows_fn(chunk) for chunk in weight.split(ROW_CHUNK)])
 
 
 def nvfp4(weight: torch.Tensor) -> Reconstruction:
