@@ -64,3 +64,7 @@ class GateFailedError(HLWQError):
 
 class PromptFileError(HLWQError, ValueError):
     """A prompt file cannot be read at all (not a bad row: those are reported per row)."""
+
+
+class MissingDependencyError(HLWQError):
+    """An optional library a command needs (a benchmark extra) is not installed."""
