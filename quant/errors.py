@@ -59,3 +59,11 @@ class GateFailedError(HLWQError):
 
 class PromptFileError(HLWQError, ValueError):
     """A prompt file cannot be read at all (not a bad row: those are reported per row)."""
+
+
+class OutputLockedError(HLWQError):
+    """Another run holds the lock of an output or staging folder (run with --no-wait)."""
+
+
+class CatalogError(HLWQError):
+    """A render catalog part cannot be read."""

@@ -70,6 +70,7 @@ def write_prompts(path, rows):
 def run_batch(artifact, prompts, out, **options):
     from hlwq.flows.render_flow import render_batch
 
+    options = {"verify": False, **options}   # a scripted artifact has no shards to verify
     return render_batch(str(artifact), str(prompts), str(out), retries=1, retry_delay_s=0,
                         pipeline_factory=FACTORY, return_state=True, **options)
 
@@ -183,7 +184,7 @@ def test_offload_tiling_and_dtype_reach_the_pipeline_factory(tmp_path, fake_arti
                       vae_tiling=True, dtype="bfloat16")
     assert state.is_completed()
     assert PLACEMENTS == [{"device": "cpu", "dtype": torch.bfloat16, "offload": "group",
-                           "vae_tiling": True}]
+                           "vae_tiling": True, "verify": False}]
     with pytest.raises(InvalidOptionError, match="--offload 'disk'"):
         run_batch(fake_artifact, prompts, tmp_path / "out2", offload="disk").result()
 
@@ -213,7 +214,8 @@ def test_real_tiny_pipeline_writes_video_with_its_audio(tmp_path):
     from hlwq.flows.render_flow import render_batch
 
     state = render_batch(str(model), str(prompts), str(tmp_path / "out"), device="cpu", retries=0,
-                         pipeline_factory=f"{__name__}:tiny_fixture_factory", return_state=True)
+                         pipeline_factory=f"{__name__}:tiny_fixture_factory", verify=False,
+                         return_state=True)
     assert state.is_completed(), state.message
     assert render_module.loaded_pipelines() == 1  # image-to-video reuses the loaded modules
     for row in read_catalog(tmp_path / "out").to_pylist():
