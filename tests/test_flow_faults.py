@@ -1,7 +1,7 @@
-"""Faults during a real run of `hlwq quantize` (CLI subprocess, temporary Prefect API,
-LocalCluster worker processes): the flow's process SIGKILLed, a Dask worker SIGKILLed.
-
-Both must end with an artifact byte-identical to an uninterrupted run's.
+"""Faults during real runs (subprocesses, temporary Prefect API, LocalCluster worker processes):
+`hlwq quantize` SIGKILLed, a Dask worker SIGKILLed while it holds unfinished tensors (both must
+end with an artifact byte-identical to an uninterrupted run's), and a render batch SIGKILLed
+(its rerun renders only what was not catalogued).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -103,18 +104,108 @@ def test_sigkilled_run_resumes_and_matches_an_uninterrupted_one(checkpoint, refe
     assert tree_bytes(out) == reference
 
 
+def scheduler_client(process: psutil.Process):
+    """A Dask client on the run's LocalCluster: its scheduler listens in the flow's process."""
+    from distributed import Client
+
+    ports = sorted({conn.laddr.port for conn in process.net_connections(kind="tcp")
+                    if conn.status == psutil.CONN_LISTEN})
+    for port in ports:
+        try:
+            client = Client(f"tcp://127.0.0.1:{port}", timeout=5)
+        except (OSError, TimeoutError):
+            continue
+        if client.scheduler_info()["type"] == "Scheduler":
+            return client
+        client.close()
+    raise AssertionError(f"no Dask scheduler among the run's ports {ports}")
+
+
+def busy_worker(client, staging: Path, timeout: float = 120) -> tuple[int, list[str]]:
+    """A worker pid and the units it holds whose staged result is not written yet."""
+    deadline = time.monotonic() + timeout
+    pids = client.run(os.getpid)                      # worker address -> pid
+    while time.monotonic() < deadline:
+        for address, keys in client.processing().items():
+            unfinished = [key for key in keys if key.startswith("quantize-") and
+                          not (staging / f"{key.removeprefix('quantize-')}.safetensors").exists()]
+            if unfinished and address in pids:
+                return pids[address], unfinished
+        time.sleep(0.05)
+    raise AssertionError("no worker held an unfinished tensor")
+
+
 def test_killed_dask_worker_is_replaced_and_the_output_is_unchanged(checkpoint, reference, tmp_path):
-    out = tmp_path / "artifact"
+    out, staging = tmp_path / "artifact", tmp_path / "artifact.staging"
     process = start_quantize(checkpoint, out, tmp_path / "prefect")
     try:
-        wait_for_first_units(process, tmp_path / "artifact.staging")
-        workers = [child for child in psutil.Process(process.pid).children(recursive=True)
-                   if "spawn_main" in " ".join(child.cmdline())]
-        assert len(workers) == 2, [child.cmdline() for child in workers]
-        workers[0].send_signal(signal.SIGKILL)
+        wait_for_first_units(process, staging)
+        client = scheduler_client(psutil.Process(process.pid))
+        pid, unfinished = busy_worker(client, staging)
+        os.kill(pid, signal.SIGKILL)                  # mid-tensor: its units must be redone
+        assert not all(finished(staging, key) for key in unfinished), "the kill came too late"
+        client.close()
         returncode = process.wait(timeout=300)
     finally:
         kill_session(process)
     log = (tmp_path / "run.log").read_text()
     assert returncode == 0, log[-3000:]
     assert tree_bytes(out) == reference
+
+
+def finished(staging: Path, key: str) -> bool:
+    return (staging / f"{key.removeprefix('quantize-')}.safetensors").exists()
+
+
+RENDER_SCRIPT = """
+import json, sys
+from hlwq.cli.prefect_env import configure_prefect
+configure_prefect()
+from hlwq.flows.render_flow import render_batch
+state = render_batch(*sys.argv[1:4], retries=0, pipeline_factory="flow_support:paced_factory",
+                     verify=False, return_state=True)
+print(json.dumps(state.result(raise_on_failure=False)["counts"]))
+"""
+RENDERS = 6
+
+
+def start_render(artifact: Path, prompts: Path, out: Path, home: Path) -> subprocess.Popen:
+    env = cli_env(home)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])
+    with open(out.parent / "render.log", "a") as log:
+        return subprocess.Popen([sys.executable, "-c", RENDER_SCRIPT, str(artifact), str(prompts),
+                                 str(out)], cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_sigkilled_render_batch_keeps_finished_renders_and_renders_only_the_rest(tmp_path):
+    from hlwq.store.catalog import read_catalog
+
+    artifact, out, home = tmp_path / "artifact", tmp_path / "renders", tmp_path / "prefect"
+    artifact.mkdir()
+    (artifact / "manifest.json").write_text(json.dumps({"format": "paced"}))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"prompt {i}", "seed": i,
+                                           "width": 32, "height": 32, "frames": 9}) + "\n"
+                               for i in range(RENDERS)))
+    process = start_render(artifact, prompts, out, home)
+    try:
+        deadline = time.monotonic() + 240
+        while len(read_catalog(out)) < 2:
+            assert process.poll() is None, (tmp_path / "render.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no render finished in time"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGKILL)        # between two renders, or in one
+        process.wait()
+    finally:
+        kill_session(process)
+    done = {row["render_key"] for row in read_catalog(out).to_pylist()}
+    assert 2 <= len(done) < RENDERS, f"{len(done)} of {RENDERS} renders were catalogued"
+
+    process = start_render(artifact, prompts, out, home)
+    assert process.wait(timeout=300) == 0, (tmp_path / "render.log").read_text()[-3000:]
+    counts = json.loads((tmp_path / "render.log").read_text().strip().splitlines()[-1])
+    assert counts == {"rendered": RENDERS - len(done), "skipped": len(done), "failed": 0,
+                      "rejected": 0}
+    rows = read_catalog(out).to_pylist()
+    assert len(rows) == RENDERS and len({row["render_key"] for row in rows}) == RENDERS
