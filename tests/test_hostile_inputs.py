@@ -122,6 +122,12 @@ def test_bad_options_and_paths_fail_fast_as_one_line(place, source, artifact):
     assert snapshot(source, artifact) == before
 
 
+def test_debug_adds_the_traceback(place):
+    result, _ = hlwq(place, "--debug", "quantize", place / "nope", "--out", place / "o8")
+    assert result.returncode == 2 and "Traceback" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("SourceError: ")
+
+
 def test_encoder_options_are_checked_before_prefect_starts(place, source):
     """These need the numerics' imports (torch), not a Prefect server: seconds, not tens."""
     for args, error, names in [
@@ -310,3 +316,14 @@ def test_hostile_sources_fail_with_one_typed_line(place, generic_file, artifact,
     assert_one_line_error(result, error, *names)
     assert snapshot(path.parent if path.is_file() else path, artifact) == before
     assert not (place / f"out-{case}" / "manifest.json").exists()
+
+
+def test_a_missing_component_is_named_when_the_pipeline_loads(place, artifact):
+    """What the output gates and render meet when an artifact lacks a part of its pipeline."""
+    from hlwq.quant.errors import ArtifactError
+    from hlwq.runtime.loader import load_pipeline
+
+    partial = damaged_copy(artifact, place, "no-vae")
+    shutil.rmtree(partial / "vae")
+    with pytest.raises(ArtifactError, match=r"component\(s\) vae named in model_index.json"):
+        load_pipeline(partial, verify=False)
