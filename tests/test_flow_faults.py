@@ -113,7 +113,7 @@ def scheduler_client(process: psutil.Process):
     for port in ports:
         try:
             client = Client(f"tcp://127.0.0.1:{port}", timeout=5)
-        except Exception:      # a nanny's port: it answers, but not as a scheduler
+        except (OSError, TimeoutError, TypeError):   # a nanny answers, not as a scheduler
             continue
         if client.scheduler_info()["type"] == "Scheduler":
             return client
