@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from flow_support import (
     REPO,
@@ -56,13 +56,14 @@ def quantize(checkpoint: Path, out: Path, prefect_home: Path) -> dict:
     return json.loads(result.stdout[result.stdout.index("{"):])
 
 
-def start_quantize(checkpoint: Path, out: Path, prefect_home: Path) -> subprocess.Popen:
+def start_quantize(checkpoint: Path, out: Path, prefect_home: Path,
+                   log_level: str = "WARNING") -> subprocess.Popen:
     """The CLI in its own session (so everything it started can be cleaned up), logging to a file."""
+    env = {**cli_env(prefect_home), "PREFECT_LOGGING_LEVEL": log_level}
     with open(out.parent / "run.log", "w") as log:   # a pipe could fill up and stall the run
         return subprocess.Popen(
             hlwq_command("quantize", str(checkpoint), "--out", str(out), "--workers", "2"),
-            cwd=REPO, env=cli_env(prefect_home), stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def finished_units(staging: Path) -> list[Path]:
@@ -104,21 +105,15 @@ def test_sigkilled_run_resumes_and_matches_an_uninterrupted_one(checkpoint, refe
     assert tree_bytes(out) == reference
 
 
-def scheduler_client(process: psutil.Process):
-    """A Dask client on the run's LocalCluster: its scheduler listens in the flow's process."""
+def scheduler_client(log: Path, timeout: float = 240):
+    """A Dask client on the run's cluster, at the address the flow logs when it starts."""
     from distributed import Client
 
-    ports = sorted({conn.laddr.port for conn in process.net_connections(kind="tcp")
-                    if conn.status == psutil.CONN_LISTEN})
-    for port in ports:
-        try:
-            client = Client(f"tcp://127.0.0.1:{port}", timeout=5)
-        except (OSError, TimeoutError, TypeError):   # a nanny answers, not as a scheduler
-            continue
-        if client.scheduler_info()["type"] == "Scheduler":
-            return client
-        client.close()
-    raise AssertionError(f"no Dask scheduler among the run's ports {ports}")
+    deadline = time.monotonic() + timeout
+    while not (found := re.search(r"Dask workers \((tcp://[\d.]+:\d+)\)", log.read_text())):
+        assert time.monotonic() < deadline, "the run never logged its scheduler"
+        time.sleep(0.05)
+    return Client(found.group(1), timeout=60)
 
 
 def busy_worker(client, staging: Path, timeout: float = 120) -> tuple[int, list[str]]:
@@ -137,10 +132,9 @@ def busy_worker(client, staging: Path, timeout: float = 120) -> tuple[int, list[
 
 def test_killed_dask_worker_is_replaced_and_the_output_is_unchanged(checkpoint, reference, tmp_path):
     out, staging = tmp_path / "artifact", tmp_path / "artifact.staging"
-    process = start_quantize(checkpoint, out, tmp_path / "prefect")
+    process = start_quantize(checkpoint, out, tmp_path / "prefect", log_level="INFO")
     try:
-        wait_for_first_units(process, staging)
-        client = scheduler_client(psutil.Process(process.pid))
+        client = scheduler_client(tmp_path / "run.log")
         pid, unfinished = busy_worker(client, staging)
         os.kill(pid, signal.SIGKILL)                  # mid-tensor: its units must be redone
         assert not all(finished(staging, key) for key in unfinished), "the kill came too late"
