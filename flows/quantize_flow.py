@@ -32,17 +32,17 @@ from prefect.artifacts import (
 )
 from prefect_dask import DaskTaskRunner
 
+from hlwq.quant.choices import MODES, ON_NONFINITE
 from hlwq.quant.core import check_options
 from hlwq.quant.errors import InvalidOptionError
 from hlwq.quant.names import block_and_module, natural_key
-from hlwq.quant.packed import MODES
 from hlwq.quant.sizes import size_table
 from hlwq.runtime.hub import parse_hub_source
 from hlwq.store.artifact import read_manifest, tensor_key
 from hlwq.store.atomic import atomic_path
 from hlwq.store.output_dir import folder_locks
 from hlwq.store.staging import staged_key, staged_path
-from hlwq.store.tensor_jobs import ON_NONFINITE, TensorJob, code_version, finished_row, row_path
+from hlwq.store.tensor_jobs import TensorJob, code_version, finished_row, row_path
 from hlwq.tasks.budget import budget_task
 from hlwq.tasks.disk import disk_check_task
 from hlwq.tasks.gates import tensor_gates_task

@@ -12,8 +12,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from hlwq.quant.choices import MODES
 from hlwq.quant.errors import ArtifactError, CorruptCheckpointError, SourceError, UnsafePathError
-from hlwq.quant.packed import MODES, PACKED_PARTS, PackedTensor, packed_layout
+from hlwq.quant.packed import PACKED_PARTS, PackedTensor, packed_layout
 from hlwq.quant.sizes import DTYPE_BYTES
 from hlwq.store.hash_cache import sha256_file
 from hlwq.store.output_dir import MANIFEST_NAME

@@ -32,7 +32,6 @@ from hlwq.store.atomic import atomic_write_text
 from hlwq.store.safetensors_io import TensorEntry, read_tensor
 from hlwq.store.staging import is_staged, write_staged
 
-ON_NONFINITE = ("fail", "keep")
 METRIC_KEYS = ("cosine", "rel_mse", "sqnr_db", "max_abs_err")
 
 

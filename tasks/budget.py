@@ -49,7 +49,7 @@ from hlwq.quant.budget import (
     uniform_allocation,
     weighted_relative_mse,
 )
-from hlwq.quant.budget_scopes import SCOPES
+from hlwq.quant.choices import SCOPES
 from hlwq.quant.core import dequantize, quantize_tensor
 from hlwq.quant.errors import BudgetError, CorruptCheckpointError, InvalidOptionError
 from hlwq.quant.sizes import (

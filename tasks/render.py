@@ -2,9 +2,10 @@
 
 The pipeline is built once per worker process (the first render that needs it) and reused by
 every later render in that process; image-to-video renders share the text-to-video pipeline's
-modules. Which function builds it is a "module:function" string (called as
-``factory(artifact, device=, dtype=, verify=False)``: the batch verified the artifact), so flows and deployments can
-pass it as a plain parameter (tests point it at a fixture; production uses the packed loader).
+modules. Which function builds it is a "module:function" string, called as
+``factory(artifact, device=, dtype=, verify=False)`` (the batch verified the artifact), so flows
+and deployments can pass it as a plain parameter (tests point it at a fixture; production uses
+the packed loader).
 """
 
 from __future__ import annotations

@@ -214,14 +214,14 @@ def test_a_corrupt_catalog_part_is_named(place, artifact):
 
 def test_disk_full_while_packaging_is_a_typed_error(place, source, artifact, monkeypatch):
     from hlwq.quant.errors import InsufficientDiskError
-    from hlwq.tasks import package
+    from hlwq.store import atomic
 
     def full(directory):
         raise OSError(errno.ENOSPC, "No space left on device", str(directory / "model.safetensors"))
 
     before = snapshot(artifact)
-    monkeypatch.setattr(package, "fsync_tree", full)
-    with pytest.raises(InsufficientDiskError, match="disk full while packaging") as caught:
+    monkeypatch.setattr(atomic, "fsync_tree", full)
+    with pytest.raises(InsufficientDiskError, match="disk full while writing it") as caught:
         package_source(source, artifact, place / "full-staging")
     assert "\n" not in str(caught.value)
     assert snapshot(artifact) == before

@@ -98,8 +98,8 @@ def export_dequantized(directory: Path, out: Path, max_shard_size: str, no_verif
     from hlwq.quant.sizes import parse_size
     from hlwq.store.output_dir import folder_lock
 
-    max_shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     check_new_output(out, option="OUT")
+    max_shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     with folder_lock(out, wait=not no_wait, option="OUT"):
         from hlwq.store.export import export_dequantized as export
 
@@ -124,8 +124,8 @@ def convert(source: Path, out: Path, target_format: str, max_shard_size: str,
     from hlwq.quant.sizes import parse_size
     from hlwq.store.output_dir import folder_lock
 
-    max_shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     check_new_output(out, option="OUT")
+    max_shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     with folder_lock(out, wait=not no_wait, option="OUT"):
         from hlwq.store.convert import detect_format, from_polarquant, to_polarquant
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from hlwq.quant.budget_scopes import SCOPE_HELP, SCOPES
+from hlwq.quant.choices import SCOPE_HELP, SCOPES
 
 
 def target_size_options(command):

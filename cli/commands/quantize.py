@@ -9,8 +9,7 @@ import click
 
 from hlwq.cli.commands.options import no_wait_option, source_file_options, target_size_options
 from hlwq.cli.prefect_env import configure_prefect, quiet_typed_errors
-from hlwq.quant.packed import MODES
-from hlwq.store.tensor_jobs import ON_NONFINITE
+from hlwq.quant.choices import MODES, ON_NONFINITE
 
 
 @click.command()
