@@ -95,10 +95,11 @@ def export_dequantized(directory: Path, out: Path, max_shard_size: str, no_verif
     """Write a plain checkpoint (quantized tensors dequantized to their source dtype, BF16
     for LTX-2.3) in the source's layout to OUT, streaming one tensor at a time."""
     from hlwq.cli.preflight import check_new_output
-    from hlwq.quant.sizes import parse_size
     from hlwq.store.output_dir import folder_lock
 
-    check_new_output(out, option="OUT")
+    check_new_output(out, option="OUT")      # before the numerics' imports: fast
+    from hlwq.quant.sizes import parse_size
+
     max_shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     with folder_lock(out, wait=not no_wait, option="OUT"):
         from hlwq.store.export import export_dequantized as export
@@ -121,10 +122,11 @@ def convert(source: Path, out: Path, target_format: str, max_shard_size: str,
             no_wait: bool) -> None:
     """Convert SOURCE between an HLWQ artifact and the polarquant 0.6.0 layout, into OUT."""
     from hlwq.cli.preflight import check_new_output
-    from hlwq.quant.sizes import parse_size
     from hlwq.store.output_dir import folder_lock
 
-    check_new_output(out, option="OUT")
+    check_new_output(out, option="OUT")      # before the numerics' imports: fast
+    from hlwq.quant.sizes import parse_size
+
     max_shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     with folder_lock(out, wait=not no_wait, option="OUT"):
         from hlwq.store.convert import detect_format, from_polarquant, to_polarquant
