@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -38,14 +39,13 @@ def render(artifact, prompts, out, device, offload, vae_tiling, dtype, retries, 
     in the catalog with an intact output are skipped. Exit 1 when a render failed or a row was
     rejected."""
     from hlwq.cli.preflight import check_folder_option
-    from hlwq.runtime.hub import is_hub_reference
     from hlwq.store.catalog import artifact_id, read_catalog
     from hlwq.store.output_dir import folder_lock
     from hlwq.store.prompts import load_prompts
 
     # Before Prefect starts: a manifest, a readable prompt file, an output folder whose
     # catalog reads.
-    if not is_hub_reference(artifact):   # a Hub artifact is fetched and checked by the flow
+    if Path(artifact).expanduser().exists():   # else a Hub repo: the flow fetches and checks it
         artifact_id(artifact)
     load_prompts(prompts)
     check_folder_option(out, "--out")
