@@ -1,8 +1,14 @@
-"""The `hlwq` command line: parses arguments and calls flows, quant/ or runtime/."""
+"""The `hlwq` command line: parses arguments and calls flows, quant/ or runtime/.
+
+Errors: a typed error (HLWQError) or a usage mistake prints as one line, ``ErrorType:
+message``, and exits 2; tracebacks only with ``--debug``.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 
 import click
 
@@ -41,23 +47,35 @@ COMMANDS = {
 
 
 @click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
+@click.option("--debug", is_flag=True, is_eager=True,
+              help="Show tracebacks (a typed error is otherwise one line).")
+def cli(debug: bool) -> None:
     """hlwq: Hadamard-Lloyd weight quantization for LTX-2.3, from checkpoint to rendered video."""
 
 
 def main() -> None:
-    from hlwq.cli.prefect_env import configure_prefect
+    from hlwq.cli.prefect_env import DEBUG_ENV, configure_prefect
     from hlwq.quant.errors import HLWQError
 
+    args = sys.argv[1:]
+    command_at = next((i for i, word in enumerate(args) if word in COMMANDS), len(args))
+    debug = "--debug" in args[:command_at]
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
     configure_prefect()  # before any command imports Prefect
-
     try:
         cli(standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(1)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        # One line, like a typed error: "UsageError: Invalid value for '--bits': ..."
+        message = " ".join(exc.format_message().split())
+        click.echo(f"{type(exc).__name__}: {message}", err=True)
         sys.exit(exc.exit_code)
     except HLWQError as exc:
-        click.echo(f"{type(exc).__name__}: {exc}", err=True)
+        if debug:
+            traceback.print_exc()
+        click.echo(f"{type(exc).__name__}: {' '.join(str(exc).split())}", err=True)
         sys.exit(2)

@@ -10,7 +10,10 @@ small JSON-able values, and the real outputs are files.
 
 from __future__ import annotations
 
+import logging
 import os
+
+DEBUG_ENV = "HLWQ_DEBUG"   # set by `hlwq --debug`: tracebacks on the console
 
 QUIET_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",   # the server's usage telemetry
@@ -31,3 +34,24 @@ def configure_prefect() -> None:
     if not os.environ.get("PREFECT_API_URL"):
         # Used only when no profile names a server either.
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "true")
+
+
+class TypedErrorTracebacks(logging.Filter):
+    """Keeps Prefect's console from printing a traceback for a typed error: the CLI prints
+    that error as one line. The run's log in the Prefect API still holds the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from hlwq.quant.errors import HLWQError
+
+        return not (record.exc_info and isinstance(record.exc_info[1], HLWQError))
+
+
+def quiet_typed_errors() -> None:
+    """Install the filter on Prefect's console handlers (call after Prefect is imported)."""
+    if os.environ.get(DEBUG_ENV):
+        return
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not any(
+                    isinstance(f, TypedErrorTracebacks) for f in handler.filters):
+                handler.addFilter(TypedErrorTracebacks())

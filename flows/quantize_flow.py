@@ -32,16 +32,17 @@ from prefect.artifacts import (
 )
 from prefect_dask import DaskTaskRunner
 
+from hlwq.quant.choices import MODES, ON_NONFINITE
 from hlwq.quant.core import check_options
 from hlwq.quant.errors import InvalidOptionError
 from hlwq.quant.names import block_and_module, natural_key
-from hlwq.quant.packed import MODES
 from hlwq.quant.sizes import size_table
 from hlwq.runtime.hub import parse_hub_source
 from hlwq.store.artifact import read_manifest, tensor_key
 from hlwq.store.atomic import atomic_path
+from hlwq.store.output_dir import folder_locks
 from hlwq.store.staging import staged_key, staged_path
-from hlwq.store.tensor_jobs import ON_NONFINITE, TensorJob, code_version, finished_row, row_path
+from hlwq.store.tensor_jobs import TensorJob, code_version, finished_row, row_path
 from hlwq.tasks.budget import budget_task
 from hlwq.tasks.disk import disk_check_task
 from hlwq.tasks.gates import tensor_gates_task
@@ -53,6 +54,7 @@ from hlwq.tasks.sources import FetchResult, fetch_source_task, with_text_encoder
 from hlwq.tasks.validate_output import output_gates_skip_reason, output_gates_task
 
 BLOCK_SIZE = 128
+SCHEDULER_TIMEOUT_S = 10
 WORKER_MEMORY_BYTES = 3 << 30        # one worker quantizing LTX-2.3's largest linear (16384 x 4096)
 WORST_TENSORS = 20
 METRICS_SCHEMA = pa.schema([
@@ -77,8 +79,9 @@ def default_workers() -> int:
 
 def dask_task_runner(workers: int | None = None, dask_address: str | None = None) -> DaskTaskRunner:
     """A LocalCluster of single-threaded worker processes, or the cluster at ``dask_address``."""
-    if dask_address:
-        return DaskTaskRunner(address=dask_address)
+    if dask_address:   # a scheduler that does not answer fails the run in seconds
+        return DaskTaskRunner(address=dask_address,
+                              client_kwargs={"timeout": f"{SCHEDULER_TIMEOUT_S}s"})
     return DaskTaskRunner(cluster_kwargs={
         "n_workers": workers or default_workers(), "threads_per_worker": 1, "processes": True,
         # Each worker may use an equal share of the machine's memory; Dask pauses a
@@ -236,17 +239,20 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
     check_publish_to(publish_to, gates)
     out_dir = Path(out).absolute()
     staging_dir = Path(staging).absolute() if staging else default_staging(out_dir)
-    staging_dir.mkdir(parents=True, exist_ok=True)
     settings = {"bits": bits, "block_size": BLOCK_SIZE, "group_size": group_size, "mode": mode,
                 "policy": policy, "code_version": code_version(), "on_nonfinite": on_nonfinite}
 
-    plan = plan_run(source, revision, files, exclude_files, settings, staging_dir, out_dir,
-                    target_size, target_scope, text_encoder, text_encoder_revision,
-                    sensitivity, output_suite)
-    with tags(f"revision:{plan.lineage['commit_sha'][:12]}", f"policy:{plan.settings['policy']}"):
-        stage = quantize_tensors.with_options(task_runner=dask_task_runner(workers, dask_address))(
-            plan.jobs, len(plan.jobs))
-        finished = finish_run(plan, stage, out_dir, gates, gates_file, output_suite)
+    # One run per output and staging folder (re-entrant: the CLI may hold them already).
+    with folder_locks({"--out": out_dir, "--staging": staging_dir}):
+        staging_dir.mkdir(parents=True, exist_ok=True)
+        plan = plan_run(source, revision, files, exclude_files, settings, staging_dir, out_dir,
+                        target_size, target_scope, text_encoder, text_encoder_revision,
+                        sensitivity, output_suite)
+        with tags(f"revision:{plan.lineage['commit_sha'][:12]}",
+                  f"policy:{plan.settings['policy']}"):
+            stage = quantize_tensors.with_options(
+                task_runner=dask_task_runner(workers, dask_address))(plan.jobs, len(plan.jobs))
+            finished = finish_run(plan, stage, out_dir, gates, gates_file, output_suite)
 
     summary = run_summary(source, out_dir, staging_dir, plan.settings, finished["rows"], stage,
                           finished["packaged"], finished["tensor_gates"], gates,

@@ -1,8 +1,9 @@
 """`render_batch`: render a prompt file with the packed runtime into MP4s, contact sheets and a catalog.
 
-Rows that break a rule are rejected up front (named with their row numbers); every valid row is
-one `render` task with retries; renders already in the catalog with an intact output are
-skipped; a render that still fails after its retries is recorded and the batch goes on. The
+Rows that break a rule are rejected up front (named with their row numbers); the artifact is
+verified once; every valid row is one `render` task, retried on transient errors only (never
+on an HLWQError: bad data stays bad); renders already in the catalog with an intact output are
+skipped; each finished render's row is catalogued before the next starts; a render that still fails after its retries is recorded and the batch goes on. The
 final state's message counts rendered, skipped, failed and rejected renders; the run is Failed
 when any render failed or any row was rejected.
 """
@@ -21,8 +22,10 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import MissingResult
 from prefect.states import Completed, Failed, State
 
+from hlwq.runtime.hub import is_hub_reference
 from hlwq.runtime.offload import check_offload
 from hlwq.store.catalog import FAILED, append_catalog, artifact_id, completed_renders, read_catalog
+from hlwq.store.output_dir import folder_lock
 from hlwq.store.prompts import PromptBatch, RenderRequest, load_prompts, request_key
 from hlwq.tasks.render import DEFAULT_PIPELINE_FACTORY, render_task, resolve_artifact_task
 
@@ -74,6 +77,8 @@ def render_batch(
     offload: str = "auto",
     vae_tiling: bool = False,
     dtype: str = "auto",
+    verify: bool = True,
+    wait: bool = True,
 ) -> State:
     """Render every valid row of `prompt_file` with the pipeline of `artifact` into `output_dir`.
 
@@ -81,40 +86,59 @@ def render_batch(
     of the revision's current commit are downloaded into the Hub cache and verified first.
 
     `offload` (auto, none, model, sequential, group), `vae_tiling` and `dtype` (auto,
-    float32, bfloat16, float16) place the pipeline (runtime/offload.py)."""
+    float32, bfloat16, float16) place the pipeline (runtime/offload.py).
+    The artifact is verified once per batch (``verify``), never per render. One batch writes
+    an output folder at a time: a second one waits for the lock, or fails with ``wait=False``.
+    """
     logger = get_run_logger()
     check_offload(offload, dtype)
     placement = {"offload": offload, "vae_tiling": vae_tiling, "dtype": dtype}
     batch = load_prompts(prompt_file)
     for rejected in batch.rejected:
         logger.warning("prompt file %s: rejected %s", prompt_file, rejected)
-    artifact = resolve_artifact_task(artifact)
-    model_id = artifact_id(artifact)
-    summary = BatchSummary(str(Path(output_dir).resolve()), model_id,
-                           rejected=[str(row) for row in batch.rejected])
-    render = render_task.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
-    done = completed_renders(read_catalog(output_dir))
-    attempted: list[dict[str, Any]] = []
-    try:
-        for request in batch.requests:
-            key = request_key(request, model_id)
-            if key in done:
-                summary.skipped.append(done[key])
-                continue
-            state = render(request.to_dict(), artifact, model_id, key, output_dir, device,
-                           pipeline_factory, placement, return_state=True)
-            row = (state.result() if state.is_completed()
-                   else failure_row(request, key, model_id, artifact, state))
-            attempted.append(row)
-            (summary.rendered if state.is_completed() else summary.failed).append(row)
-    finally:
-        # Whatever happened, what was rendered is catalogued (a crash mid-batch loses nothing done).
-        run_id = current_flow_run_id()
-        append_catalog(output_dir, [{**row, "flow_run_id": run_id} for row in attempted])
+    local = resolve_artifact_task(artifact)      # a Hub artifact is verified as it is fetched
+    model_id = artifact_id(local)
+    if verify and not is_hub_reference(artifact):
+        verify_or_raise(local)
+    artifact = local
+    with folder_lock(output_dir, wait=wait):
+        summary = render_rows(batch, artifact, model_id, output_dir, device, retries,
+                              retry_delay_s, pipeline_factory, placement)
     publish_artifacts(summary, batch)
     logger.info("render batch: %s", summary.message)
     final = Completed if summary.ok else Failed
     return final(message=summary.message, data=summary.to_dict())
+
+
+def render_rows(batch: PromptBatch, artifact: str, model_id: str, output_dir: str, device: str,
+                retries: int, retry_delay_s: float, pipeline_factory: str,
+                placement: dict) -> BatchSummary:
+    """Each request not done yet, one task each; each row is catalogued as its render ends,
+    so a batch killed midway keeps every finished render and its rerun does only the rest."""
+    summary = BatchSummary(str(Path(output_dir).resolve()), model_id,
+                           rejected=[str(row) for row in batch.rejected])
+    render = render_task.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
+    done = completed_renders(read_catalog(output_dir))
+    run_id = current_flow_run_id()
+    for request in batch.requests:
+        key = request_key(request, model_id)
+        if key in done:
+            summary.skipped.append(done[key])
+            continue
+        state = render(request.to_dict(), artifact, model_id, key, output_dir, device,
+                       pipeline_factory, placement, return_state=True)
+        row = (state.result() if state.is_completed()
+               else failure_row(request, key, model_id, artifact, state))
+        append_catalog(output_dir, [{**row, "flow_run_id": run_id}])
+        (summary.rendered if state.is_completed() else summary.failed).append(row)
+    return summary
+
+
+def verify_or_raise(artifact: str) -> None:
+    """Every file's size and hash and every tensor entry, once per batch."""
+    from hlwq.store.artifact import open_artifact
+
+    open_artifact(artifact, verify=True)
 
 
 def failure_row(request: RenderRequest, key: str, model_id: str, artifact: str, state: State) -> dict[str, Any]:

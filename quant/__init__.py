@@ -1,13 +1,32 @@
-"""HLWQ numerics (no I/O): Hadamard rotation, Lloyd-Max codebooks, packing, metrics."""
+"""HLWQ numerics (no I/O): Hadamard rotation, Lloyd-Max codebooks, packing, metrics.
 
-from hlwq.quant.codebook import lloyd_max_codebook
-from hlwq.quant.core import dequantize, quantize_tensor, validate_weight
-from hlwq.quant.hadamard import fwht, hadamard_matrix
-from hlwq.quant.metrics import tensor_metrics
-from hlwq.quant.packed import PackedTensor
-from hlwq.quant.packing import pack_codes, unpack_codes
+The names below are imported lazily, so that ``hlwq.quant.errors`` (which every layer
+and the CLI's fast checks import) does not cost a torch import.
+"""
 
-__all__ = [
-    "PackedTensor", "dequantize", "fwht", "hadamard_matrix", "lloyd_max_codebook",
-    "pack_codes", "quantize_tensor", "tensor_metrics", "unpack_codes", "validate_weight",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "lloyd_max_codebook": "hlwq.quant.codebook",
+    "dequantize": "hlwq.quant.core",
+    "quantize_tensor": "hlwq.quant.core",
+    "validate_weight": "hlwq.quant.core",
+    "fwht": "hlwq.quant.hadamard",
+    "hadamard_matrix": "hlwq.quant.hadamard",
+    "tensor_metrics": "hlwq.quant.metrics",
+    "PackedTensor": "hlwq.quant.packed",
+    "pack_codes": "hlwq.quant.packing",
+    "unpack_codes": "hlwq.quant.packing",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'hlwq.quant' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from hlwq.quant import kernels
+from hlwq.quant.choices import MODES
 from hlwq.quant.codebook import check_bits, lloyd_max_codebook
 from hlwq.quant.errors import InvalidOptionError, InvalidTensorError, NonFiniteTensorError
 from hlwq.quant.hadamard import check_power_of_two
 from hlwq.quant.packed import (
-    MODES,
     PackedTensor,
     layout_mismatches,
     packed_layout,

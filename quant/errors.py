@@ -68,3 +68,11 @@ class PromptFileError(HLWQError, ValueError):
 
 class MissingDependencyError(HLWQError):
     """An optional library a command needs (a benchmark extra) is not installed."""
+
+
+class OutputLockedError(HLWQError):
+    """Another run holds the lock of an output or staging folder (run with --no-wait)."""
+
+
+class CatalogError(HLWQError):
+    """A render catalog part cannot be read."""

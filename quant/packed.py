@@ -31,7 +31,6 @@ import torch
 
 from hlwq.quant.packing import packed_row_bytes
 
-MODES = ("refined", "reference")
 PACKED_PARTS = ("codes", "scales", "codebook")   # the stored parts of a quantized tensor
 
 

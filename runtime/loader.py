@@ -64,9 +64,15 @@ def load_pipeline(artifact: str | os.PathLike, device: str | torch.device = "cpu
     if _uses_official_names(art):
         pipeline = _single_file_pipeline(art, dtype, pipeline_class)
     else:
+        _check_components(art.path)
         packed = {c: _packed_component(art, c, dtype) for c in _quantized_components(art)}
-        pipeline = pipeline_class.from_pretrained(art.path, torch_dtype=dtype,
-                                                   use_safetensors=True, **packed)
+        try:
+            pipeline = pipeline_class.from_pretrained(art.path, torch_dtype=dtype,
+                                                       use_safetensors=True, **packed)
+        except (ValueError, OSError) as exc:   # diffusers' words for a part it cannot find
+            reason = " ".join(str(exc).split())[:300]
+            raise ArtifactError(f"{art.path}: not a whole {pipeline_class.__name__} "
+                                f"({reason})") from None
     pipeline.offload_mode = apply_offload(pipeline, offload, device)
     if vae_tiling:
         pipeline.vae.enable_tiling()
@@ -80,6 +86,20 @@ def load_component(artifact: str | os.PathLike, component: str = "transformer",
     its quantized linears packed."""
     art = open_artifact(resolve_artifact(artifact, verify=False), verify=verify)
     return _packed_component(art, component, dtype).to(device)
+
+
+def _check_components(root: Path) -> None:
+    """Every component model_index.json names has its folder (diffusers would fail deep inside)."""
+    index_path = root / "model_index.json"
+    if not index_path.is_file():
+        return      # _packed_component names that
+    index = json.loads(index_path.read_text())
+    missing = [name for name, spec in sorted(index.items())
+               if not name.startswith("_") and isinstance(spec, list) and spec[0] is not None
+               and not (root / name).is_dir()]
+    if missing:
+        raise ArtifactError(f"{root}: component(s) {', '.join(missing)} named in "
+                            "model_index.json have no folder")
 
 
 def _pipeline_class(image_to_video: bool):

@@ -27,11 +27,10 @@ from collections.abc import Callable
 
 import torch
 
+from hlwq.quant.choices import DTYPE_NAMES, OFFLOAD_MODES
 from hlwq.quant.errors import InvalidOptionError
 
-OFFLOAD_MODES = ("auto", "none", "model", "sequential", "group")
 AUTO_ORDER = ("none", "model", "group")        # fastest first; sequential only when asked
-DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 
 def apply_offload(pipeline, mode: str, device: str | torch.device,

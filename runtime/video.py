@@ -23,7 +23,12 @@ from hlwq.store.atomic import atomic_path, atomic_write_bytes
 VIDEO_CODEC = "libx264"
 AUDIO_CODEC = "aac"
 # Constant quality; 18 is visually lossless for x264 and keeps files of the tiny fixtures small.
-H264_OPTIONS = {"crf": "18", "preset": "medium"}
+# One thread and bit-exact flags: the same frames give the same bytes in any process and on any
+# core count ("same render key, same video"); threaded x264 decides by timing.
+H264_OPTIONS = {"crf": "18", "preset": "medium", "threads": "1", "flags": "+bitexact"}
+AAC_OPTIONS = {"flags": "+bitexact"}
+# Muxer: no library version tag, no creation time (libavformat's bit-exact mode).
+MP4_OPTIONS = {"fflags": "+bitexact"}
 AUDIO_BIT_RATE = 128_000
 
 
@@ -108,16 +113,19 @@ def write_mp4(
 
     path = Path(path)
     # The temp name ends in .tmp, so the container format is named, not guessed.
-    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+    with (atomic_path(path) as tmp,
+          av.open(str(tmp), mode="w", format="mp4", options=dict(MP4_OPTIONS)) as container):
         video_stream = container.add_stream(VIDEO_CODEC, rate=Fraction(fps).limit_denominator(1001))
         video_stream.width, video_stream.height = width, height
         video_stream.pix_fmt = "yuv420p"
         video_stream.options = dict(H264_OPTIONS)
+        video_stream.thread_count = 1
         audio_stream = None
         if waveform is not None:
             audio_stream = container.add_stream(AUDIO_CODEC, rate=_aac_rate(sample_rate))
             audio_stream.layout = "mono" if waveform.shape[0] == 1 else "stereo"
             audio_stream.bit_rate = AUDIO_BIT_RATE
+            audio_stream.options = dict(AAC_OPTIONS)
         for image in video:
             container.mux(video_stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(video_stream.encode())

@@ -12,14 +12,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from hlwq.quant.choices import MODES
 from hlwq.quant.errors import ArtifactError, CorruptCheckpointError, SourceError, UnsafePathError
-from hlwq.quant.packed import MODES, PACKED_PARTS, PackedTensor, packed_layout
+from hlwq.quant.packed import PACKED_PARTS, PackedTensor, packed_layout
 from hlwq.quant.sizes import DTYPE_BYTES, original_nbytes, packed_nbytes, size_table
 from hlwq.store.hash_cache import sha256_file
+from hlwq.store.output_dir import MANIFEST_NAME
 
 FORMAT_NAME = "hlwq-artifact"
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 METRICS_NAME = "metrics.parquet"
 MODEL_CARD_NAME = "README.md"
 SHARD_FORMAT_KEY = "hlwq_format_version"     # in every written shard's __metadata__
@@ -491,13 +492,15 @@ def open_artifact(directory: str | os.PathLike, verify: bool = True,
                   hashes: bool = True) -> Artifact:
     """Open an artifact; with ``verify`` every file (size, and sha256 unless ``hashes`` is
     false) and every tensor entry is checked first, and any problem raises ArtifactError
-    listing them. Without ``verify`` only the manifest and its paths are checked."""
+    (one line: the first problem and how many more). Without ``verify`` only the manifest
+    and its paths are checked."""
     directory = Path(directory)
     if verify:
         problems = verify_artifact(directory, hashes=hashes)
         if problems:
-            raise ArtifactError(f"{directory}: artifact is unsound ({len(problems)} problem(s); "
-                                "run `hlwq verify` for the list):\n" + "\n".join(problems[:20]))
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ArtifactError(f"{directory}: artifact is unsound: {problems[0]}{more}; "
+                                "`hlwq verify` lists every problem")
     manifest = read_manifest(directory)
     for relative in manifest["files"]:
         safe_relative_path(directory, relative)

@@ -1,18 +1,22 @@
 """Atomic writes: temp file beside the target, fsync, rename. Readers never see half a file.
 
 Files go through ``atomic_path``; whole folders (an artifact, an export, a report) through
-``directory_transaction``: a hidden partial folder beside the target, fsynced, renamed into place.
+``directory_transaction``: a hidden partial folder beside the target, fsynced, renamed into place
+(a full disk on the way is an InsufficientDiskError; the target stays as it was).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from hlwq.quant.errors import InsufficientDiskError
 
 
 @contextlib.contextmanager
@@ -70,8 +74,12 @@ def directory_transaction(target: str | os.PathLike) -> Iterator[Path]:
         yield partial
         fsync_tree(partial)
         replace_directory(partial, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientDiskError(
+                f"{target}: disk full while writing it ({exc.filename or partial}: "
+                f"{exc.strerror}); nothing was replaced; free space and run again") from None
         raise
 
 

@@ -1,7 +1,8 @@
-"""The render catalog: one Parquet part per batch under `<output_dir>/catalog/`, read as one table.
+"""The render catalog: Parquet parts under `<output_dir>/catalog/`, read as one table.
 
-Each attempted render adds a row (rendered or failed); renders skipped because they were already
-done add none. A render counts as done when a `rendered` row with the same render key exists and
+Each attempted render adds a row (rendered or failed), written as its own part the moment the
+render ends, so a batch killed midway keeps every finished render; renders skipped because they
+were already done add none. A render counts as done when a `rendered` row with the same render key exists and
 its output file is still there with the catalogued sha256.
 """
 
@@ -16,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hlwq.quant.errors import ArtifactError
+from hlwq.quant.errors import ArtifactError, CatalogError
 from hlwq.store.atomic import atomic_path
 from hlwq.store.hash_cache import sha256_file
 
@@ -68,11 +69,20 @@ def read_catalog(output_dir: str | Path) -> pa.Table:
     parts = sorted(catalog_path(output_dir).glob("part-*.parquet"))
     if not parts:
         return CATALOG_SCHEMA.empty_table()
-    return pa.concat_tables(pq.read_table(part, schema=CATALOG_SCHEMA) for part in parts)
+    return pa.concat_tables(read_part(part) for part in parts)
+
+
+def read_part(part: Path) -> pa.Table:
+    try:
+        return pq.read_table(part, schema=CATALOG_SCHEMA)
+    except (pa.ArrowException, OSError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise CatalogError(f"catalog part {part}: not a readable catalog part ({reason}); move "
+                           "it out of the catalog folder to render its rows again") from None
 
 
 def append_catalog(output_dir: str | Path, rows: list[dict[str, Any]]) -> Path | None:
-    """Write one batch's rows as a new part, atomically. Part names sort by time."""
+    """Write rows as a new part, atomically and durably (fsynced). Part names sort by time."""
     if not rows:
         return None
     now = datetime.now(UTC)

@@ -34,12 +34,8 @@ from hlwq.store.artifact import DEFAULT_MAX_SHARD_BYTES, MANIFEST_NAME, Artifact
 from hlwq.store.atomic import directory_transaction
 from hlwq.store.export import carry_other_files, group_metadata, rewritten_groups
 from hlwq.store.hash_cache import sha256_file
-from hlwq.store.package import (
-    check_output_dir,
-    file_record,
-    join_path,
-    package_artifact,
-)
+from hlwq.store.output_dir import check_output_dir
+from hlwq.store.package import file_record, join_path, package_artifact
 from hlwq.store.safetensors_io import read_header, read_tensor
 from hlwq.store.shard_writer import (
     ShardTensor,

@@ -23,9 +23,9 @@ from hlwq.store.artifact import (
     open_artifact,
 )
 from hlwq.store.atomic import directory_transaction
+from hlwq.store.output_dir import check_output_dir
 from hlwq.store.package import (
     ADDED_ROOT_FILES,
-    check_output_dir,
     is_group_file,
     join_path,
     link_or_copy,

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from pathlib import PurePosixPath, PureWindowsPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import yaml
 
+from hlwq.quant.errors import ArtifactError
 from hlwq.quant.sizes import format_bytes
 
 WORST_SHOWN = 10
@@ -399,3 +400,16 @@ hlwq export-dequantized . ../bf16  # a plain checkpoint for other tools
 from hlwq import load_pipeline
 pipe = load_pipeline("path/to/this/artifact", device="cuda")   # packed weights stay packed
 ```"""
+
+
+def read_metrics(path: str | Path):
+    """The artifact's metrics table; a damaged file is named, not a traceback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise ArtifactError(f"{path}: not a readable metrics table ({reason}); the artifact is "
+                            "damaged (`hlwq verify` checks its hashes)") from None

@@ -38,6 +38,7 @@ from hlwq.store.artifact import (
 from hlwq.store.atomic import atomic_write_bytes, atomic_write_text, directory_transaction
 from hlwq.store.hash_cache import sha256_file
 from hlwq.store.model_card import card_license, quality_summary, render_model_card
+from hlwq.store.output_dir import check_output_dir
 from hlwq.store.safetensors_io import read_header
 from hlwq.store.shard_writer import (
     ShardTensor,
@@ -396,21 +397,3 @@ def _write_metrics(partial: Path, metrics):
         table = table.sort_by(order)
     pq.write_table(table.replace_schema_metadata(None), partial / METRICS_NAME)
     return table
-
-
-# ---------------------------------------------------------------- placing
-
-
-def check_output_dir(target: Path, replace_artifact: bool = False) -> None:
-    """Refuse to overwrite anything but an empty directory or, when asked, an HLWQ artifact."""
-    if not target.exists():
-        return
-    if not target.is_dir():
-        raise ArtifactError(f"{target}: exists and is not a directory; choose another output")
-    if replace_artifact and (target / MANIFEST_NAME).is_file():
-        return
-    if any(target.iterdir()):
-        what = "an HLWQ artifact" if replace_artifact else "empty"
-        raise ArtifactError(f"{target}: exists and is not {what}; refusing to replace it "
-                            "(choose a new directory or delete it)")
-

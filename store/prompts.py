@@ -34,6 +34,10 @@ SIDE_MULTIPLE = 32
 FRAME_STEP = 8
 DEFAULT_SUITE = Path(__file__).with_name("prompt_suite") / "v1.jsonl"  # the output gates' prompts
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Longer number literals are refused as they are read: no setting needs more digits, and
+# Python refuses to convert integers of over 4,300 digits at all.
+MAX_NUMBER_CHARS = 40
+SHOWN_CHARS = 60   # of a bad value, in a message
 
 
 @dataclass(frozen=True)
@@ -121,12 +125,17 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, parse_int=_json_int)
         except json.JSONDecodeError as exc:
             row = {"__error__": f"not valid JSON ({exc.msg} at column {exc.colno})"}
         if not isinstance(row, dict):
             row = {"__error__": f"expected a JSON object, got {type(row).__name__}"}
         yield line_number, row
+
+
+def _json_int(literal: str) -> int | str:
+    """JSON integers; an over-long one stays text, for its column's check to name."""
+    return int(literal) if len(literal) <= MAX_NUMBER_CHARS else literal
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -196,7 +205,7 @@ def _render_id(value: Any, row_number: int) -> str:
     text = str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
     if text is None or not SAFE_ID.match(text):
         raise RowError(
-            f"id {value!r} is not a safe file name (letters, digits, '.', '_', '-'; up to 128, "
+            f"id {_shown(value)} is not a safe file name (letters, digits, '.', '_', '-'; up to 128, "
             "starting with a letter or digit)"
         )
     return text
@@ -204,15 +213,16 @@ def _render_id(value: Any, row_number: int) -> str:
 
 def _text(value: Any, column: str) -> str:
     if not isinstance(value, str):
-        raise RowError(f"{column} must be text, got {value!r}")
+        raise RowError(f"{column} must be text, got {_shown(value)}")
     return value
 
 
 def _integer(value: Any, column: str, minimum: int, maximum: int) -> int:
     number = _to_number(value, column)
-    if not float(number).is_integer():
-        raise RowError(f"{column} must be a whole number, got {value!r}")
-    number = int(number)
+    if isinstance(number, float):
+        if not number.is_integer():
+            raise RowError(f"{column} must be a whole number, got {_shown(value)}")
+        number = int(number)
     if not minimum <= number <= maximum:
         raise RowError(f"{column} must be between {minimum} and {maximum}, got {number}")
     return number
@@ -223,7 +233,7 @@ def _number(value: Any, column: str, minimum: float, exclusive: bool = False) ->
     too_small = number <= minimum if exclusive else number < minimum
     if not math.isfinite(number) or too_small:
         bound = f"> {minimum:g}" if exclusive else f">= {minimum:g}"
-        raise RowError(f"{column} must be a finite number {bound}, got {value!r}")
+        raise RowError(f"{column} must be a finite number {bound}, got {_shown(value)}")
     return number
 
 
@@ -232,6 +242,9 @@ def _to_number(value: Any, column: str) -> int | float:
         raise RowError(f"{column} must be a number, got {value!r}")
     if isinstance(value, (int, float)):
         return value
+    if isinstance(value, str) and len(value.strip()) > MAX_NUMBER_CHARS:
+        raise RowError(f"{column} has {len(value.strip())} characters; a number has at most "
+                       f"{MAX_NUMBER_CHARS}")
     if isinstance(value, str):
         try:
             return int(value)
@@ -240,7 +253,13 @@ def _to_number(value: Any, column: str) -> int | float:
                 return float(value)
             except ValueError:
                 pass
-    raise RowError(f"{column} must be a number, got {value!r}")
+    raise RowError(f"{column} must be a number, got {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    """A bad value for a one-line message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
 
 
 def _side(value: Any, column: str) -> int:
@@ -262,7 +281,7 @@ def _conditioning_image(value: Any, base_dir: Path) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise RowError(f"image must be a file path, got {value!r}")
+        raise RowError(f"image must be a file path, got {_shown(value)}")
     path = Path(value).expanduser()
     path = path if path.is_absolute() else base_dir / path
     try:

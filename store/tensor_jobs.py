@@ -25,14 +25,13 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from hlwq.quant.core import quantize_tensor
-from hlwq.quant.errors import NonFiniteTensorError
+from hlwq.quant.errors import HLWQError, NonFiniteTensorError
 from hlwq.quant.metrics import packed_metrics
 from hlwq.quant.sizes import original_nbytes, packed_nbytes
 from hlwq.store.atomic import atomic_write_text
 from hlwq.store.safetensors_io import TensorEntry, read_tensor
 from hlwq.store.staging import is_staged, write_staged
 
-ON_NONFINITE = ("fail", "keep")
 METRIC_KEYS = ("cosine", "rel_mse", "sqnr_db", "max_abs_err")
 
 
@@ -116,6 +115,16 @@ def quantize_unit(job: TensorJob) -> dict:
     row.update(seconds=time.perf_counter() - started, worker=_worker_name())
     atomic_write_text(row_path(job), json.dumps(row, sort_keys=True))
     return {**row, "skipped": False}
+
+
+def run_unit(job: TensorJob) -> dict:
+    """``quantize_unit`` on a Dask worker: a typed error (bad data) comes back as the value
+    ``{"error": exc}`` for the caller to raise, so the worker does not log it as a crash with
+    a traceback. Anything else (a bug, a lost file system) fails the Dask task as usual."""
+    try:
+        return quantize_unit(job)
+    except HLWQError as exc:
+        return {"error": exc}
 
 
 def _row(job: TensorJob, action: str, reason: str, metrics: dict | None) -> dict:

@@ -54,6 +54,7 @@ from hlwq.quant.budget import (
     uniform_allocation,
     weighted_relative_mse,
 )
+from hlwq.quant.choices import SCOPES, SENSITIVITIES, SENSITIVITY_CHOICES
 from hlwq.quant.core import dequantize, quantize_tensor
 from hlwq.quant.errors import BudgetError, CorruptCheckpointError, InvalidOptionError
 from hlwq.quant.sizes import (
@@ -66,12 +67,6 @@ from hlwq.quant.sizes import (
 from hlwq.store.artifact import tensor_key
 from hlwq.store.safetensors_io import torch_dtype
 
-SCOPES = ("package", "checkpoint", "transformer")
-SCOPE_HELP = ("package: every tensor the plan lists; checkpoint: all but the text encoder "
-              "(what the LTX-2.3 checkpoint files hold; Gemma 3 is a separate download); "
-              "transformer: the transformer alone")
-SENSITIVITIES = ("params", "activations")
-SENSITIVITY_CHOICES = ("auto", *SENSITIVITIES)   # auto: activations where the model runs
 CALIBRATION_PROMPTS = 2       # prompts of the suite whose first denoising step calibrates
 SAMPLE_WEIGHTS = 1 << 16      # values quantized per tensor and width: ~500 blocks of 128
 MIN_SAMPLE_ROWS = 8

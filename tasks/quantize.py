@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.tasks import exponential_backoff
 
-from hlwq.store.tensor_jobs import TensorJob, quantize_unit
+from hlwq.store.tensor_jobs import TensorJob, run_unit
 
 
 def dask_client() -> distributed.Client:
@@ -29,7 +29,7 @@ def dask_client() -> distributed.Client:
 
 def submit_units(client: distributed.Client, jobs: list[TensorJob]) -> list[distributed.Future]:
     """Submit units under their content keys; submitting a key again returns the same future."""
-    return [client.submit(quantize_unit, job, key=f"quantize-{job.key}", pure=False) for job in jobs]
+    return [client.submit(run_unit, job, key=f"quantize-{job.key}", pure=False) for job in jobs]
 
 
 class RunProgress:
@@ -72,6 +72,8 @@ def quantize_group(group: str, jobs: list[TensorJob], progress: RunProgress | No
     rows = []
     for future in distributed.as_completed(futures, loop=client.loop):
         row = future.result()
+        if "error" in row:           # bad data, named by the unit: no retry, no traceback
+            raise row["error"]
         rows.append(row)
         if progress is not None:
             progress.tensor_finished(future.key)

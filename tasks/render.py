@@ -2,8 +2,10 @@
 
 The pipeline is built once per worker process (the first render that needs it) and reused by
 every later render in that process; image-to-video renders share the text-to-video pipeline's
-modules. Which function builds it is a "module:function" string, so flows and deployments can
-pass it as a plain parameter (tests point it at a fixture; production uses the packed loader).
+modules. Which function builds it is a "module:function" string, called as
+``factory(artifact, device=, dtype=, verify=False)`` (the batch verified the artifact), so flows
+and deployments can pass it as a plain parameter (tests point it at a fixture; production uses
+the packed loader).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import psutil
 import torch
 from prefect import task
 
-from hlwq.quant.errors import InvalidOptionError
+from hlwq.quant.errors import HLWQError, InvalidOptionError
 from hlwq.runtime.hub import resolve_artifact
 from hlwq.runtime.offload import check_offload
 from hlwq.runtime.video import write_contact_sheet, write_mp4
@@ -77,7 +79,8 @@ def cached_pipeline(artifact: str, image_to_video: bool, device: str, factory: s
     device, dtype = resolve_device(device, placement["dtype"])
     key = (factory, str(Path(artifact).resolve()), device, tuple(sorted(placement.items())))
     if key not in _PIPELINES:
-        pipeline = resolve_factory(factory)(artifact, device=device, dtype=dtype,
+        # The batch verified the artifact once (flows/render_flow.py); no second read of it.
+        pipeline = resolve_factory(factory)(artifact, device=device, dtype=dtype, verify=False,
                                             offload=placement["offload"],
                                             vae_tiling=placement["vae_tiling"])
         if hasattr(pipeline, "set_progress_bar_config"):
@@ -211,8 +214,13 @@ def render_request(
     }
 
 
+def retry_transient(task, task_run, state) -> bool:
+    """Retry what may pass next time (a CUDA hiccup, I/O); an HLWQError is bad data: it stays."""
+    return not isinstance(state.result(raise_on_failure=False), HLWQError)
+
+
 @task(name="render", task_run_name="render {request[id]}", retries=2, retry_delay_seconds=2,
-      persist_result=False)
+      retry_condition_fn=retry_transient, persist_result=False)
 def render_task(
     request: dict[str, Any],
     artifact: str,

@@ -99,3 +99,31 @@ def patient_prefect(startup_timeout_s: int = 120):
 
     with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: startup_timeout_s}):
         yield
+
+
+class PacedPipeline:
+    """Answers like LTX2Pipeline (output_type="np") after ``seconds``: renders slow enough to
+    kill a batch between two of them. Frames and audio follow the seed."""
+
+    seconds = 1.0
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.vocoder = SimpleNamespace(config=SimpleNamespace(output_sampling_rate=24000))
+
+    def __call__(self, prompt, width, height, num_frames, frame_rate, generator, **_):
+        import time
+        from types import SimpleNamespace
+
+        import numpy as np
+
+        time.sleep(self.seconds)
+        rng = np.random.default_rng(generator.initial_seed())
+        frames = rng.random((1, num_frames, height, width, 3), dtype=np.float32)
+        audio = torch.zeros(1, 2, int(24000 * num_frames / frame_rate))
+        return SimpleNamespace(frames=frames, audio=audio)
+
+
+def paced_factory(artifact, device, dtype, **_):
+    return PacedPipeline()

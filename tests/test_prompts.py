@@ -125,3 +125,21 @@ def test_request_key_follows_parameters_image_bytes_and_model(tmp_path):
     before = request_key(with_image, "model-a")
     Image.new("RGB", (32, 32), "blue").save(tmp_path / "start.png")
     assert request_key(with_image, "model-a") != before
+
+
+def test_an_enormous_number_rejects_its_row_only(tmp_path):
+    """5,000 digits: beyond what Python converts at all; the row is named, the batch goes on."""
+    digits = "7" * 5000
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text(f'{{"prompt": "a", "seed": {digits}}}\n{{"prompt": "b", "steps": {digits}.5}}\n'
+                     '{"prompt": "c"}\n')
+    csv = tmp_path / "p.csv"
+    csv.write_text(f"prompt,seed\na,{digits}\nc,1\n")
+    batch = load_prompts(jsonl)
+    assert [r.reason for r in batch.rejected] == [
+        "seed has 5000 characters; a number has at most 40",
+        "steps must be a whole number, got inf"]      # a float literal that large is inf
+    assert [r.prompt for r in batch.requests] == ["c"]
+    batch = load_prompts(csv)
+    assert [str(r) for r in batch.rejected] == ["row 1: seed has 5000 characters; a number has at most 40"]
+    assert len(batch.requests) == 1

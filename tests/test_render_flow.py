@@ -17,6 +17,7 @@ from hlwq.cli.prefect_env import configure_prefect
 
 configure_prefect()  # before Prefect loads its settings: the ephemeral API's longer start timeout
 
+from hlwq.quant.errors import ArtifactError
 from hlwq.runtime.video import probe_mp4
 from hlwq.store.catalog import read_catalog
 from hlwq.tasks import render as render_module
@@ -38,6 +39,8 @@ class ScriptedPipeline:
         ATTEMPTS[prompt] = ATTEMPTS.get(prompt, 0) + 1
         if "boom" in prompt or ("flaky" in prompt and ATTEMPTS[prompt] == 1):
             raise RuntimeError(f"scripted failure for {prompt!r}")
+        if "typed" in prompt:
+            raise ArtifactError(f"scripted typed failure for {prompt!r}")
         rng = np.random.default_rng(generator.initial_seed())
         frames = rng.random((1, num_frames, height, width, 3), dtype=np.float32)
         if image is not None:
@@ -70,6 +73,7 @@ def write_prompts(path, rows):
 def run_batch(artifact, prompts, out, **options):
     from hlwq.flows.render_flow import render_batch
 
+    options = {"verify": False, **options}   # a scripted artifact has no shards to verify
     return render_batch(str(artifact), str(prompts), str(out), retries=1, retry_delay_s=0,
                         pipeline_factory=FACTORY, return_state=True, **options)
 
@@ -183,7 +187,7 @@ def test_offload_tiling_and_dtype_reach_the_pipeline_factory(tmp_path, fake_arti
                       vae_tiling=True, dtype="bfloat16")
     assert state.is_completed()
     assert PLACEMENTS == [{"device": "cpu", "dtype": torch.bfloat16, "offload": "group",
-                           "vae_tiling": True}]
+                           "vae_tiling": True, "verify": False}]
     with pytest.raises(InvalidOptionError, match="--offload 'disk'"):
         run_batch(fake_artifact, prompts, tmp_path / "out2", offload="disk").result()
 
@@ -213,7 +217,8 @@ def test_real_tiny_pipeline_writes_video_with_its_audio(tmp_path):
     from hlwq.flows.render_flow import render_batch
 
     state = render_batch(str(model), str(prompts), str(tmp_path / "out"), device="cpu", retries=0,
-                         pipeline_factory=f"{__name__}:tiny_fixture_factory", return_state=True)
+                         pipeline_factory=f"{__name__}:tiny_fixture_factory", verify=False,
+                         return_state=True)
     assert state.is_completed(), state.message
     assert render_module.loaded_pipelines() == 1  # image-to-video reuses the loaded modules
     for row in read_catalog(tmp_path / "out").to_pylist():
@@ -221,3 +226,20 @@ def test_real_tiny_pipeline_writes_video_with_its_audio(tmp_path):
         assert (info.frames, info.width, info.height, info.fps) == (9, 32, 32, 24.0)
         assert (info.audio_codec, info.audio_channels, info.audio_sample_rate) == ("aac", 2, 48000)
         assert info.audio_samples >= 0.3 * 48000  # the vocoder's 9/24 s of sound
+
+
+def test_one_verify_per_batch_and_no_retry_of_a_typed_error(tmp_path, fake_artifact, monkeypatch):
+    from hlwq.flows import render_flow
+
+    render_module.clear_pipeline_cache()
+    ATTEMPTS.clear()
+    verified = []
+    monkeypatch.setattr(render_flow, "verify_or_raise", verified.append)
+    size = {"width": 32, "height": 32, "frames": 9, "steps": 1}
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "one", **size}, {"prompt": "two", **size},
+                                                   {"prompt": "a typed one", **size}])
+    state = run_batch(fake_artifact, prompts, tmp_path / "out", verify=True)
+    assert state.message == "2 rendered, 0 skipped (already catalogued), 1 failed, 0 rows rejected"
+    assert verified == [str(fake_artifact)]            # once, not per render
+    assert ATTEMPTS["a typed one"] == 1                  # retries=1, but bad data stays bad
+    assert ATTEMPTS["one"] == 1 and ATTEMPTS["two"] == 1

@@ -103,3 +103,28 @@ def test_contact_sheet_grid_holds_sampled_frames_in_order(tmp_path):
     path = write_contact_sheet(tmp_path / "sheets" / "s.png", frames)
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == sheet.size
+
+
+WRITE_IN_A_PROCESS = """
+import sys
+import numpy as np
+from hlwq.runtime.video import write_mp4
+rng = np.random.default_rng(7)
+frames = rng.random((25, 64, 96, 3), dtype=np.float32)   # noise: the encoder works hardest
+audio = (rng.standard_normal((2, 48000)) * 0.1).astype(np.float32)
+write_mp4(sys.argv[1], frames, 24.0, audio, 48000)
+"""
+
+
+def test_two_processes_write_byte_identical_mp4s(tmp_path):
+    """Same frames, same bytes: what a render key promises, whatever the timing or cores."""
+    import subprocess
+    import sys
+
+    paths = [tmp_path / "a" / "clip.mp4", tmp_path / "b" / "clip.mp4"]
+    runs = [subprocess.Popen([sys.executable, "-c", WRITE_IN_A_PROCESS, str(path)]) for path in paths]
+    assert [run.wait(timeout=300) for run in runs] == [0, 0]
+    first, second = (path.read_bytes() for path in paths)
+    assert first == second
+    assert b"Lavf" not in first                     # no muxer version tag (bit-exact mode)
+    assert probe_mp4(paths[0]).frames == 25

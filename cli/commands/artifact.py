@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from hlwq.quant.sizes import parse_size
+from hlwq.cli.commands.options import no_wait_option
 
 DIRECTORY = click.Path(file_okay=False, path_type=Path)
 
@@ -53,6 +53,7 @@ def inspect(artifact: str, as_json: bool, no_hashes: bool) -> None:
         markdown_table,
         quality_rows,
         quality_summary,
+        read_metrics,
         size_rows,
         validation_blocks,
     )
@@ -65,9 +66,7 @@ def inspect(artifact: str, as_json: bool, no_hashes: bool) -> None:
     metrics_path = directory / METRICS_NAME
     quality = None
     if metrics_path.is_file():
-        import pyarrow.parquet as pq
-
-        quality = quality_summary(pq.read_table(metrics_path))
+        quality = quality_summary(read_metrics(metrics_path))
     source = {k: v for k, v in manifest["source"].items() if k != "files"}
     if as_json:
         click.echo(json.dumps({"source": source, "quantization": manifest["quantization"],
@@ -106,13 +105,22 @@ def inspect(artifact: str, as_json: bool, no_hashes: bool) -> None:
 @click.option("--max-shard-size", default="5GB", show_default=True,
               help="Largest shard for sharded layouts (the single-file layout stays one file).")
 @click.option("--no-verify", is_flag=True, help="Skip hash verification of the artifact first.")
-def export_dequantized(directory: Path, out: Path, max_shard_size: str, no_verify: bool) -> None:
+@no_wait_option
+def export_dequantized(directory: Path, out: Path, max_shard_size: str, no_verify: bool,
+                       no_wait: bool) -> None:
     """Write a plain checkpoint (quantized tensors dequantized to their source dtype, BF16
     for LTX-2.3) in the source's layout to OUT, streaming one tensor at a time."""
-    from hlwq.store.export import export_dequantized as export
+    from hlwq.cli.preflight import check_new_output
+    from hlwq.store.output_dir import folder_lock
 
-    summary = export(directory, out, max_shard_bytes=parse_size(max_shard_size, "--max-shard-size"),
-                     verify=not no_verify)
+    check_new_output(out, option="OUT")      # before the numerics' imports: fast
+    from hlwq.quant.sizes import parse_size
+
+    max_shard_bytes = parse_size(max_shard_size, "--max-shard-size")
+    with folder_lock(out, wait=not no_wait, option="OUT"):
+        from hlwq.store.export import export_dequantized as export
+
+        summary = export(directory, out, max_shard_bytes=max_shard_bytes, verify=not no_verify)
     click.echo(f"{summary['path']}: {summary['dequantized_tensors']} tensors dequantized, "
                f"{summary['files']} files, {summary['total_bytes']:,} bytes")
 
@@ -125,19 +133,29 @@ def export_dequantized(directory: Path, out: Path, max_shard_size: str, no_verif
               help="auto: an HLWQ artifact (manifest.json) becomes polarquant, a polarquant "
                    "checkpoint (polar_config.json) becomes HLWQ.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard.")
-def convert(source: Path, out: Path, target_format: str, max_shard_size: str) -> None:
+@no_wait_option
+def convert(source: Path, out: Path, target_format: str, max_shard_size: str,
+            no_wait: bool) -> None:
     """Convert SOURCE between an HLWQ artifact and the polarquant 0.6.0 layout, into OUT."""
-    from hlwq.store.convert import detect_format, from_polarquant, to_polarquant
+    from hlwq.cli.preflight import check_new_output
+    from hlwq.store.output_dir import folder_lock
 
-    if target_format == "auto":
-        target_format = "polarquant" if detect_format(source) == "hlwq" else "hlwq"
+    check_new_output(out, option="OUT")      # before the numerics' imports: fast
+    from hlwq.quant.sizes import parse_size
+
     max_shard_bytes = parse_size(max_shard_size, "--max-shard-size")
-    if target_format == "polarquant":
-        summary = to_polarquant(source, out, max_shard_bytes=max_shard_bytes)
-    else:
-        from hlwq.tasks.sources import fetch_source
+    with folder_lock(out, wait=not no_wait, option="OUT"):
+        from hlwq.store.convert import detect_format, from_polarquant, to_polarquant
 
-        summary = from_polarquant(source, out, source_lineage=fetch_source(str(source)).lineage,
-                                  max_shard_bytes=max_shard_bytes)
+        if target_format == "auto":
+            target_format = "polarquant" if detect_format(source) == "hlwq" else "hlwq"
+        if target_format == "polarquant":
+            summary = to_polarquant(source, out, max_shard_bytes=max_shard_bytes)
+        else:
+            from hlwq.tasks.sources import fetch_source
+
+            summary = from_polarquant(source, out,
+                                      source_lineage=fetch_source(str(source)).lineage,
+                                      max_shard_bytes=max_shard_bytes)
     click.echo(f"{summary['path']}: {target_format} layout, {summary['quantized_tensors']} "
                f"quantized tensors, {summary['files']} files")

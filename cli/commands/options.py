@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from hlwq.tasks.budget import SCOPE_HELP, SCOPES, SENSITIVITY_CHOICES
+from hlwq.quant.choices import SCOPE_HELP, SCOPES, SENSITIVITY_CHOICES
 
 
 def target_size_options(command):
@@ -40,3 +40,10 @@ def source_file_options(command):
     exclude = click.option("--exclude-files", multiple=True, metavar="GLOB",
                            help="Leave out the source files matching GLOB (repeatable).")
     return files(exclude(command))
+
+
+def no_wait_option(command):
+    """``--no-wait``: fail at once when another run holds the output's lock (store/output_dir.py)."""
+    return click.option("--no-wait", is_flag=True,
+                        help="When another run is writing the same output, fail naming its pid "
+                             "instead of waiting for it.")(command)

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
-from hlwq.cli.prefect_env import configure_prefect
-
-configure_prefect()   # first: Prefect reads its settings when it is imported
-
-from hlwq.cli.commands.options import (  # imports Prefect
+from hlwq.cli.commands.options import (
+    no_wait_option,
     sensitivity_option,
     source_file_options,
     target_size_options,
 )
-from hlwq.quant.packed import MODES
-from hlwq.store.tensor_jobs import ON_NONFINITE
+from hlwq.cli.prefect_env import configure_prefect, quiet_typed_errors
+from hlwq.quant.choices import MODES, ON_NONFINITE
 
 
 @click.command()
@@ -30,7 +28,7 @@ from hlwq.store.tensor_jobs import ON_NONFINITE
               show_default=True, help="Encoder: refined scale search, or the reference's choices.")
 @click.option("--group-size", type=int, help="Values per fp16 scale (a divisor of 128; default 128; "
                                         "with --target-size, the only group size it may choose).")
-@click.option("--workers", type=int, help="Local Dask workers [default: one per core, memory allowing].")
+@click.option("--workers", type=click.IntRange(min=1), help="Local Dask workers [default: one per core, memory allowing].")
 @click.option("--dask-address", help="Scheduler of an existing Dask cluster (e.g. tcp://host:8786); "
                                      "staging and output must be on storage every worker sees.")
 @click.option("--revision", help="Branch, tag or commit of a Hub SOURCE.")
@@ -50,25 +48,47 @@ from hlwq.store.tensor_jobs import ON_NONFINITE
               show_default=True, help="A tensor with NaN/Inf fails the run, or is kept unquantized.")
 @target_size_options
 @sensitivity_option
+@no_wait_option
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 def quantize(source, out, policy, bits, mode, group_size, workers, dask_address, revision, files,
              exclude_files, text_encoder, text_encoder_revision, staging, gates, gates_file,
-             on_nonfinite, target_size, target_scope, sensitivity, as_json):
+             on_nonfinite, target_size, target_scope, sensitivity, no_wait, as_json):
     """Quantize SOURCE (a Hub repo id, a folder or a .safetensors file) into a packed HLWQ
     artifact at OUT. Re-running skips tensors already quantized."""
+    from hlwq.cli.preflight import (
+        check_dask_address,
+        check_folder_option,
+        check_local_source,
+        check_new_output,
+    )
+    from hlwq.store.output_dir import folder_locks
+
+    # Paths and the cluster first: these checks cost no torch or Prefect import.
+    check_local_source(source)
+    check_new_output(out, replace_artifact=True)
+    check_folder_option(staging, "--staging")
+    if dask_address:
+        check_dask_address(dask_address)
     if target_size is not None:
         from hlwq.quant.sizes import parse_size
 
         parse_size(target_size)   # a size that does not parse fails before anything runs
-    from hlwq.flows.quantize_flow import run_quantize
+    configure_prefect()   # before Prefect is imported: it reads its settings then
+    from hlwq.flows.quantize_flow import check_settings, default_staging, run_quantize
 
-    summary = run_quantize(source, out, policy=policy, bits=bits, mode=mode, group_size=group_size,
-                           workers=workers, dask_address=dask_address, revision=revision,
-                           files=list(files) or None, exclude_files=list(exclude_files) or None,
-                           staging=staging, gates=gates, gates_file=gates_file,
-                           on_nonfinite=on_nonfinite, target_size=target_size,
-                           target_scope=target_scope, text_encoder=text_encoder,
-                           text_encoder_revision=text_encoder_revision, sensitivity=sensitivity)
+    check_settings(bits, mode, group_size, on_nonfinite, workers, dask_address)
+    staging = staging or str(default_staging(Path(out).absolute()))
+    with folder_locks({"--out": out, "--staging": staging}, wait=not no_wait):
+        quiet_typed_errors()
+        summary = run_quantize(source, out, policy=policy, bits=bits, mode=mode,
+                               group_size=group_size, workers=workers, dask_address=dask_address,
+                               revision=revision, files=list(files) or None,
+                               exclude_files=list(exclude_files) or None, staging=staging,
+                               gates=gates, gates_file=gates_file, on_nonfinite=on_nonfinite,
+                               target_size=target_size, target_scope=target_scope,
+                               text_encoder=text_encoder,
+                               text_encoder_revision=text_encoder_revision,
+                               sensitivity=sensitivity)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
         return

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
-from hlwq.cli.prefect_env import configure_prefect
-from hlwq.runtime.offload import DTYPE_NAMES, OFFLOAD_MODES
+from hlwq.cli.commands.options import no_wait_option
+from hlwq.cli.prefect_env import configure_prefect, quiet_typed_errors
+from hlwq.quant.choices import DTYPE_NAMES, OFFLOAD_MODES
 
 
 @click.command()
@@ -28,17 +30,34 @@ from hlwq.runtime.offload import DTYPE_NAMES, OFFLOAD_MODES
 @click.option("--vae-tiling", is_flag=True, help="Decode the video in tiles (less memory).")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="auto", show_default=True,
               help="Compute dtype (auto: bfloat16 on CUDA, float32 on the CPU).")
-@click.option("--retries", default=2, show_default=True, type=int, help="Retries per failing render.")
+@click.option("--retries", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Retries per render failing for a transient reason (never for bad data).")
+@no_wait_option
 @click.option("--json", "as_json", is_flag=True, help="Print the batch summary as JSON.")
-def render(artifact, prompts, out, device, offload, vae_tiling, dtype, retries, as_json):
+def render(artifact, prompts, out, device, offload, vae_tiling, dtype, retries, no_wait, as_json):
     """Render every valid row of a prompt file. Bad rows are listed and skipped; renders already
     in the catalog with an intact output are skipped. Exit 1 when a render failed or a row was
     rejected."""
-    configure_prefect()
-    from hlwq.flows.render_flow import render_batch
+    from hlwq.cli.preflight import check_folder_option
+    from hlwq.store.catalog import artifact_id, read_catalog
+    from hlwq.store.output_dir import folder_lock
+    from hlwq.store.prompts import load_prompts
 
-    state = render_batch(artifact, prompts, out, device=device, retries=retries, offload=offload,
-                         vae_tiling=vae_tiling, dtype=dtype, return_state=True)
+    # Before Prefect starts: a manifest, a readable prompt file, an output folder whose
+    # catalog reads.
+    if Path(artifact).expanduser().exists():   # else a Hub repo: the flow fetches and checks it
+        artifact_id(artifact)
+    load_prompts(prompts)
+    check_folder_option(out, "--out")
+    read_catalog(out)
+    with folder_lock(out, wait=not no_wait):
+        configure_prefect()
+        from hlwq.flows.render_flow import render_batch
+
+        quiet_typed_errors()
+        state = render_batch(artifact, prompts, out, device=device, retries=retries,
+                             offload=offload, vae_tiling=vae_tiling, dtype=dtype,
+                             return_state=True)
     summary = state.result(raise_on_failure=False)
     if not isinstance(summary, dict):  # the flow itself failed before it could summarize
         raise summary if isinstance(summary, BaseException) else click.ClickException(str(state.message))

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import click
 
+from hlwq.quant.choices import DTYPE_NAMES, OFFLOAD_MODES
 from hlwq.quant.errors import HLWQError
-from hlwq.runtime.offload import DTYPE_NAMES, OFFLOAD_MODES
 from hlwq.store.atomic import atomic_write_text
 
 DEFAULT_HOME = "work-runs/prefect-server"

@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from hlwq.cli.prefect_env import configure_prefect
+from hlwq.cli.commands.options import no_wait_option
+from hlwq.cli.prefect_env import configure_prefect, quiet_typed_errors
 
 PROMPT_KEYS = ("psnr_mean", "psnr_min", "ssim_mean", "temporal_diff", "audio_snr_db",
                "mel_distance", "latent_rel_err")
@@ -32,26 +33,42 @@ PROMPT_KEYS = ("psnr_mean", "psnr_min", "ssim_mean", "temporal_diff", "audio_snr
               "(multiple of 32), e.g. 768 for the real model.")
 @click.option("--frames", type=int, help="Frames of every prompt (8k+1), e.g. 121.")
 @click.option("--steps", type=int, help="Denoising steps of every prompt, e.g. 30.")
+@no_wait_option
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def validate(artifact, source, suite, gates_file, report_dir, work_dir, device, long_side, frames,
-             steps, as_json):
+             steps, no_wait, as_json):
     """Render the prompt suite with SOURCE and ARTIFACT (same seeds and settings), compare
     video, audio, latents and per-block activations, and apply the output gates. ARTIFACT is
     a folder or a Hub repo (owner/name[@revision], downloaded and verified first; give
     --report-dir, since a Hub artifact is not changed). Exit 1 when a gate fails."""
-    configure_prefect()
-    from hlwq.flows.validate_flow import validate_artifact
+    from hlwq.cli.preflight import check_folder_option
     from hlwq.quant.errors import InvalidOptionError
     from hlwq.runtime.hub import is_hub_reference, resolve_artifact
+    from hlwq.store.catalog import artifact_id
+    from hlwq.store.output_dir import folder_locks
 
+    # Before Prefect starts: the artifact, the folders written.
     if is_hub_reference(artifact) and report_dir is None:
         raise InvalidOptionError(f"{artifact}: a Hub artifact is read-only here (its manifest "
                                  "records no verdict); give --report-dir")
+    if not is_hub_reference(artifact):
+        artifact_id(artifact)
+    check_folder_option(report_dir, "--report-dir")
+    check_folder_option(work_dir, "--work-dir")
     artifact = str(resolve_artifact(artifact))
+    # Without --report-dir the report and the manifest's verdict go into the artifact.
+    written = {"--report-dir" if report_dir else "ARTIFACT": report_dir or artifact}
+    if work_dir:
+        written["--work-dir"] = work_dir
+    with folder_locks(written, wait=not no_wait):
+        configure_prefect()
+        from hlwq.flows.validate_flow import validate_artifact
 
-    state = validate_artifact(artifact, source, suite=suite, gates_file=gates_file,
-                              report_dir=report_dir, work_dir=work_dir, device=device,
-                              long_side=long_side, frames=frames, steps=steps, return_state=True)
+        quiet_typed_errors()
+        state = validate_artifact(artifact, source, suite=suite, gates_file=gates_file,
+                                  report_dir=report_dir, work_dir=work_dir, device=device,
+                                  long_side=long_side, frames=frames, steps=steps,
+                                  return_state=True)
     results = state.result(raise_on_failure=False)
     if not isinstance(results, dict):      # the flow failed before it could compare anything
         raise results if isinstance(results, BaseException) else click.ClickException(
