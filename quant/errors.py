@@ -68,3 +68,8 @@ class PromptFileError(HLWQError, ValueError):
 
 class MissingDependencyError(HLWQError):
     """An optional library a command needs (a benchmark extra) is not installed."""
+
+
+class LoraError(HLWQError, ValueError):
+    """A LoRA cannot be used: not safetensors, unknown keys, targets or shapes the model lacks,
+    or an operation (fusing) that packed weights cannot take without re-quantizing."""
