@@ -74,6 +74,7 @@ def render_batch(
     offload: str = "auto",
     vae_tiling: bool = False,
     dtype: str = "auto",
+    loras: list[dict[str, Any]] | None = None,
 ) -> State:
     """Render every valid row of `prompt_file` with the pipeline of `artifact` into `output_dir`.
 
@@ -81,11 +82,13 @@ def render_batch(
     of the revision's current commit are downloaded into the Hub cache and verified first.
 
     `offload` (auto, none, model, sequential, group), `vae_tiling` and `dtype` (auto,
-    float32, bfloat16, float16) place the pipeline (runtime/offload.py)."""
+    float32, bfloat16, float16) place the pipeline (runtime/offload.py).
+    `loras` (`[{"path": ..., "scale": ...}]`) are the default LoRAs of rows without a `loras` column.
+    """
     logger = get_run_logger()
     check_offload(offload, dtype)
     placement = {"offload": offload, "vae_tiling": vae_tiling, "dtype": dtype}
-    batch = load_prompts(prompt_file)
+    batch = load_prompts(prompt_file, default_loras=loras)
     for rejected in batch.rejected:
         logger.warning("prompt file %s: rejected %s", prompt_file, rejected)
     artifact = resolve_artifact_task(artifact)

@@ -17,7 +17,7 @@ from hlwq.runtime.offload import DTYPE_NAMES, OFFLOAD_MODES
                    "the manifest's files are downloaded, and verified before anything loads).")
 @click.option("--prompts", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Prompt file: .jsonl, .csv or .parquet (columns: id, prompt, negative_prompt, seed, "
-                   "width, height, frames, fps, steps, guidance, image).")
+                   "width, height, frames, fps, steps, guidance, image, loras).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output folder: videos/, contact-sheets/ and catalog/ go there.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
@@ -29,16 +29,20 @@ from hlwq.runtime.offload import DTYPE_NAMES, OFFLOAD_MODES
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="auto", show_default=True,
               help="Compute dtype (auto: bfloat16 on CUDA, float32 on the CPU).")
 @click.option("--retries", default=2, show_default=True, type=int, help="Retries per failing render.")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
+              help="Default LoRA of rows without a `loras` column (repeatable; scale default 1).")
 @click.option("--json", "as_json", is_flag=True, help="Print the batch summary as JSON.")
-def render(artifact, prompts, out, device, offload, vae_tiling, dtype, retries, as_json):
+def render(artifact, prompts, out, device, offload, vae_tiling, dtype, retries, loras, as_json):
     """Render every valid row of a prompt file. Bad rows are listed and skipped; renders already
     in the catalog with an intact output are skipped. Exit 1 when a render failed or a row was
     rejected."""
     configure_prefect()
     from hlwq.flows.render_flow import render_batch
+    from hlwq.store.prompts import lora_option
 
     state = render_batch(artifact, prompts, out, device=device, retries=retries, offload=offload,
-                         vae_tiling=vae_tiling, dtype=dtype, return_state=True)
+                         vae_tiling=vae_tiling, dtype=dtype,
+                         loras=[lora_option(text) for text in loras] or None, return_state=True)
     summary = state.result(raise_on_failure=False)
     if not isinstance(summary, dict):  # the flow itself failed before it could summarize
         raise summary if isinstance(summary, BaseException) else click.ClickException(str(state.message))
