@@ -75,7 +75,7 @@ def bench_lora(as_json: bool, layers: int, rank: int, frames: int, text_tokens: 
 
 
 def prepare_export(artifact: Path, out: Path) -> Path:
-    from hlwq.tasks.export import export_dequantized
+    from hlwq.store.export import export_dequantized
 
     if not (out / "transformer" / "config.json").is_file():
         export_dequantized(artifact, out)

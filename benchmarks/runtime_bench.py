@@ -2,7 +2,7 @@
 
 The real-width transformer fixture (``make_real_width_transformer``, 2 blocks
 by default) is quantized into artifacts (hlwq.quant.core, packaged with
-tasks.package), then every model runs in its own process
+hlwq.store.package), then every model runs in its own process
 (``python -m hlwq.benchmarks.runtime_bench worker ...``), so one model's memory
 never hides another's:
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from hlwq.quant.errors import LoraError
 from hlwq.runtime.packed_linear import PackedLinear
-from hlwq.store.hash_cache import file_sha256
+from hlwq.store.hash_cache import size_and_sha256
 from hlwq.store.lora_file import normalize_state_dict, read_lora_file
 
 
@@ -222,7 +222,7 @@ def use_loras(pipeline, loras: Iterable[tuple[str | os.PathLike, str, float]]) -
     for name, (path, sha, _) in wanted.items():
         if name in loaded:
             continue
-        if (found := file_sha256(path)[1]) != sha:
+        if (found := size_and_sha256(path)[1]) != sha:
             raise LoraError(f"LoRA file {path} changed since it was listed (sha256 "
                             f"{found[:12]}..., expected {sha[:12]}...)")
         pipeline.load_lora_weights(path, adapter_name=name)

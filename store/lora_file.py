@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from hlwq.quant.errors import CorruptCheckpointError, InvalidOptionError, LoraError
-from hlwq.store.hash_cache import file_sha256
+from hlwq.store.hash_cache import size_and_sha256
 from hlwq.store.ltx23_config import TRANSFORMER_PREFIX, official_to_diffusers_key
 from hlwq.store.safetensors_io import read_header, read_tensor
 
@@ -67,7 +67,7 @@ def inspect_lora_file(path: str | os.PathLike) -> LoraFile:
         raise LoraError(f"LoRA file {path} does not exist")
     header = _safetensors_header(path)
     shapes = {name: entry.shape for name, entry in header.tensors.items()}
-    return LoraFile(path, file_sha256(path)[1], plan_targets(shapes, str(path)))
+    return LoraFile(path, size_and_sha256(path)[1], plan_targets(shapes, str(path)))
 
 
 def read_lora_file(path: str | os.PathLike) -> tuple[LoraFile, dict[str, dict[str, torch.Tensor]]]:

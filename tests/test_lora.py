@@ -19,9 +19,9 @@ from hlwq.quant.errors import LoraError
 from hlwq.runtime.loader import load_pipeline
 from hlwq.runtime.lora import PackedLoraLinear, load_lora_into_model
 from hlwq.runtime.packed_linear import PackedLinear
+from hlwq.store.export import export_dequantized
 from hlwq.store.lora_file import official_module_name, read_lora_file
-from hlwq.tasks.export import export_dequantized
-from hlwq.tasks.package import package_artifact
+from hlwq.store.package import package_artifact
 from hlwq.testing.fixtures import load_tiny_pipeline, make_tiny_ltx23
 
 RENDER = {"prompt": "a red fox runs through fresh snow at dawn", "num_frames": 9, "height": 32,
@@ -51,7 +51,8 @@ def artifact(tmp_path_factory) -> Path:
     package_artifact(fetched.root, inventory, staged, root / "artifact", lineage=fetched.lineage,
                      quantization={"bits": 5, "block_size": 128, "group_size": 128,
                                    "mode": "refined", "policy": "ltx23", "code_version": "test"},
-                     metrics=metrics, validation={"validated": True})
+                     metrics=metrics, validation={"tensor_gates": {"passed": True},
+                                                  "output_gates": {"skipped": "not a whole pipeline"}})
     return root / "artifact"
 
 
@@ -348,7 +349,8 @@ def test_bias_free_packed_layer_in_a_plain_module():
 def test_render_batch_with_loras_keys_and_catalog(artifact, pipelines, tmp_path):
     """Rows with their own LoRAs, with the batch's default ones and with none: one packed pipeline."""
     from hlwq.flows.render_flow import render_batch
-    from hlwq.store.catalog import file_sha256, read_catalog
+    from hlwq.store.catalog import read_catalog
+    from hlwq.store.hash_cache import sha256_file
     from hlwq.tasks import render as render_module
 
     packed, _ = pipelines
@@ -372,7 +374,7 @@ def test_render_batch_with_loras_keys_and_catalog(artifact, pipelines, tmp_path)
     finally:
         render_module.clear_pipeline_cache()
     catalog = {row["id"]: row for row in read_catalog(tmp_path / "out").to_pylist()}
-    sha = file_sha256(lora)
+    sha = sha256_file(lora)
     assert catalog["plain"]["loras"] == []
     assert catalog["default"]["loras"] == [{"path": str(lora.resolve()), "sha256": sha, "scale": 1.0}]
     assert catalog["weak"]["loras"] == [{"path": str(lora.resolve()), "sha256": sha, "scale": 0.5}]

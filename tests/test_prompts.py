@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from hlwq.quant.errors import InvalidOptionError, PromptFileError
-from hlwq.store.catalog import file_sha256
+from hlwq.store.hash_cache import sha256_file
 from hlwq.store.prompts import (
     DEFAULTS,
     LoraSpec,
@@ -154,9 +154,9 @@ def test_loras_column_defaults_and_csv(tmp_path):
                          default_loras=[{"path": str(detail), "scale": 0.5}])
     assert batch.rejected == []
     own, default, none = batch.requests
-    assert own.loras == (LoraSpec(str(style.resolve()), file_sha256(style), 0.8),
-                         LoraSpec(str(detail.resolve()), file_sha256(detail), 1.0))
-    assert default.loras == (LoraSpec(str(detail.resolve()), file_sha256(detail), 0.5),)
+    assert own.loras == (LoraSpec(str(style.resolve()), sha256_file(style), 0.8),
+                         LoraSpec(str(detail.resolve()), sha256_file(detail), 1.0))
+    assert default.loras == (LoraSpec(str(detail.resolve()), sha256_file(detail), 0.5),)
     assert none.loras == ()
     # A request survives the trip through its dict (task parameters are JSON).
     assert RenderRequest(**json.loads(json.dumps(own.to_dict()))) == own
