@@ -106,8 +106,12 @@ def load_lora_into_model(model: nn.Module, state_dict: dict[str, torch.Tensor],
                                           model_state_dict=model.state_dict(),
                                           adapter_name=adapter_name))
     config._register_custom_module({PackedLinear: PackedLoraLinear})
-    inject_adapter_in_model(config, model, adapter_name=adapter_name, state_dict=state_dict)
-    incompatible = set_peft_model_state_dict(model, state_dict, adapter_name)
+    # Layers made on the meta device, then given the file's tensors (cast only where the model
+    # computes in another dtype): no initialised copy to overwrite, no second copy of the LoRA.
+    inject_adapter_in_model(config, model, adapter_name=adapter_name, state_dict=state_dict,
+                            low_cpu_mem_usage=True)
+    incompatible = set_peft_model_state_dict(model, state_dict, adapter_name,
+                                             low_cpu_mem_usage=True)
     unexpected = getattr(incompatible, "unexpected_keys", None)
     if unexpected:
         raise LoraError(f"{source}: key {unexpected[0]!r} was not taken by any layer")
