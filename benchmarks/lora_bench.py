@@ -13,6 +13,7 @@ linear, random A and B in BF16 (seeded, written once). Four worker processes of
 
 Reported: ``latency_ratio`` (packed_lora / packed step), ``memory_overhead_bytes`` (peak growth
 of packed_lora minus packed) against ``lora_params_bytes`` (the LoRA's own bytes in BF16),
+``lora_load_rss_bytes`` (the resident growth from loading the LoRA, same process),
 ``max_rel_diff_vs_dequantized`` (packed_lora vs dequantized_lora, max |a - b| / max |b|) next
 to the packed runtime's own ``max_rel_diff_packed_vs_dequantized`` without a LoRA, and
 ``dense_weight_copies`` (decodes of a packed weight into a tensor of its own: 0 means no
@@ -114,6 +115,9 @@ def summarize(runs: dict, outputs: dict, params: dict, device: str, layers: int,
         "latency_ratio": with_lora["step_s"] / packed["step_s"],
         "memory_overhead_bytes": overhead,
         "lora_params_bytes": params["bytes"],
+        # Resident growth from loading the LoRA (VmRSS after - before, same process): the
+        # LoRA's own footprint without the step's activations and the allocator's timing in it.
+        "lora_load_rss_bytes": with_lora["lora_load_rss_bytes"],
         "memory_overhead_vs_lora_params": overhead / params["bytes"] - 1.0,
         "max_rel_diff_vs_dequantized": runtime_bench.max_rel_diff(outputs["packed_lora"],
                                                                   outputs["dequantized_lora"]),
@@ -149,6 +153,7 @@ def report(result: dict, out: Path) -> str:
          f"{TARGETS['memory_overhead_vs_lora_params']:.0%})"),
         (f"  max rel diff vs dequantized + PEFT LoRA: {result['max_rel_diff_vs_dequantized']:.1e} "
          f"(packed vs dequantized, no LoRA: {result['max_rel_diff_packed_vs_dequantized']:.1e})"),
+        (f"  resident growth from loading the LoRA: {result['lora_load_rss_bytes'] / mib:.1f} MiB"),
         f"  dense copies of packed weights: {result['dense_weight_copies']}",
     ]
     return "\n".join(lines)

@@ -278,10 +278,13 @@ def worker_main(argv: list[str]) -> None:
             use_safetensors=True).eval().to(device)
     else:
         model = load_component(args.model, "transformer", device=device, dtype=torch.bfloat16)
+    rss_before_lora = _status_kib("VmRSS") * 1024
     if args.lora:
         add_lora(model, args.mode, args.lora)
+    lora_rss = _status_kib("VmRSS") * 1024 - rss_before_lora
     dense_copies = count_dense_weight_copies()
-    reply({"load_s": time.perf_counter() - started, "threads": torch.get_num_threads()})
+    reply({"load_s": time.perf_counter() - started, "threads": torch.get_num_threads(),
+           "lora_load_rss_bytes": lora_rss})
     for command in sys.stdin:
         if command.strip() == "finish":
             break
