@@ -266,6 +266,8 @@ def worker_main(argv: list[str]) -> None:
     # (about 170 MB of RSS, mostly libraries) and the decode kernels is a per-process
     # constant, not memory the model's weights or activations need.
     import diffusers.models.transformers.transformer_ltx2  # noqa: F401
+    if args.lora:   # PEFT and the LoRA layers are code too
+        import hlwq.runtime.lora  # noqa: F401
     for dtype in (torch.float32, torch.bfloat16):
         PackedLinear.from_packed(_tiny_packed()).to(device)(
             torch.zeros(1, 128, dtype=dtype, device=device))
