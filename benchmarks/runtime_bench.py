@@ -2,7 +2,7 @@
 
 The real-width transformer fixture (``make_real_width_transformer``, 2 blocks
 by default) is quantized into artifacts (hlwq.quant.core, packaged with
-tasks.package), then every model runs in its own process
+hlwq.store.package), then every model runs in its own process
 (``python -m hlwq.benchmarks.runtime_bench worker ...``), so one model's memory
 never hides another's:
 
@@ -179,11 +179,12 @@ def measure_in_turns(models: dict, inputs: Path, outputs: dict[str, Path], steps
 
     Each process measures its own memory; taking turns spreads the load of a
     shared machine evenly over the models, which one-after-another runs do not.
+    ``models`` maps a name to ``(mode, model)`` or ``(mode, model, lora file)``.
     """
     workers = {}
     try:
-        for name, (mode, model) in models.items():
-            workers[name] = Worker(mode, model, inputs, outputs[name], device, env)
+        for name, (mode, model, *lora) in models.items():
+            workers[name] = Worker(mode, model, inputs, outputs[name], device, env, *lora)
         for _ in range(1 + steps):               # the first step warms caches and kernels up
             for worker in workers.values():
                 worker.step()
@@ -197,9 +198,10 @@ class Worker:
     """A ``runtime_bench worker`` process driven over its stdin/stdout, one JSON line a reply."""
 
     def __init__(self, mode: str, model: Path, inputs: Path, out: Path, device: str,
-                 env: dict[str, str]):
+                 env: dict[str, str], lora: Path | None = None):
         self.command = [sys.executable, "-m", "hlwq.benchmarks.runtime_bench", "worker", mode,
-                        str(model), str(inputs), str(out), "--device", device]
+                        str(model), str(inputs), str(out), "--device", device,
+                        *(["--lora", str(lora)] if lora else [])]
         self.errors = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in close())
         self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=self.errors, text=True,
@@ -247,6 +249,9 @@ def worker_main(argv: list[str]) -> None:
     parser.add_argument("inputs", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--lora", type=Path, default=None,
+                        help="A LoRA to add after loading: packed through runtime/lora.py, bf16 "
+                             "through diffusers' own load_lora_adapter (PEFT's layers)")
     args = parser.parse_args(argv)
 
     import torch
@@ -261,6 +266,8 @@ def worker_main(argv: list[str]) -> None:
     # (about 170 MB of RSS, mostly libraries) and the decode kernels is a per-process
     # constant, not memory the model's weights or activations need.
     import diffusers.models.transformers.transformer_ltx2  # noqa: F401
+    if args.lora:   # PEFT and the LoRA layers are code too
+        import hlwq.runtime.lora  # noqa: F401
     for dtype in (torch.float32, torch.bfloat16):
         PackedLinear.from_packed(_tiny_packed()).to(device)(
             torch.zeros(1, 128, dtype=dtype, device=device))
@@ -273,7 +280,13 @@ def worker_main(argv: list[str]) -> None:
             use_safetensors=True).eval().to(device)
     else:
         model = load_component(args.model, "transformer", device=device, dtype=torch.bfloat16)
-    reply({"load_s": time.perf_counter() - started, "threads": torch.get_num_threads()})
+    rss_before_lora = _status_kib("VmRSS") * 1024
+    if args.lora:
+        add_lora(model, args.mode, args.lora)
+    lora_rss = _status_kib("VmRSS") * 1024 - rss_before_lora
+    dense_copies = count_dense_weight_copies()
+    reply({"load_s": time.perf_counter() - started, "threads": torch.get_num_threads(),
+           "lora_load_rss_bytes": lora_rss})
     for command in sys.stdin:
         if command.strip() == "finish":
             break
@@ -283,7 +296,34 @@ def worker_main(argv: list[str]) -> None:
             memory.synchronize()
         reply({"step_s": time.perf_counter() - started})
     save_file({"video": video.contiguous().cpu(), "audio": audio.contiguous().cpu()}, args.out)
-    reply({"peak_growth_bytes": memory.growth()})
+    reply({"peak_growth_bytes": memory.growth(), "dense_weight_copies": dense_copies["count"]})
+
+
+def add_lora(model, mode: str, path: Path) -> None:
+    if mode == "bf16":
+        model.load_lora_adapter(str(path), prefix="transformer", adapter_name="bench")
+        return
+    from hlwq.runtime.lora import load_lora_into_model
+    from hlwq.store.lora_file import read_lora_file
+
+    _, by_component = read_lora_file(path)
+    load_lora_into_model(model, by_component["transformer"], "bench", str(path))
+
+
+def count_dense_weight_copies() -> dict:
+    """Count every decode of a packed weight into a tensor of its own (cache or autograd): the
+    packed runtime's only dense copies. Steps decode into the reused workspace instead."""
+    from hlwq.runtime.packed_linear import PackedLinear
+
+    counter = {"count": 0}
+    whole_weight = PackedLinear._whole_weight
+
+    def counted(self, *args, **kwargs):
+        counter["count"] += 1
+        return whole_weight(self, *args, **kwargs)
+
+    PackedLinear._whole_weight = counted
+    return counter
 
 
 def reply(message: dict) -> None:

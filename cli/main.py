@@ -42,7 +42,7 @@ COMMANDS = {
     "server": ("hlwq.cli.commands.serve:server",
                "Start or stop the local Prefect server (127.0.0.1, SQLite)."),
     "bench": ("hlwq.cli.commands.bench:bench",
-              "Benchmarks: quantize, scale, runtime, budget (JSON under benchmarks/results/)."),
+              "Benchmarks: quantize, scale, runtime, budget, lora (JSON under benchmarks/results/)."),
 }
 
 

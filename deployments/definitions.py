@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from hlwq.quant.errors import InvalidOptionError
 from hlwq.runtime.hub import is_hub_reference
 from hlwq.runtime.offload import check_offload
+from hlwq.store.prompts import lora_option
 
 REQUANTIZE, WATCH_UPSTREAM, NIGHTLY_RENDER = "requantize", "watch-upstream", "nightly-render"
 NIGHTLY_CRON = "0 2 * * *"
@@ -40,6 +41,7 @@ class DeploymentSettings:
     nightly_offload: str = "auto"    # placement: as hlwq render's --offload, --vae-tiling, --dtype
     nightly_vae_tiling: bool = False
     nightly_dtype: str = "auto"
+    nightly_loras: tuple[str, ...] = ()  # default LoRAs of the nightly render: PATH or PATH:SCALE
     output_suite: str | None = None  # prompt suite of requantize's output gates (None: the default suite)
     publish_to: str | None = None    # Hub repo (owner/name[@branch]) requantize publishes to
     files: tuple[str, ...] = ()      # globs choosing the source's files (env: comma-separated)
@@ -66,7 +68,12 @@ class DeploymentSettings:
         check_offload(self.nightly_offload, self.nightly_dtype)
         if self.watch_interval_s < 60:
             raise InvalidOptionError(f"watch interval must be at least 60 s, got {self.watch_interval_s}")
+        self.lora_parameters()
         return self
+
+    def lora_parameters(self) -> list[dict]:
+        """The nightly LoRAs as render_batch takes them: ``[{"path": ..., "scale": ...}]``."""
+        return [lora_option(text) for text in self.nightly_loras]
 
     def source_files(self) -> dict:
         """The file-choosing parameters of a quantize run (none when no globs are set)."""
@@ -75,13 +82,20 @@ class DeploymentSettings:
 
     def absolute_paths(self) -> DeploymentSettings:
         """Paths as seen from here, so runs started elsewhere read the same files."""
-        return replace(self, **{name: str(Path(value).expanduser().resolve())
-                                for name in PATH_FIELDS
-                                if (value := getattr(self, name)) and not is_hub_reference(value)})
+        paths = {name: str(Path(value).expanduser().resolve())
+                 for name in PATH_FIELDS
+                 if (value := getattr(self, name)) and not is_hub_reference(value)}
+        loras = tuple(_joined(str(Path(lora["path"]).expanduser().resolve()), lora["scale"])
+                      for lora in self.lora_parameters())
+        return replace(self, **paths, nightly_loras=loras)
 
     def publishing(self) -> dict:
         """The publish parameter of requantize and watch-upstream (none when not publishing)."""
         return {"publish_to": self.publish_to} if self.publish_to else {}
+
+
+def _joined(path: str, scale: float) -> str:
+    return f"{path}:{scale!r}"
 
 
 def _parsed(raw: str, annotation: str):
@@ -137,7 +151,8 @@ def build_deployments(settings: DeploymentSettings) -> list:
         parameters={"artifact": settings.nightly_artifact, "prompt_file": settings.nightly_prompts,
                     "output_dir": settings.nightly_output, "offload": settings.nightly_offload,
                     "vae_tiling": settings.nightly_vae_tiling,
-                    "dtype": settings.nightly_dtype},
+                    "dtype": settings.nightly_dtype,
+                    **({"loras": settings.lora_parameters()} if settings.nightly_loras else {})},
         tags=TAGS,
         entrypoint_type=module,
     )

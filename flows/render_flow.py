@@ -79,6 +79,7 @@ def render_batch(
     dtype: str = "auto",
     verify: bool = True,
     wait: bool = True,
+    loras: list[dict[str, Any]] | None = None,
 ) -> State:
     """Render every valid row of `prompt_file` with the pipeline of `artifact` into `output_dir`.
 
@@ -89,11 +90,13 @@ def render_batch(
     float32, bfloat16, float16) place the pipeline (runtime/offload.py).
     The artifact is verified once per batch (``verify``), never per render. One batch writes
     an output folder at a time: a second one waits for the lock, or fails with ``wait=False``.
+    ``loras`` (``[{"path": ..., "scale": ...}]``) are the default LoRAs of rows without a
+    ``loras`` column.
     """
     logger = get_run_logger()
     check_offload(offload, dtype)
     placement = {"offload": offload, "vae_tiling": vae_tiling, "dtype": dtype}
-    batch = load_prompts(prompt_file)
+    batch = load_prompts(prompt_file, default_loras=loras)
     for rejected in batch.rejected:
         logger.warning("prompt file %s: rejected %s", prompt_file, rejected)
     local = resolve_artifact_task(artifact)      # a Hub artifact is verified as it is fetched

@@ -76,3 +76,8 @@ class OutputLockedError(HLWQError):
 
 class CatalogError(HLWQError):
     """A render catalog part cannot be read."""
+
+
+class LoraError(HLWQError, ValueError):
+    """A LoRA cannot be used: not safetensors, unknown keys, targets or shapes the model lacks,
+    or an operation (fusing) that packed weights cannot take without re-quantizing."""

@@ -54,6 +54,8 @@ def load_pipeline(artifact: str | os.PathLike, device: str | torch.device = "cpu
 
     ``artifact``: a folder, or a Hub repo ``owner/name[@revision]`` whose manifest's files
     are downloaded into the Hub cache (runtime/hub.py).
+    The pipeline takes LoRAs through diffusers' own API (``load_lora_weights`` and the rest,
+    runtime/lora.py) without unpacking a layer.
     ``verify`` checks the manifest, every file's hash and every tensor entry first.
     ``offload`` (runtime/offload.py: none, model, sequential, group or auto) decides which
     weights stay on ``device`` while it renders; ``vae_tiling`` decodes the video in tiles.
@@ -103,9 +105,9 @@ def _check_components(root: Path) -> None:
 
 
 def _pipeline_class(image_to_video: bool):
-    from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
+    from hlwq.runtime.lora import PackedLTX2ImageToVideoPipeline, PackedLTX2Pipeline
 
-    return LTX2ImageToVideoPipeline if image_to_video else LTX2Pipeline
+    return PackedLTX2ImageToVideoPipeline if image_to_video else PackedLTX2Pipeline
 
 
 def _uses_official_names(art: Artifact) -> bool:

@@ -81,6 +81,12 @@ class PackedLinear(nn.Module):
                             (self.out_features, self.in_features), self.bits,
                             self.block_size, self.group_size, self.mode)
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The codes, under the name PEFT (and other quantized-layer tooling) looks up to find a
+        layer's device when it wraps it in a LoRA layer (runtime/lora.py)."""
+        return self.codes
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise InvalidTensorError(f"PackedLinear: input has {x.shape[-1]} features, "
@@ -143,8 +149,11 @@ def rotation_gain(block_size: int) -> float:
 
 @functools.lru_cache(maxsize=32)
 def _rotation(block_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    signs = hadamard_matrix(block_size) * math.sqrt(block_size)   # exact +-1
-    return (signs.round() * rotation_gain(block_size)).to(dtype=dtype, device=device)
+    # A normal tensor even when first asked for under inference_mode: the cache outlives it,
+    # and autograd (training a LoRA on a packed model) cannot save inference tensors.
+    with torch.inference_mode(False):
+        signs = hadamard_matrix(block_size) * math.sqrt(block_size)   # exact +-1
+        return (signs.round() * rotation_gain(block_size)).to(dtype=dtype, device=device)
 
 
 def rotate_activations(x: torch.Tensor, block_size: int, in_padded: int) -> torch.Tensor:

@@ -36,6 +36,8 @@ CATALOG_SCHEMA = pa.schema([
     ("steps", pa.int32()),
     ("guidance", pa.float64()),
     ("image", pa.string()),
+    ("loras", pa.list_(pa.struct([("path", pa.string()), ("sha256", pa.string()),
+                                  ("scale", pa.float64())]))),
     ("render_key", pa.string()),
     ("artifact_id", pa.string()),
     ("artifact", pa.string()),

@@ -1,7 +1,9 @@
 """Prompt files for render batches: JSONL, CSV or Parquet, one render per row.
 
 Columns: id, prompt, negative_prompt, seed, width, height, frames, fps, steps, guidance, image
-(an optional conditioning image for image-to-video, relative to the prompt file). Only `prompt`
+(an optional conditioning image for image-to-video, relative to the prompt file) and loras (a
+list of `{"path": ..., "scale": 0.8}`, paths relative to the prompt file; in CSV the same list
+as JSON text; a row without the column takes the batch's default LoRAs). Only `prompt`
 is required. Every row is checked up front: a bad row is rejected with its row number and the
 rule it broke, and the good rows still render. Rows are numbered from 1 in file order (JSONL:
 the line number; CSV: the record after the header; Parquet: the table row).
@@ -22,10 +24,11 @@ from typing import Any
 
 from PIL import Image
 
-from hlwq.quant.errors import PromptFileError
+from hlwq.quant.errors import HLWQError, InvalidOptionError, PromptFileError
+from hlwq.store.lora_file import inspect_lora_file
 
 COLUMNS = ("id", "prompt", "negative_prompt", "seed", "width", "height", "frames", "fps", "steps",
-           "guidance", "image")
+           "guidance", "image", "loras")
 # Defaults follow LTX-2.3's usual settings: 768x512, 121 frames (about 5 s at 24 fps).
 DEFAULTS = {"negative_prompt": "", "seed": 0, "width": 768, "height": 512, "frames": 121,
             "fps": 24.0, "steps": 30, "guidance": 3.0, "image": None}
@@ -38,6 +41,15 @@ SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Python refuses to convert integers of over 4,300 digits at all.
 MAX_NUMBER_CHARS = 40
 SHOWN_CHARS = 60   # of a bad value, in a message
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA of a render: its file, that file's sha256 (part of the render key) and scale."""
+
+    path: str
+    sha256: str
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -55,9 +67,15 @@ class RenderRequest:
     steps: int
     guidance: float
     image: str | None = None
+    loras: tuple[LoraSpec, ...] = ()
+
+    def __post_init__(self):
+        # Rebuilt from to_dict() (task parameters travel as JSON): LoRAs come back as dicts.
+        object.__setattr__(self, "loras", tuple(
+            lora if isinstance(lora, LoraSpec) else LoraSpec(**lora) for lora in self.loras))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "loras": [dataclasses.asdict(lora) for lora in self.loras]}
 
     @property
     def image_to_video(self) -> bool:
@@ -86,18 +104,26 @@ class RowError(ValueError):
     """One rule a row breaks; becomes a RejectedRow."""
 
 
-def load_prompts(path: str | Path) -> PromptBatch:
-    """Read and check a prompt file. Raises PromptFileError only when the file itself is unreadable."""
+def load_prompts(path: str | Path, default_loras: list[dict[str, Any]] | None = None) -> PromptBatch:
+    """Read and check a prompt file. Raises PromptFileError only when the file itself is unreadable.
+
+    ``default_loras`` (``[{"path": ..., "scale": ...}]``, paths relative to the working
+    directory) go to every row without a ``loras`` column; a bad one is an InvalidOptionError.
+    """
     path = Path(path)
     if not path.is_file():
         raise PromptFileError(f"prompt file {path} does not exist")
+    try:
+        defaults = _loras(default_loras or [], Path.cwd())
+    except RowError as exc:
+        raise InvalidOptionError(f"default LoRAs: {exc}") from None
     requests: list[RenderRequest] = []
     rejected: list[RejectedRow] = []
     seen_ids: set[str] = set()
     for row_number, row in _read_rows(path):
         raw_id = row.get("id")
         try:
-            request = parse_row(row, row_number, base_dir=path.parent)
+            request = parse_row(row, row_number, base_dir=path.parent, default_loras=defaults)
             if request.id in seen_ids:
                 raise RowError(f"id {request.id!r} repeats an earlier row")
         except RowError as exc:
@@ -168,7 +194,8 @@ def _read_text(path: Path) -> str:
         raise PromptFileError(f"prompt file {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 
 
-def parse_row(row: dict[str, Any], row_number: int, base_dir: Path) -> RenderRequest:
+def parse_row(row: dict[str, Any], row_number: int, base_dir: Path,
+              default_loras: tuple[LoraSpec, ...] = ()) -> RenderRequest:
     """Check one row against every rule and build its request; RowError names the first broken rule."""
     if "__error__" in row:
         raise RowError(row["__error__"])
@@ -191,6 +218,7 @@ def parse_row(row: dict[str, Any], row_number: int, base_dir: Path) -> RenderReq
         steps=_integer(values["steps"], "steps", minimum=1, maximum=1000),
         guidance=_number(values["guidance"], "guidance", minimum=0.0),
         image=_conditioning_image(values["image"], base_dir),
+        loras=_loras(row["loras"], base_dir) if "loras" in row else default_loras,
     )
     return request
 
@@ -292,10 +320,59 @@ def _conditioning_image(value: Any, base_dir: Path) -> str | None:
     return str(path.resolve())
 
 
+def _loras(value: Any, base_dir: Path) -> tuple[LoraSpec, ...]:
+    """A list of ``{"path", "scale"}`` objects (JSON text in CSV); each file checked and hashed."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise RowError(f"loras must be a JSON list of {{\"path\", \"scale\"}} objects "
+                           f"({exc.msg} at column {exc.colno})") from None
+    if not isinstance(value, list):
+        raise RowError(f"loras must be a list of {{\"path\", \"scale\"}} objects, got {value!r}")
+    specs: list[LoraSpec] = []
+    for index, item in enumerate(value):
+        where = f"loras[{index}]"
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str) or not item["path"]:
+            raise RowError(f"{where} must be an object with a file path under \"path\", got {item!r}")
+        if unknown := sorted(set(item) - {"path", "scale"}):
+            raise RowError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                           "allowed: path, scale")
+        scale = _number(item.get("scale", 1.0), f"{where}.scale", minimum=-math.inf)
+        path = Path(item["path"]).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        try:
+            lora = inspect_lora_file(path)
+        except HLWQError as exc:
+            raise RowError(f"{where}: {exc}") from None
+        if any(spec.sha256 == lora.sha256 for spec in specs):
+            raise RowError(f"{where}: {item['path']!r} repeats an earlier LoRA of the row "
+                           "(give one entry its combined scale)")
+        specs.append(LoraSpec(str(path.resolve()), lora.sha256, scale))
+    return tuple(specs)
+
+
+def lora_option(text: str) -> dict[str, Any]:
+    """A command-line / environment LoRA, ``PATH`` or ``PATH:SCALE``, as ``{"path", "scale"}``."""
+    path, separator, scale = text.rpartition(":")
+    if separator and path:
+        try:
+            return {"path": path, "scale": float(scale)}
+        except ValueError:
+            pass            # the ':' belongs to the path
+    if not text:
+        raise InvalidOptionError("LoRA option is empty; expected PATH or PATH:SCALE")
+    return {"path": text, "scale": 1.0}
+
+
 def request_key(request: RenderRequest, artifact_id: str) -> str:
-    """Content key of a render: same key, same video. Covers every parameter, the image bytes and the model."""
+    """Content key of a render: same key, same video. Covers every parameter, the image bytes,
+    each LoRA's bytes (sha256) and scale, and the model."""
     fields = request.to_dict()
     if request.image is not None:
         fields["image"] = hashlib.sha256(Path(request.image).read_bytes()).hexdigest()
+    fields.pop("loras")      # keys of renders without LoRAs stay what they were before LoRAs
+    if request.loras:
+        fields["loras"] = [[lora.sha256, lora.scale] for lora in request.loras]
     fields["artifact_id"] = artifact_id
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()

@@ -2,7 +2,9 @@
 
 The pipeline is built once per worker process (the first render that needs it) and reused by
 every later render in that process; image-to-video renders share the text-to-video pipeline's
-modules. Which function builds it is a "module:function" string, called as
+modules. Each render makes exactly its own LoRAs active on that shared pipeline (loading a file
+once, deleting adapters no longer asked for), under the same lock as the render itself. Which
+function builds it is a "module:function" string, called as
 ``factory(artifact, device=, dtype=, verify=False)`` (the batch verified the artifact), so flows
 and deployments can pass it as a plain parameter (tests point it at a fixture; production uses
 the packed loader).
@@ -95,10 +97,12 @@ def cached_pipeline(artifact: str, image_to_video: bool, device: str, factory: s
 
 def image_to_video_variant(pipeline: Any) -> Any:
     """The image-to-video pipeline over the same modules: no second load, no second copy."""
-    from diffusers import DiffusionPipeline, LTX2ImageToVideoPipeline
+    from diffusers import DiffusionPipeline
+
+    from hlwq.runtime.lora import PackedLTX2ImageToVideoPipeline
 
     if isinstance(pipeline, DiffusionPipeline):
-        return LTX2ImageToVideoPipeline.from_pipe(pipeline)
+        return PackedLTX2ImageToVideoPipeline.from_pipe(pipeline)
     return pipeline  # anything else must take `image=` itself
 
 
@@ -148,6 +152,15 @@ def audio_sample_rate(pipeline: Any) -> int:
     return int(getattr(config, "output_sampling_rate", None) or pipeline.audio_sampling_rate)
 
 
+def activate_loras(pipeline: Any, request: RenderRequest) -> None:
+    """The request's LoRAs, and no others, active on the shared pipeline."""
+    if not request.loras and not hasattr(pipeline, "get_list_adapters"):
+        return                      # a pipeline without diffusers' LoRA API, and none asked for
+    from hlwq.runtime.lora import use_loras
+
+    use_loras(pipeline, [(lora.path, lora.sha256, lora.scale) for lora in request.loras])
+
+
 def output_stem(request: RenderRequest, render_key: str) -> str:
     return f"{request.id}-{render_key[:12]}"
 
@@ -186,10 +199,12 @@ def render_request(
         from PIL import Image
 
         arguments["image"] = Image.open(request.image).convert("RGB")
-    started = time.perf_counter()
-    with _PIPELINE_LOCK, PeakMemory(device_name) as peak, torch.inference_mode():
-        output = pipeline(**arguments)
-    render_seconds = time.perf_counter() - started
+    with _PIPELINE_LOCK:
+        activate_loras(pipeline, request)
+        started = time.perf_counter()
+        with PeakMemory(device_name) as peak, torch.inference_mode():
+            output = pipeline(**arguments)
+        render_seconds = time.perf_counter() - started
 
     frames = np.asarray(output.frames[0])
     audio = output.audio[0].float().cpu().numpy() if torch.is_tensor(output.audio) else np.asarray(output.audio[0])

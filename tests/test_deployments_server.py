@@ -47,6 +47,18 @@ def test_prefect_yaml_declares_the_deployments_hlwq_serve_serves():
     assert declared["requantize"]["schedules"] == []
 
 
+def test_nightly_render_takes_default_loras(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HLWQ_NIGHTLY_LORAS", "loras/style.safetensors:0.8, /abs/detail.safetensors")
+    settings = DeploymentSettings.from_env().absolute_paths()
+    nightly = {d.name: d for d in build_deployments(settings)}["nightly-render"]
+    assert nightly.parameters["loras"] == [
+        {"path": str(tmp_path / "loras" / "style.safetensors"), "scale": 0.8},
+        {"path": "/abs/detail.safetensors", "scale": 1.0}]
+    overridden = DeploymentSettings.from_env(nightly_loras=("x.safetensors:0.5",))
+    assert overridden.lora_parameters() == [{"path": "x.safetensors", "scale": 0.5}]
+
+
 def test_settings_come_from_options_then_environment(monkeypatch):
     monkeypatch.setenv("HLWQ_TIMEZONE", "Asia/Tokyo")
     monkeypatch.setenv("HLWQ_WATCH_INTERVAL_S", "600")

@@ -7,8 +7,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from hlwq.quant.errors import PromptFileError
-from hlwq.store.prompts import DEFAULTS, load_prompts, request_key
+from hlwq.quant.errors import InvalidOptionError, PromptFileError
+from hlwq.store.hash_cache import sha256_file
+from hlwq.store.prompts import (
+    DEFAULTS,
+    LoraSpec,
+    RenderRequest,
+    load_prompts,
+    lora_option,
+    request_key,
+)
 
 GOOD = {"id": "cat", "prompt": "a cat on a sofa", "negative_prompt": "blurry", "seed": 7, "width": 64,
         "height": 32, "frames": 17, "fps": 12, "steps": 3, "guidance": 1.5}
@@ -23,7 +31,7 @@ def test_jsonl_row_parses_with_all_columns(tmp_path):
     batch = load_prompts(write_jsonl(tmp_path / "p.jsonl", [GOOD]))
     assert batch.rejected == []
     (request,) = batch.requests
-    assert request.to_dict() == {**GOOD, "fps": 12.0, "guidance": 1.5, "image": None}
+    assert request.to_dict() == {**GOOD, "fps": 12.0, "guidance": 1.5, "image": None, "loras": []}
     assert not request.image_to_video
 
 
@@ -143,3 +151,90 @@ def test_an_enormous_number_rejects_its_row_only(tmp_path):
     batch = load_prompts(csv)
     assert [str(r) for r in batch.rejected] == ["row 1: seed has 5000 characters; a number has at most 40"]
     assert len(batch.requests) == 1
+
+
+def write_lora(path, rank=2, scale=1.0):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"transformer.proj_in.lora_A.weight": torch.ones(rank, 8) * scale,
+               "transformer.proj_in.lora_B.weight": torch.ones(4, rank)}, path)
+    return path
+
+
+def test_loras_column_defaults_and_csv(tmp_path):
+    style, detail = write_lora(tmp_path / "style.safetensors"), write_lora(tmp_path / "d.safetensors", 3)
+    (tmp_path / "sub").mkdir()
+    rows = [{"id": "own", "prompt": "a", "loras": [{"path": "style.safetensors", "scale": 0.8},
+                                                   {"path": str(detail)}]},
+            {"id": "default", "prompt": "b"}, {"id": "none", "prompt": "c", "loras": []}]
+    batch = load_prompts(write_jsonl(tmp_path / "p.jsonl", rows),
+                         default_loras=[{"path": str(detail), "scale": 0.5}])
+    assert batch.rejected == []
+    own, default, none = batch.requests
+    assert own.loras == (LoraSpec(str(style.resolve()), sha256_file(style), 0.8),
+                         LoraSpec(str(detail.resolve()), sha256_file(detail), 1.0))
+    assert default.loras == (LoraSpec(str(detail.resolve()), sha256_file(detail), 0.5),)
+    assert none.loras == ()
+    # A request survives the trip through its dict (task parameters are JSON).
+    assert RenderRequest(**json.loads(json.dumps(own.to_dict()))) == own
+
+    csv_path = tmp_path / "sub" / "p.csv"
+    csv_path.write_text('id,prompt,loras\nx,a cat,"[{""path"": ""../style.safetensors"", '
+                        '""scale"": 0.8}]"\ny,a dog,\n')
+    x, y = load_prompts(csv_path).requests
+    assert x.loras == own.loras[:1] and y.loras == ()
+
+
+def test_bad_loras_are_rejected_with_the_row(tmp_path):
+    import torch
+
+    write_lora(tmp_path / "ok.safetensors")
+    torch.save({"a": torch.ones(1)}, tmp_path / "pickled.pt")
+    (tmp_path / "notes.safetensors").write_text("hello")
+    rows = [{"prompt": "a", "loras": [{"path": "absent.safetensors"}]},
+            {"prompt": "a", "loras": [{"path": "pickled.pt"}]},
+            {"prompt": "a", "loras": [{"path": "ok.safetensors", "scale": "much"}]},
+            {"prompt": "a", "loras": {"path": "ok.safetensors"}},
+            {"prompt": "a", "loras": [{"path": "ok.safetensors", "weight": 1}]},
+            {"prompt": "a", "loras": [{"path": "ok.safetensors"}, {"path": "./ok.safetensors"}]},
+            {"prompt": "a", "loras": [{"path": "notes.safetensors"}]}]
+    batch = load_prompts(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert batch.requests == []
+    reasons = [r.reason for r in batch.rejected]
+    assert "loras[0]: LoRA file" in reasons[0] and "does not exist" in reasons[0]
+    assert "pickled PyTorch file" in reasons[1]
+    assert "loras[0].scale must be a number" in reasons[2]
+    assert "loras must be a list" in reasons[3]
+    assert "unknown key(s) 'weight'" in reasons[4]
+    assert "loras[1]: './ok.safetensors' repeats an earlier LoRA" in reasons[5]
+    assert "notes.safetensors" in reasons[6]
+    with pytest.raises(InvalidOptionError, match="default LoRAs: loras\\[0\\]"):
+        load_prompts(write_jsonl(tmp_path / "q.jsonl", [GOOD]),
+                     default_loras=[{"path": str(tmp_path / "absent.safetensors")}])
+
+
+def test_request_key_follows_each_loras_bytes_and_scale(tmp_path):
+    import hashlib
+
+    lora = write_lora(tmp_path / "l.safetensors")
+    path = write_jsonl(tmp_path / "p.jsonl", [GOOD, {**GOOD, "id": "l8", "loras": [
+        {"path": "l.safetensors", "scale": 0.8}]}, {**GOOD, "id": "l4", "loras": [
+        {"path": "l.safetensors", "scale": 0.4}]}])
+    plain, strong, weak = load_prompts(path).requests
+    # Renders without LoRAs keep the key they had before the column existed.
+    legacy = {k: v for k, v in plain.to_dict().items() if k != "loras"}
+    assert request_key(plain, "m") == hashlib.sha256(
+        json.dumps({**legacy, "artifact_id": "m"}, sort_keys=True).encode()).hexdigest()
+    assert len({request_key(r, "m") for r in (plain, strong, weak)}) == 3
+    before = request_key(strong, "m")
+    write_lora(lora, scale=2.0)                                  # same path, new bytes
+    assert request_key(load_prompts(path).requests[1], "m") != before
+
+
+def test_lora_option_text():
+    assert lora_option("a/b.safetensors:0.8") == {"path": "a/b.safetensors", "scale": 0.8}
+    assert lora_option("a/b.safetensors") == {"path": "a/b.safetensors", "scale": 1.0}
+    assert lora_option("c:/x.safetensors") == {"path": "c:/x.safetensors", "scale": 1.0}
+    with pytest.raises(InvalidOptionError, match="empty"):
+        lora_option("")

@@ -19,7 +19,7 @@ from hlwq.quant.choices import DTYPE_NAMES, OFFLOAD_MODES
                    "the manifest's files are downloaded, and verified before anything loads).")
 @click.option("--prompts", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Prompt file: .jsonl, .csv or .parquet (columns: id, prompt, negative_prompt, seed, "
-                   "width, height, frames, fps, steps, guidance, image).")
+                   "width, height, frames, fps, steps, guidance, image, loras).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output folder: videos/, contact-sheets/ and catalog/ go there.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
@@ -32,22 +32,26 @@ from hlwq.quant.choices import DTYPE_NAMES, OFFLOAD_MODES
               help="Compute dtype (auto: bfloat16 on CUDA, float32 on the CPU).")
 @click.option("--retries", default=2, show_default=True, type=click.IntRange(min=0),
               help="Retries per render failing for a transient reason (never for bad data).")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
+              help="Default LoRA of rows without a `loras` column (repeatable; scale default 1).")
 @no_wait_option
 @click.option("--json", "as_json", is_flag=True, help="Print the batch summary as JSON.")
-def render(artifact, prompts, out, device, offload, vae_tiling, dtype, retries, no_wait, as_json):
+def render(artifact, prompts, out, device, offload, vae_tiling, dtype, retries, loras, no_wait,
+           as_json):
     """Render every valid row of a prompt file. Bad rows are listed and skipped; renders already
     in the catalog with an intact output are skipped. Exit 1 when a render failed or a row was
     rejected."""
     from hlwq.cli.preflight import check_folder_option
     from hlwq.store.catalog import artifact_id, read_catalog
     from hlwq.store.output_dir import folder_lock
-    from hlwq.store.prompts import load_prompts
+    from hlwq.store.prompts import load_prompts, lora_option
 
-    # Before Prefect starts: a manifest, a readable prompt file, an output folder whose
-    # catalog reads.
+    # Before Prefect starts: a manifest, a readable prompt file and LoRAs, an output folder
+    # whose catalog reads.
     if Path(artifact).expanduser().exists():   # else a Hub repo: the flow fetches and checks it
         artifact_id(artifact)
-    load_prompts(prompts)
+    default_loras = [lora_option(text) for text in loras] or None
+    load_prompts(prompts, default_loras=default_loras)
     check_folder_option(out, "--out")
     read_catalog(out)
     with folder_lock(out, wait=not no_wait):
@@ -57,7 +61,7 @@ def render(artifact, prompts, out, device, offload, vae_tiling, dtype, retries, 
         quiet_typed_errors()
         state = render_batch(artifact, prompts, out, device=device, retries=retries,
                              offload=offload, vae_tiling=vae_tiling, dtype=dtype,
-                             return_state=True)
+                             loras=default_loras, return_state=True)
     summary = state.result(raise_on_failure=False)
     if not isinstance(summary, dict):  # the flow itself failed before it could summarize
         raise summary if isinstance(summary, BaseException) else click.ClickException(str(state.message))

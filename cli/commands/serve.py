@@ -261,6 +261,9 @@ def server_status(home: str | None) -> None:
               help="Tiled VAE decode in the nightly render (HLWQ_NIGHTLY_VAE_TILING).")
 @click.option("--nightly-dtype", type=click.Choice(DTYPE_NAMES),
               default=None, help="Compute dtype of the nightly render (HLWQ_NIGHTLY_DTYPE).")
+@click.option("--nightly-lora", "nightly_loras", multiple=True, metavar="PATH[:SCALE]",
+              help="Default LoRA of the nightly render's rows without `loras` (repeatable; "
+                   "HLWQ_NIGHTLY_LORAS, comma-separated).")
 @click.option("--output-suite", default=None,
               help="Prompt suite for requantize's output gates (HLWQ_OUTPUT_SUITE; default: the repo's suite).")
 @click.option("--publish-to", default=None,
