@@ -299,7 +299,7 @@ def real_width_output(formats: list[Format], work: Path, layers: int, log) -> di
     root = make_real_width_transformer(work / f"real-width-{layers}", layers)
     names = [r["tensor"] for r in build_inventory(root, "ltx23").to_pylist()
              if r["action"] == "quantize"]
-    model = LTX2VideoTransformer3DModel.from_pretrained(root / "transformer",
+    model = LTX2VideoTransformer3DModel.from_pretrained(root / "transformer", use_safetensors=True,
                                                         torch_dtype=torch.float32).eval()
     evaluation = [real_width_inputs(dict(model.config), seed) for seed in (11, 12)]
 

@@ -26,9 +26,22 @@ TORCH_ZIP_MARK = b"PK\x03\x04"       # torch.save's zip: data.pkl inside
 HUB_CACHE_PREFIX = "models--"        # huggingface_hub's cache folder of a model repo
 
 
+# Folders of links this process built itself (a source joined with its separate text encoder):
+# their links may reach the joined sources. Kept in memory only, so no file can claim it.
+_JOINED_VIEWS: dict[Path, tuple[Path, ...]] = {}
+
+
+def register_joined_view(view: str | os.PathLike, sources: list[str | os.PathLike]) -> None:
+    """Let the links of ``view`` (built by this process) reach inside each of ``sources``."""
+    _JOINED_VIEWS[Path(view).resolve()] = tuple(
+        inside for source in sources for inside in allowed_roots(source))
+
+
 def allowed_roots(root: str | os.PathLike) -> tuple[Path, ...]:
     """The real folders a source's files may lie in (see the module docstring)."""
     real = Path(root).resolve()
+    if real in _JOINED_VIEWS:
+        return (real, *_JOINED_VIEWS[real])
     cache = _hub_cache_of(real)
     return (real,) if cache is None else (real, cache / "blobs")
 

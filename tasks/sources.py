@@ -45,6 +45,7 @@ from hlwq.store.safetensors_io import SafetensorsHeader, header_length, parse_he
 from hlwq.store.source_tree import (
     PICKLE_SUFFIXES,
     is_pickle,
+    register_joined_view,
     source_name,
     visible_files,
     without_pickles,
@@ -216,6 +217,7 @@ def with_text_encoder(main: FetchResult, text_encoder: FetchResult, view: Path) 
         link = view / name
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(target.resolve())
+    register_joined_view(view, [main.root, text_encoder.root])
     commits = f"{lineage['commit_sha']}\n{text_encoder.lineage['commit_sha']}\n"
     combined = {**lineage, "files": lineage["files"] + encoder_files,
                 "commit_sha": hashlib.sha256(commits.encode()).hexdigest(),

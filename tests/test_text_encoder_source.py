@@ -32,7 +32,7 @@ def test_text_encoder_joins_the_source(split_source, tmp_path):
     assert "text_encoder/model.safetensors" in names and "text_encoder/config.json" in names
     assert (fetched.root / "text_encoder" / "model.safetensors").resolve() == \
         (gemma / "model.safetensors").resolve()
-    assert fetched.lineage["text_encoder"]["path"] == str(gemma.resolve())
+    assert fetched.lineage["text_encoder"]["source"] == gemma.name   # a name, never a path
     assert fetched.lineage["commit_sha"] not in (fetch_source(str(main)).lineage["commit_sha"],
                                                  fetched.lineage["text_encoder"]["commit_sha"])
 
@@ -81,5 +81,5 @@ def test_flow_packs_a_separate_text_encoder(split_source, tmp_path):
     packed = [e for e in manifest["tensors"].values()
               if e["component"] == "text_encoder" and e["action"] == "quantize"]
     assert len(packed) == 14 and all(e["file"].startswith("text_encoder/") for e in packed)
-    assert manifest["source"]["text_encoder"]["path"] == str(gemma.resolve())
+    assert manifest["source"]["text_encoder"]["source"] == gemma.name   # no local path
     assert manifest["validation"]["output_gates"]["passed"] is not None
