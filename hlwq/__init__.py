@@ -9,7 +9,7 @@ Subpackages: hlwq.quant (numerics), hlwq.store (on-disk formats), hlwq.runtime (
 hlwq.tasks / hlwq.flows / hlwq.deployments (Prefect), hlwq.cli (the `hlwq` command).
 """
 
-from importlib import import_module
+from hlwq.lazy import lazy_exports
 
 _EXPORTS = {
     "load_pipeline": "hlwq.runtime.loader",
@@ -21,13 +21,4 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'hlwq' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -4,7 +4,7 @@ The names below are imported lazily, so that ``hlwq.quant.errors`` (which every 
 and the CLI's fast checks import) does not cost a torch import.
 """
 
-from importlib import import_module
+from hlwq.lazy import lazy_exports
 
 _EXPORTS = {
     "lloyd_max_codebook": "hlwq.quant.codebook",
@@ -20,13 +20,4 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'hlwq.quant' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

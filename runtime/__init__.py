@@ -4,7 +4,7 @@ The names below are imported on first use, so ``import hlwq.runtime`` does
 not pay for numba or diffusers.
 """
 
-from importlib import import_module
+from hlwq.lazy import lazy_exports
 
 _EXPORTS = {
     "PackedLinear": "hlwq.runtime.packed_linear",
@@ -15,9 +15,4 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'hlwq.runtime' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

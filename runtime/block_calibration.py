@@ -130,16 +130,7 @@ def _block_stats(block, states: list[dict], prefix: str, names, stats: Activatio
     linears = {name: module for name, module in block.named_modules()
                if isinstance(module, torch.nn.Linear)
                and (names is None or f"{prefix}{name}.weight" in names)}
-    sums = {name: [0.0, 0] for name in linears}
-
-    def recorder(name):
-        def hook(module, inputs, output):
-            x = inputs[0].detach().double().reshape(-1, module.in_features)
-            sums[name][0] = sums[name][0] + x.square().sum(0)
-            sums[name][1] += x.shape[0]
-        return hook
-
-    handles = [module.register_forward_hook(recorder(name)) for name, module in linears.items()]
+    sums, handles = record_channel_energy(linears)
     tick = time.perf_counter()
     try:
         outputs = [block(**state) for state in states]
@@ -171,3 +162,18 @@ def _block_stats(block, states: list[dict], prefix: str, names, stats: Activatio
         cost["probes"] += 1
     cost["probe_s"] += time.perf_counter() - tick
     return [{**state, **dict(zip(STREAMS, output))} for state, output in zip(states, outputs)]
+
+
+def record_channel_energy(linears: dict[str, torch.nn.Module]) -> tuple[dict[str, list], list]:
+    """Forward hooks summing each linear's squared input per channel: ``{name: [sum of x^2
+    per input channel, tokens seen]}`` and the hook handles (remove them when done)."""
+    sums: dict[str, list] = {name: [0.0, 0] for name in linears}
+
+    def recorder(name):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().double().reshape(-1, module.in_features)
+            sums[name][0] = sums[name][0] + x.square().sum(0)
+            sums[name][1] += x.shape[0]
+        return hook
+
+    return sums, [module.register_forward_hook(recorder(name)) for name, module in linears.items()]

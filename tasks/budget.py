@@ -187,16 +187,9 @@ def activation_stats(model: torch.nn.Module, forward: Callable[[], object], comp
     linears = {name: module for name, module in model.named_modules()
                if isinstance(module, torch.nn.Linear)
                and (wanted is None or f"{name}.weight" in wanted)}
-    sums: dict[str, list] = {name: [0.0, 0] for name in linears}   # sum of x^2, tokens
+    from hlwq.runtime.block_calibration import record_channel_energy
 
-    def recorder(name):
-        def hook(module, inputs, output):
-            x = inputs[0].detach().double().reshape(-1, module.in_features)
-            sums[name][0] = sums[name][0] + x.square().sum(0)
-            sums[name][1] += x.shape[0]
-        return hook
-
-    handles = [module.register_forward_hook(recorder(name)) for name, module in linears.items()]
+    sums, handles = record_channel_energy(linears)   # sum of x^2, tokens
     try:
         reference = _flat_output(forward())
     finally:
