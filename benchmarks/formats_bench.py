@@ -2,7 +2,7 @@
 
 Parts of one JSON (benchmarks/results/formats.json) and one plot (formats.png):
 
-- ``formats``: every format of benchmarks/formats.py applied to the same tensors: by
+- ``formats``: every format of quant/formats.py applied to the same tensors: by
   default the synthetic heavy-tailed set (quant.synthetic: Student-t(5), outlier input
   columns, fan-in scaled, at LTX-2.3's widths) and the linear weights of the real-width
   fixture's block (make_real_width_transformer, 1 block); with ``--source``, the weights
@@ -26,7 +26,6 @@ import itertools
 import json
 import math
 import sys
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,14 +33,16 @@ from pathlib import Path
 import click
 import torch
 
-from hlwq.benchmarks.formats import (
+from hlwq.quant.formats import (
     FORMATS,
     Format,
     bits_per_weight,
-    ggml_library_path,
+    front,
+    interpolated,
     missing_dependency,
     select,
 )
+from hlwq.quant.ggml import ggml_library_path
 
 RESULTS = Path(__file__).with_name("results") / "formats.json"
 SEED = 0
@@ -130,17 +131,6 @@ def summarize(fmt: Format, rows: list[dict]) -> dict:
             "seconds": math.fsum(r["seconds"] for r in rows), "tensors": len(rows)}
 
 
-def front(entries: list[dict]) -> list[dict]:
-    """The entries no other entry beats on both bits per weight and mean error."""
-    ordered = sorted(entries, key=lambda e: (e["bits_per_weight"], e["rel_mse_mean"]))
-    kept, best = [], math.inf
-    for entry in ordered:
-        if entry["rel_mse_mean"] < best:
-            kept.append(entry)
-            best = entry["rel_mse_mean"]
-    return kept
-
-
 def hlwq_front_gaps(entries: list[dict], low: float = 4.0, high: float = 6.5) -> list[dict]:
     """Formats between ``low`` and ``high`` bits per weight that sit below the HLWQ front
     (its error interpolated log-linearly at their bits): where the encoder must improve."""
@@ -150,54 +140,11 @@ def hlwq_front_gaps(entries: list[dict], low: float = 4.0, high: float = 6.5) ->
         bits = entry["bits_per_weight"]
         if entry["family"] == "hlwq" or not low <= bits <= high:
             continue
-        ours = _interpolated(hlwq, bits)
+        ours = interpolated(hlwq, bits)
         if ours is not None and entry["rel_mse_mean"] < ours:
             gaps.append({"name": entry["name"], "bits_per_weight": bits,
                          "rel_mse_mean": entry["rel_mse_mean"], "hlwq_front_rel_mse": ours})
     return gaps
-
-
-def _interpolated(points: list[dict], bits: float) -> float | None:
-    for a, b in itertools.pairwise(points):
-        if a["bits_per_weight"] <= bits <= b["bits_per_weight"]:
-            t = (bits - a["bits_per_weight"]) / (b["bits_per_weight"] - a["bits_per_weight"])
-            return math.exp((1 - t) * math.log(a["rel_mse_mean"]) + t * math.log(b["rel_mse_mean"]))
-    return None
-
-
-def plot(entries: list[dict], path: Path, title: str) -> None:
-    """Mean relative MSE against bits per weight, one point per format, HLWQ front as a line."""
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from hlwq.store.atomic import atomic_write_bytes
-
-    figure, axes = plt.subplots(figsize=(9, 6))
-    colors = {"hlwq": "tab:blue", "gguf": "tab:orange", "fp8": "tab:green", "int8": "tab:red",
-              "fp4": "tab:purple", "hqq": "tab:brown"}
-    hlwq = front([e for e in entries if e["family"] == "hlwq"])
-    axes.plot([e["bits_per_weight"] for e in hlwq], [e["rel_mse_mean"] for e in hlwq],
-              color=colors["hlwq"], label="HLWQ front")
-    for family, color in colors.items():
-        points = [e for e in entries if e["family"] == family]
-        axes.scatter([e["bits_per_weight"] for e in points], [e["rel_mse_mean"] for e in points],
-                     color=color, label=family, zorder=3)
-        for e in points:
-            axes.annotate(e["name"], (e["bits_per_weight"], e["rel_mse_mean"]), fontsize=7,
-                          xytext=(4, 3), textcoords="offset points")
-    axes.set_yscale("log")
-    axes.set_xlabel("bits per weight (scales included)")
-    axes.set_ylabel("mean relative MSE")
-    axes.set_title(textwrap.fill(title, 110), fontsize=9)
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=8)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 # --------------------------------------------------------------------------- output level
@@ -469,6 +416,19 @@ def competitor_error(published: dict, scoped, contract, shares, format_error) ->
 # --------------------------------------------------------------------------- command
 
 
+def ggml_library_name() -> str | None:
+    """The ggml library the GGUF rows ran on, by file name and package version (no local path)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    path = ggml_library_path()
+    if path is None:
+        return None
+    try:
+        return f"{path.name} (llama-cpp-python {version('llama_cpp_python')})"
+    except PackageNotFoundError:
+        return path.name
+
+
 def report(result: dict) -> str:
     header = (f"{'format':<22} {'bits/w':>7} {'rel MSE mean':>13} {'worst':>10} "
               f"{'cosine':>9} {'seconds':>8}")
@@ -514,6 +474,7 @@ def bench_formats(source, policy, format_names, rows, output_level, output_forma
     """Error per bit of HLWQ against GGUF, FP8, INT8, NVFP4, MXFP4 and HQQ on the same tensors."""
     from hlwq.benchmarks.budget_bench import machine
     from hlwq.quant.errors import InvalidOptionError
+    from hlwq.runtime.report import plot_error_per_bit
     from hlwq.store.atomic import atomic_write_text
     from hlwq.testing.fixtures import make_real_width_transformer
 
@@ -559,7 +520,7 @@ def bench_formats(source, policy, format_names, rows, output_level, output_forma
     result = {"benchmark": "formats", "command": "hlwq bench formats " + " ".join(sys.argv[3:]),
               "machine": machine(), "tensors": described,
               "rows_per_tensor": rows or "all", "seed": SEED, "threads": torch.get_num_threads(),
-              "ggml_library": str(path) if (path := ggml_library_path()) else None,
+              "ggml_library": ggml_library_name(),
               "formats": entries, "by_set": sets, "skipped": skipped,
               "below_hlwq_front": hlwq_front_gaps(entries),
               "per_tensor": {name: rows_ for name, rows_ in per.items()}}
@@ -573,7 +534,7 @@ def bench_formats(source, policy, format_names, rows, output_level, output_forma
         result["equal_size"] = equal_size_comparison(log)
     result["wall_s"] = time.perf_counter() - started
     png = out.with_suffix(".png")
-    plot(entries, png, f"{described}; {rows or 'all'} rows per tensor")
+    plot_error_per_bit(entries, png, f"{described}; {rows or 'all'} rows per tensor")
     result["plot"] = png.name
     atomic_write_text(out, json.dumps(result, indent=2, default=float) + "\n")
     click.echo(json.dumps(result, indent=2, default=float) if as_json

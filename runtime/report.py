@@ -18,6 +18,7 @@ import io
 import math
 import os
 import re
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -233,6 +234,41 @@ def plot_tensor_errors(metrics_rows: list[dict], path: Path) -> Path:
     left.legend(fontsize=8)
     right.legend(fontsize=8)
     figure.tight_layout()
+    return _save(figure, path)
+
+
+FAMILY_COLORS = {"hlwq": "tab:blue", "gguf": "tab:orange", "fp8": "tab:green", "int8": "tab:red",
+                 "fp4": "tab:purple", "hqq": "tab:brown"}
+
+
+def plot_error_per_bit(entries: list[dict], path: Path, title: str,
+                       artifact: dict | None = None) -> Path:
+    """Mean relative MSE against bits per weight: one point per format (``name``, ``family``,
+    ``bits_per_weight``, ``rel_mse_mean``), the HLWQ front as a line, ``artifact`` (its own
+    mix on the same tensors) as a star."""
+    from hlwq.quant.formats import front
+
+    figure, axes = plt.subplots(figsize=(9, 6))
+    hlwq = front([e for e in entries if e["family"] == "hlwq"])
+    axes.plot([e["bits_per_weight"] for e in hlwq], [e["rel_mse_mean"] for e in hlwq],
+              color=FAMILY_COLORS["hlwq"], label="HLWQ front")
+    for family, color in FAMILY_COLORS.items():
+        points = [e for e in entries if e["family"] == family]
+        axes.scatter([e["bits_per_weight"] for e in points],
+                     _positive(e["rel_mse_mean"] for e in points), color=color, label=family,
+                     zorder=3)
+        for e in points:
+            axes.annotate(e["name"], (e["bits_per_weight"], max(e["rel_mse_mean"], 1e-12)),
+                          fontsize=7, xytext=(4, 3), textcoords="offset points")
+    if artifact:
+        axes.scatter([artifact["bits_per_weight"]], _positive([artifact["rel_mse_mean"]]),
+                     marker="*", s=260, color="black", zorder=4, label="this artifact")
+    axes.set_yscale("log")
+    axes.set_xlabel("bits per weight (scales included)")
+    axes.set_ylabel("mean relative MSE")
+    axes.set_title(textwrap.fill(title, 110), fontsize=9)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
     return _save(figure, path)
 
 

@@ -11,8 +11,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from hlwq.benchmarks import formats
-from hlwq.benchmarks.formats import FORMATS, bits_per_weight, e2m1, missing_dependency
+from hlwq.quant import formats
+from hlwq.quant import ggml as ggml_binding
+from hlwq.quant.formats import FORMATS, bits_per_weight, e2m1, missing_dependency
 from hlwq.cli.main import cli
 from hlwq.quant.metrics import tensor_metrics
 from hlwq.quant.sizes import packed_nbytes
@@ -126,14 +127,14 @@ def test_gguf_formats_come_from_ggml():
 
 
 def test_missing_ggml_is_reported_with_the_extra_to_install(monkeypatch):
-    monkeypatch.setattr(formats, "ggml_library_path", lambda: None)
-    formats.ggml.cache_clear()
+    monkeypatch.setattr(ggml_binding, "ggml_library_path", lambda: None)
+    ggml_binding.ggml.cache_clear()
     try:
         reason = missing_dependency(FORMATS["gguf-q5_k"])
         assert "ggml" in reason and "pip install 'hlwq-pipeline[bench]'" in reason
         assert missing_dependency(FORMATS["nvfp4"]) is None
     finally:
-        formats.ggml.cache_clear()
+        ggml_binding.ggml.cache_clear()
 
 
 @pytest.fixture()
@@ -148,8 +149,8 @@ def checkpoint(tmp_path):
 
 
 def test_command_writes_the_formats_json_and_plot(checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setattr(formats, "ggml_library_path", lambda: None)
-    formats.ggml.cache_clear()
+    monkeypatch.setattr(ggml_binding, "ggml_library_path", lambda: None)
+    ggml_binding.ggml.cache_clear()
     out = tmp_path / "formats.json"
     chosen = "hlwq-q5-b128,int8-row,nvfp4,gguf-q4_k"
     try:
@@ -157,7 +158,7 @@ def test_command_writes_the_formats_json_and_plot(checkpoint, tmp_path, monkeypa
                                           "--formats", chosen, "--rows", "64", "--no-output",
                                           "--no-equal-size", "--out", str(out)])
     finally:
-        formats.ggml.cache_clear()
+        ggml_binding.ggml.cache_clear()
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert [f["name"] for f in data["formats"]] == ["hlwq-q5-b128", "int8-row", "nvfp4"]

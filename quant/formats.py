@@ -1,4 +1,5 @@
-"""The weight formats `hlwq bench formats` compares, each as fake quantization.
+"""The weight formats HLWQ is compared with (`hlwq bench formats`, the model card's
+"against other formats" table), each as fake quantization.
 
 Every format maps a 2-D float32 weight ``(out, in)`` to its reconstruction and the exact
 bytes it would store (codes, scales, codebooks: everything), so bits per weight are true
@@ -6,36 +7,34 @@ bits. Rows are padded with zeros to the format's block length where needed; the 
 bytes count, its values do not.
 
 - ``hlwq-*``: this project's encoder (quant.core.quantize_tensor / dequantize).
-- ``gguf-*``: ggml's own C quantizer and dequantizer (``ggml_quantize_chunk`` and the type
-  traits' ``to_float``), loaded with ctypes from llama-cpp-python's bundled libggml (the
-  ``bench`` extra) or from ``$HLWQ_GGML_LIB``. Never re-implemented here.
+- ``gguf-*``: ggml's own C quantizer and dequantizer through quant/ggml.py (optional:
+  llama-cpp-python's bundled libggml, the ``bench`` extra, or ``$HLWQ_GGML_LIB``). Never
+  re-implemented here.
 - ``fp8-*``: torch's float8_e4m3fn cast, an fp32 scale per tensor or per row.
 - ``int8-row*``: symmetric per-row int8 (fp32 scale), optionally after rotating each
   256-value slice of a row by the orthonormal Walsh-Hadamard matrix.
 - ``nvfp4`` / ``mxfp4``: E2M1 values from NVIDIA's NVFP4 (16-value blocks, E4M3 scales, one
   fp32 tensor scale) and the OCP Microscaling v1.0 MXFP4 (32-value blocks, E8M0 scales)
   specifications, rounding to nearest, ties to even.
-- ``hqq-4bit-g64``: the ``hqq`` package (bench extra), 4-bit, groups of 64, scale and zero
-  rounded to fp16 as it stores them.
+- ``hqq-4bit-g64``: the ``hqq`` package (optional, the bench extra, imported only when the
+  format runs), 4-bit, groups of 64, scale and zero rounded to fp16 as it stores them.
+
+Formats whose library is missing say why (``missing_dependency``) instead of running.
 """
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
-import os
+import itertools
+import math
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cache, partial
-from pathlib import Path
+from functools import partial
 
 import torch
 
 from hlwq.quant.errors import InvalidOptionError, MissingDependencyError
 
 BENCH_EXTRA = "pip install 'hlwq-pipeline[bench]'"
-GGML_LIB_ENV = "HLWQ_GGML_LIB"
 FP8_MAX = 448.0                       # largest float8_e4m3fn value
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)   # FP4 magnitudes, index = code
 E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
@@ -64,14 +63,14 @@ def bits_per_weight(nbytes: int, weight: torch.Tensor) -> float:
     return 8.0 * nbytes / weight.numel()
 
 
-def _padded(weight: torch.Tensor, multiple: int) -> torch.Tensor:
+def padded_columns(weight: torch.Tensor, multiple: int) -> torch.Tensor:
     """``weight`` with zero columns appended up to a multiple of ``multiple``."""
     extra = -weight.shape[1] % multiple
     return torch.nn.functional.pad(weight, (0, extra)) if extra else weight
 
 
 def _blocks(weight: torch.Tensor, size: int) -> torch.Tensor:
-    padded = _padded(weight, size)
+    padded = padded_columns(weight, size)
     return padded.reshape(padded.shape[0], -1, size)
 
 
@@ -189,13 +188,18 @@ def mxfp4(weight: torch.Tensor) -> Reconstruction:
 # --------------------------------------------------------------------------- HQQ
 
 
-def hqq_4bit_g64(weight: torch.Tensor) -> Reconstruction:
+def _hqq_quantizer():
     try:
         from hqq.core.quantize import Quantizer
-    except ImportError:
-        raise MissingDependencyError(f"format hqq-4bit-g64 needs the hqq package: "
+    except ImportError as error:
+        raise MissingDependencyError(f"format hqq-4bit-g64 needs the hqq package ({error}): "
                                      f"{BENCH_EXTRA}") from None
-    padded = _padded(weight, HQQ_GROUP).contiguous()
+    return Quantizer
+
+
+def hqq_4bit_g64(weight: torch.Tensor) -> Reconstruction:
+    Quantizer = _hqq_quantizer()
+    padded = padded_columns(weight, HQQ_GROUP).contiguous()
     codes, meta = Quantizer.quantize(padded, nbits=4, group_size=HQQ_GROUP, optimize=True,
                                      axis=1, compute_dtype=torch.float32, device="cpu")
     meta["scale"] = meta["scale"].half().float()     # HQQ stores scale and zero as fp16
@@ -208,118 +212,9 @@ def hqq_4bit_g64(weight: torch.Tensor) -> Reconstruction:
 # --------------------------------------------------------------------------- GGUF via ggml
 
 
-class _TypeTraits(ctypes.Structure):
-    # struct ggml_type_traits (ggml.h); checked against ggml_blck_size/ggml_type_size on load
-    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
-                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
-                ("is_quantized", ctypes.c_bool),
-                ("to_float", ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p,
-                                              ctypes.c_int64)),
-                ("from_float_ref", ctypes.c_void_p)]
-
-
-def ggml_library_path() -> Path | None:
-    """``$HLWQ_GGML_LIB``, else libggml-base (or the older single libggml) bundled with
-    llama-cpp-python; None when neither is there."""
-    if os.environ.get(GGML_LIB_ENV):
-        return Path(os.environ[GGML_LIB_ENV])
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    lib = Path(next(iter(spec.submodule_search_locations))) / "lib"
-    for pattern in ("libggml-base.so*", "libggml-base.dylib", "ggml-base.dll",
-                    "libggml.so*", "libggml.dylib", "ggml.dll"):
-        found = sorted(lib.glob(pattern))
-        if found:
-            return found[0]
-    return None
-
-
-class GGML:
-    """ggml's quantize and dequantize entry points, bound with ctypes."""
-
-    def __init__(self, path: Path):
-        try:
-            self.lib = ctypes.CDLL(str(path))
-        except OSError as error:
-            raise MissingDependencyError(f"{path}: cannot load ggml ({error})") from None
-        lib = self.lib
-        lib.ggml_type_name.restype = ctypes.c_char_p
-        lib.ggml_type_name.argtypes = [ctypes.c_int]
-        lib.ggml_blck_size.restype = ctypes.c_int64
-        lib.ggml_blck_size.argtypes = [ctypes.c_int]
-        lib.ggml_type_size.restype = ctypes.c_size_t
-        lib.ggml_type_size.argtypes = [ctypes.c_int]
-        lib.ggml_row_size.restype = ctypes.c_size_t
-        lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
-        lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
-        lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
-        lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-        lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                            ctypes.c_void_p]
-        self.path = path
-
-    def type_id(self, name: str) -> int:
-        """The ggml_type whose name is ``name`` (e.g. "q4_K")."""
-        for type_id in range(128):
-            found = self.lib.ggml_type_name(type_id)
-            if found == b"NONE":
-                break
-            if found and found.decode() == name:
-                return type_id
-        raise MissingDependencyError(f"{self.path}: this ggml has no type {name!r}")
-
-    def block(self, type_id: int) -> tuple[int, int]:
-        """(values per block, bytes per block)."""
-        return self.lib.ggml_blck_size(type_id), self.lib.ggml_type_size(type_id)
-
-    def to_float(self, type_id: int):
-        traits = self.lib.ggml_get_type_traits(type_id).contents
-        if (traits.blck_size, traits.type_size) != self.block(type_id) or not traits.to_float:
-            raise MissingDependencyError(f"{self.path}: ggml_type_traits does not have the "
-                                         "layout this benchmark binds (a different ggml ABI)")
-        return traits.to_float
-
-    def round_trip(self, weight: torch.Tensor, name: str) -> Reconstruction:
-        """Quantize with ggml_quantize_chunk (no importance matrix) and decode with to_float,
-        in row chunks on torch's thread count (ctypes releases the GIL)."""
-        type_id = self.type_id(name)
-        block, _ = self.block(type_id)
-        padded = _padded(weight.float(), block).contiguous()
-        rows, n_per_row = padded.shape
-        row_bytes = self.lib.ggml_row_size(type_id, n_per_row)
-        data = torch.empty(rows * row_bytes, dtype=torch.uint8)
-        out = torch.empty_like(padded)
-        to_float = self.to_float(type_id)
-        step = max(1, (1 << 20) // n_per_row)
-
-        def chunk(start: int) -> int:
-            count = min(step, rows - start)
-            written = self.lib.ggml_quantize_chunk(
-                type_id, padded.data_ptr(), data.data_ptr(), start * n_per_row, count,
-                n_per_row, None)
-            to_float(data.data_ptr() + start * row_bytes, out.data_ptr() + start * n_per_row * 4,
-                     count * n_per_row)
-            return written
-
-        with ThreadPoolExecutor(torch.get_num_threads()) as pool:
-            nbytes = sum(pool.map(chunk, range(0, rows, step)))
-        return Reconstruction(out[:, :weight.shape[1]].contiguous(), nbytes)
-
-
-@cache
-def ggml() -> GGML:
-    """The loaded ggml library, or MissingDependencyError saying how to get one."""
-    path = ggml_library_path()
-    if path is None:
-        raise MissingDependencyError(f"GGUF formats are quantized by ggml's own C code and no "
-                                     f"ggml library was found: {BENCH_EXTRA} (llama-cpp-python), "
-                                     f"or set {GGML_LIB_ENV} to a libggml-base")
-    return GGML(path)
-
-
 def gguf(weight: torch.Tensor, type_name: str) -> Reconstruction:
+    from hlwq.quant.ggml import ggml
+
     return ggml().round_trip(weight, type_name)
 
 
@@ -350,9 +245,11 @@ def missing_dependency(fmt: Format) -> str | None:
     """Why ``fmt`` cannot run here (its optional library is missing), or None."""
     try:
         if fmt.needs == "ggml":
+            from hlwq.quant.ggml import ggml
+
             ggml()
-        elif fmt.needs == "hqq" and importlib.util.find_spec("hqq") is None:
-            raise MissingDependencyError(f"format {fmt.name} needs the hqq package: {BENCH_EXTRA}")
+        elif fmt.needs == "hqq":
+            _hqq_quantizer()
     except MissingDependencyError as error:
         return str(error)
     return None
@@ -367,3 +264,26 @@ def select(names: list[str] | None) -> list[Format]:
         raise InvalidOptionError(f"--formats {','.join(unknown)}: unknown; known: "
                                  f"{', '.join(FORMATS)}")
     return [f for f in FORMATS.values() if f.name in names]
+
+
+# --------------------------------------------------------------------------- error per bit
+
+
+def front(entries: list[dict]) -> list[dict]:
+    """The entries (``bits_per_weight``, ``rel_mse_mean``) no other entry beats on both."""
+    ordered = sorted(entries, key=lambda e: (e["bits_per_weight"], e["rel_mse_mean"]))
+    kept, best = [], math.inf
+    for entry in ordered:
+        if entry["rel_mse_mean"] < best:
+            kept.append(entry)
+            best = entry["rel_mse_mean"]
+    return kept
+
+
+def interpolated(points: list[dict], bits: float) -> float | None:
+    """The error of a front at ``bits``, log-linear between its points; None outside them."""
+    for a, b in itertools.pairwise(points):
+        if a["bits_per_weight"] <= bits <= b["bits_per_weight"]:
+            t = (bits - a["bits_per_weight"]) / (b["bits_per_weight"] - a["bits_per_weight"])
+            return math.exp((1 - t) * math.log(a["rel_mse_mean"]) + t * math.log(b["rel_mse_mean"]))
+    return None
