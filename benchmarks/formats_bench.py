@@ -22,7 +22,6 @@ Parts of one JSON (benchmarks/results/formats.json) and one plot (formats.png):
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import sys
@@ -72,10 +71,11 @@ def synthetic_set(rows: int) -> list[tuple[str, Loader]]:
 
 def checkpoint_set(root: Path, policy: str, rows: int) -> list[tuple[str, Loader]]:
     """The weights ``policy`` quantizes in the checkpoint at ``root``, ``rows`` sampled rows
-    each (0: all), read by offset (tasks.budget.read_rows)."""
+    each (0: all), read by offset (store.safetensors_io.read_rows)."""
+    from hlwq.quant.budget import sample_rows
     from hlwq.quant.errors import InvalidOptionError
     from hlwq.store.inventory import build_inventory
-    from hlwq.tasks.budget import read_rows, sample_rows
+    from hlwq.store.safetensors_io import read_rows
 
     base = root if root.is_dir() else root.parent
     chosen = [r for r in build_inventory(root, policy).to_pylist() if r["action"] == "quantize"]

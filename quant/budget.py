@@ -32,6 +32,7 @@ model, good while each tensor's error is small.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -47,6 +48,12 @@ CANDIDATE_GROUPS = (128, 64, 32)    # scale-group sizes tried (those dividing th
 
 
 # --------------------------------------------------------------------------- damage model
+
+
+def sample_rows(out_features: int, count: int, seed: int, key: str) -> torch.Tensor:
+    """``count`` distinct row indices, sorted, drawn by a generator seeded by (seed, key)."""
+    gen = torch.Generator().manual_seed((seed << 32) ^ zlib.crc32(key.encode()))
+    return torch.randperm(out_features, generator=gen)[:count].sort().values
 
 
 def weighted_relative_mse(reference: torch.Tensor, approx: torch.Tensor,

@@ -18,7 +18,7 @@ import math
 import os
 import struct
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -196,6 +196,28 @@ def read_tensor(path: str | os.PathLike, entry: TensorEntry):
                     f"file ends at {entry.start + done:,}")
             done += count
     return buffer.view(torch_dtype(entry.dtype)).reshape(entry.shape)
+
+
+def read_rows(path: str | os.PathLike, row: Mapping, indices):
+    """Rows ``indices`` (a 1-D index tensor) of an inventory row's 2-D tensor as float32,
+    reading only their bytes."""
+    import torch
+
+    out_features, in_features = row["shape"]
+    row_bytes = in_features * DTYPE_BYTES[row["dtype"]]
+    if row["data_end"] - row["data_start"] != out_features * row_bytes:
+        raise CorruptCheckpointError(f"{path}: tensor {row['tensor']!r} spans "
+                                     f"{row['data_end'] - row['data_start']:,} bytes, not "
+                                     f"{out_features * row_bytes:,} for {row['dtype']} "
+                                     f"{list(row['shape'])}")
+    buffer = torch.empty((len(indices), row_bytes), dtype=torch.uint8)
+    with open(path, "rb") as handle:
+        for k, index in enumerate(indices.tolist()):
+            view = memoryview(buffer[k].numpy())
+            if os.preadv(handle.fileno(), [view], row["data_start"] + index * row_bytes) != row_bytes:
+                raise CorruptCheckpointError(f"{path}: tensor {row['tensor']!r} row {index} "
+                                             "lies beyond the end of the file")
+    return buffer.view(torch_dtype(row["dtype"])).reshape(len(indices), in_features).float()
 
 
 def iter_safetensors_files(root: str | os.PathLike) -> Iterator[Path]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import os
-import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -49,6 +48,7 @@ from hlwq.quant.budget import (
     block_and_module,
     candidate_formats,
     format_label,
+    sample_rows,
     smallest_size,
     tensor_options,
     uniform_allocation,
@@ -56,16 +56,15 @@ from hlwq.quant.budget import (
 )
 from hlwq.quant.choices import SCOPES, SENSITIVITIES, SENSITIVITY_CHOICES
 from hlwq.quant.core import dequantize, quantize_tensor
-from hlwq.quant.errors import BudgetError, CorruptCheckpointError, InvalidOptionError
+from hlwq.quant.errors import BudgetError, InvalidOptionError
 from hlwq.quant.sizes import (
-    DTYPE_BYTES,
     bits_per_weight,
     padded_in_features,
     parse_size,
     tensor_nbytes,
 )
 from hlwq.store.artifact import tensor_key
-from hlwq.store.safetensors_io import torch_dtype
+from hlwq.store.safetensors_io import read_rows
 
 CALIBRATION_PROMPTS = 2       # prompts of the suite whose first denoising step calibrates
 SAMPLE_WEIGHTS = 1 << 16      # values quantized per tensor and width: ~500 blocks of 128
@@ -99,31 +98,6 @@ def sample_row_count(shape: Sequence[int], block_size: int = 128) -> int:
     out_features, in_features = shape
     padded = padded_in_features(in_features, block_size)
     return min(out_features, max(MIN_SAMPLE_ROWS, SAMPLE_WEIGHTS // padded))
-
-
-def sample_rows(out_features: int, count: int, seed: int, key: str) -> torch.Tensor:
-    """``count`` distinct row indices, sorted, drawn by a generator seeded by (seed, key)."""
-    gen = torch.Generator().manual_seed((seed << 32) ^ zlib.crc32(key.encode()))
-    return torch.randperm(out_features, generator=gen)[:count].sort().values
-
-
-def read_rows(path: str | os.PathLike, row: Mapping, indices: torch.Tensor) -> torch.Tensor:
-    """Rows ``indices`` of an inventory row's 2-D tensor as float32, reading only their bytes."""
-    out_features, in_features = row["shape"]
-    row_bytes = in_features * DTYPE_BYTES[row["dtype"]]
-    if row["data_end"] - row["data_start"] != out_features * row_bytes:
-        raise CorruptCheckpointError(f"{path}: tensor {row['tensor']!r} spans "
-                                     f"{row['data_end'] - row['data_start']:,} bytes, not "
-                                     f"{out_features * row_bytes:,} for {row['dtype']} "
-                                     f"{list(row['shape'])}")
-    buffer = torch.empty((len(indices), row_bytes), dtype=torch.uint8)
-    with open(path, "rb") as handle:
-        for k, index in enumerate(indices.tolist()):
-            view = memoryview(buffer[k].numpy())
-            if os.preadv(handle.fileno(), [view], row["data_start"] + index * row_bytes) != row_bytes:
-                raise CorruptCheckpointError(f"{path}: tensor {row['tensor']!r} row {index} "
-                                             "lies beyond the end of the file")
-    return buffer.view(torch_dtype(row["dtype"])).reshape(len(indices), in_features).float()
 
 
 def synthetic_rows(in_features: int, count: int, seed: int = 0) -> torch.Tensor:

@@ -30,12 +30,12 @@ from hlwq.quant.errors import BudgetError, InvalidOptionError
 from hlwq.quant.names import block_and_module
 from hlwq.quant.sizes import format_size, packed_nbytes, parse_size, size_table
 from hlwq.store.inventory import build_inventory
+from hlwq.store.safetensors_io import read_rows
 from hlwq.tasks.budget import (
     activation_stats,
     allocate_rows,
     measure_damages,
     params_sensitivity,
-    read_rows,
     rows_in_scope,
 )
 
