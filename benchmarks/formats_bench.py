@@ -36,6 +36,7 @@ from hlwq.quant.formats import (
     FORMATS,
     Format,
     bits_per_weight,
+    error_summary,
     front,
     interpolated,
     missing_dependency,
@@ -122,13 +123,8 @@ def measure(formats: list[Format], tensors: list[tuple[str, Loader]], log) -> di
 
 
 def summarize(fmt: Format, rows: list[dict]) -> dict:
-    worst = max(rows, key=lambda r: r["rel_mse"])
-    return {"name": fmt.name, "family": fmt.family,
-            "bits_per_weight": 8.0 * sum(r["nbytes"] for r in rows) / sum(r["weights"] for r in rows),
-            "rel_mse_mean": math.fsum(r["rel_mse"] for r in rows) / len(rows),
-            "rel_mse_worst": worst["rel_mse"], "worst_tensor": worst["tensor"],
-            "cosine_mean": math.fsum(r["cosine"] for r in rows) / len(rows),
-            "seconds": math.fsum(r["seconds"] for r in rows), "tensors": len(rows)}
+    return {"name": fmt.name, "family": fmt.family, **error_summary(rows),
+            "seconds": math.fsum(r["seconds"] for r in rows)}
 
 
 def hlwq_front_gaps(entries: list[dict], low: float = 4.0, high: float = 6.5) -> list[dict]:

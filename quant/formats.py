@@ -269,6 +269,17 @@ def select(names: list[str] | None) -> list[Format]:
 # --------------------------------------------------------------------------- error per bit
 
 
+def error_summary(rows: list[dict]) -> dict:
+    """One format over several tensors, from per-tensor rows (``tensor``, ``weights``,
+    ``nbytes``, ``rel_mse``, ``cosine``): true bits per weight over all of them, mean and worst
+    relative MSE (and which tensor), mean cosine."""
+    worst = max(rows, key=lambda r: r["rel_mse"])
+    return {"bits_per_weight": 8.0 * sum(r["nbytes"] for r in rows) / sum(r["weights"] for r in rows),
+            "rel_mse_mean": math.fsum(r["rel_mse"] for r in rows) / len(rows),
+            "rel_mse_worst": worst["rel_mse"], "worst_tensor": worst["tensor"],
+            "cosine_mean": math.fsum(r["cosine"] for r in rows) / len(rows), "tensors": len(rows)}
+
+
 def front(entries: list[dict]) -> list[dict]:
     """The entries (``bits_per_weight``, ``rel_mse_mean``) no other entry beats on both."""
     ordered = sorted(entries, key=lambda e: (e["bits_per_weight"], e["rel_mse_mean"]))
