@@ -171,8 +171,9 @@ class FakeQuantized:
 
 
 def tiny_output(formats: list[Format], work: Path, log) -> dict:
-    from hlwq.benchmarks.budget_bench import EVAL_PROMPTS, _mean, first_step_inputs, output_rel_err
+    from hlwq.benchmarks.budget_bench import EVAL_PROMPTS, _mean, output_rel_err
     from hlwq.store.inventory import build_inventory
+    from hlwq.tasks.budget import first_step_inputs
     from hlwq.tasks.gates import load_gate_config
     from hlwq.tasks.validate_output import (
         apply_output_gates,
