@@ -111,3 +111,9 @@ class PackedTensor:
             return self
         return replace(self, codes=self.codes[start:stop], scales=self.scales[start:stop],
                        shape=(stop - start, self.shape[1]))
+
+    def select_rows(self, indices: torch.Tensor) -> PackedTensor:
+        """The output rows ``indices`` (a 1-D index tensor), copied: exactly what this tensor
+        stores for them."""
+        return replace(self, codes=self.codes[indices], scales=self.scales[indices],
+                       shape=(len(indices), self.shape[1]))

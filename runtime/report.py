@@ -4,7 +4,8 @@
     ``report.html``           gate verdicts, the metrics table, contact sheets, plots
     ``sheets/<prompt>.png``   source | packed | amplified difference, frames spread over the clip
     ``plots/*.png``           per-prompt quality, error per block and per module type,
-                              distribution of per-tensor errors (metrics.parquet)
+                              distribution of per-tensor errors (metrics.parquet), error
+                              per bit against other formats (the manifest's sample)
 
 The page marks ``<body data-images>`` as ``loaded`` once every image decoded (``broken``
 otherwise), so a headless browser can check it without a screenshot.
@@ -272,6 +273,26 @@ def plot_error_per_bit(entries: list[dict], path: Path, title: str,
     return _save(figure, path)
 
 
+def plot_format_comparison(report_dir: Path, metrics_path: str | os.PathLike | None) -> dict[str, Path]:
+    """The artifact's "against other formats at this size" sample (``format_comparison`` of
+    the manifest beside its metrics.parquet) as an error-per-bit plot; nothing when the
+    artifact has no measured comparison."""
+    from hlwq.store.artifact import MANIFEST_NAME, read_manifest
+
+    if metrics_path is None or not Path(metrics_path).with_name(MANIFEST_NAME).is_file():
+        return {}
+    comparison = read_manifest(Path(metrics_path).parent).get("format_comparison") or {}
+    if not comparison.get("formats"):
+        return {}
+    sample = comparison["sample"]
+    title = (f"This artifact's own tensors: {len(sample['tensors'])} of "
+             f"{sample['quantized_tensors']} quantized tensors ({sample['rule']})")
+    path = plot_error_per_bit(comparison["formats"], report_dir / PLOT_DIR / "formats.png", title,
+                              comparison["artifact"])
+    return {"Error per bit against other formats (this artifact's sample; the star is this "
+            "artifact)": path}
+
+
 def write_plots(report_dir: Path, results: dict, metrics_rows: list[dict] | None) -> dict[str, Path]:
     """Every plot of the report as ``{title: path}``, in page order."""
     plots = report_dir / PLOT_DIR
@@ -397,6 +418,7 @@ def write_report(report_dir: str | os.PathLike, results: dict,
     """Write the plots and ``report.html`` into ``report_dir`` (sheets must already be there)."""
     report_dir = Path(report_dir)
     plots = write_plots(report_dir, results, read_metrics_rows(metrics_path))
+    plots |= plot_format_comparison(report_dir, metrics_path)
     path = report_dir / REPORT_NAME
     atomic_write_text(path, report_html(results, plots, report_dir))
     return path

@@ -110,6 +110,8 @@ def render_model_card(manifest: dict, quality: dict | None) -> str:
         parts += ["## Size budget", *budget_section(settings["budget"])]
     parts += ["## Validation", *validation_blocks(manifest["validation"])]
     parts += ["## Weight error", *weight_error_blocks(quality)]
+    parts += ["## Against other formats at this size",
+              *format_comparison_blocks(manifest.get("format_comparison"))]
     parts += ["## Lineage", "\n".join(_lineage_lines(source, settings)),
               "## How to use", _USAGE]
     return "\n\n".join(parts) + "\n"
@@ -166,6 +168,60 @@ def weight_error_blocks(quality: dict | None) -> list[str]:
             markdown_table(["tensor", "component", "cosine", "relative MSE"],
                            [[f"`{w['tensor']}`", str(w["component"]), f"{w['cosine']:.6f}",
                              f"{w['rel_mse']:.3e}"] for w in quality["worst_tensors"]])]
+
+
+# ---------------------------------------------------------------- other formats
+
+
+def format_comparison_blocks(comparison: dict | None) -> list[str]:
+    """The artifact against the other formats on a sample of its own tensors
+    (store/format_comparison.py): one row per format by bits per weight, this artifact
+    among them, the formats at the nearest sizes named, and what was not measured."""
+    if not comparison:
+        return ["**Not measured**: this artifact was packaged before the comparison existed."]
+    if "skipped" in comparison:
+        return [f"**Not measured**: {comparison['skipped']}."]
+    own, sample = comparison["artifact"], comparison["sample"]
+    others = sorted(comparison["formats"], key=lambda e: (e["bits_per_weight"], e["name"]))
+    competitors = [e for e in others if e["family"] != "hlwq"]
+    below = [e for e in competitors if e["bits_per_weight"] <= own["bits_per_weight"]][-1:]
+    above = [e for e in competitors if e["bits_per_weight"] > own["bits_per_weight"]][:1]
+    nearest = {e["name"] for e in below + above}
+    shown = sorted([*others, {"name": None, **own}], key=lambda e: e["bits_per_weight"])
+    rows = []
+    for e in shown:
+        name = "**this artifact**" if e["name"] is None else f"`{e['name']}`"
+        rows.append([name + (" (nearest size)" if e["name"] in nearest else ""),
+                     f"{e['bits_per_weight']:.3f}", f"{e['rel_mse_mean']:.3e}",
+                     f"{e['rel_mse_worst']:.3e}", f"{e['cosine_mean']:.6f}",
+                     "1" if e["name"] is None else _error_ratio(e, own)])
+    rows_each = sorted({t["rows"] for t in sample["tensors"]})
+    blocks = [(f"Every format quantized the same source rows: {len(sample['tensors'])} of this "
+              f"artifact's {sample['quantized_tensors']:,} quantized tensors ({sample['rule']}; "
+              f"{', '.join(map(str, rows_each))} rows each; listed under `format_comparison` in "
+              "`manifest.json`). **This artifact** is its own stored codes for those rows at the "
+              "bits each tensor got. Bits per weight count every stored byte (scales, codebooks) "
+              "on the sample; the error ratio is the format's mean relative MSE over this "
+              "artifact's (above 1: more error)."),
+              markdown_table(["format", "bits/weight", "mean relative MSE", "worst relative MSE",
+                              "mean cosine", "error vs this artifact"], rows)]
+    if below or above:
+        named = [f"`{e['name']}` ({e['bits_per_weight']:.2f} bits, {_error_ratio(e, own)}x "
+                 "this artifact's error)" for e in below + above]
+        blocks.append(f"At {own['bits_per_weight']:.2f} bits per weight the other formats at the "
+                      f"nearest sizes are {' and '.join(named)}.")
+    reasons: dict[str, list[str]] = {}
+    for entry in comparison.get("not_measured") or []:
+        reasons.setdefault(entry["reason"], []).append(f"`{entry['name']}`")
+    if reasons:
+        blocks.append("\n".join(f"- not measured: {', '.join(names)}: {reason}"
+                                 for reason, names in reasons.items()))
+    return blocks
+
+
+def _error_ratio(entry: dict, own: dict) -> str:
+    """A format's mean relative MSE over this artifact's, as the card prints it."""
+    return f"{entry['rel_mse_mean'] / own['rel_mse_mean']:.2f}" if own["rel_mse_mean"] else "-"
 
 
 # ---------------------------------------------------------------- validation evidence

@@ -36,6 +36,7 @@ from hlwq.store.artifact import (
     tensor_key,
 )
 from hlwq.store.atomic import atomic_write_bytes, atomic_write_text, directory_transaction
+from hlwq.store.format_comparison import compare_formats
 from hlwq.store.hash_cache import sha256_file
 from hlwq.store.model_card import card_license, quality_summary, render_model_card
 from hlwq.store.output_dir import check_output_dir
@@ -74,7 +75,7 @@ def package_artifact(source_root: str | os.PathLike, inventory, staged: Mapping[
                      out_dir: str | os.PathLike, *, lineage: dict | None = None,
                      quantization: dict | None = None, metrics=None, validation: dict | None = None,
                      layout: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                     remove_staged: bool = True) -> dict:
+                     remove_staged: bool = True, no_format_comparison: str | None = None) -> dict:
     """Assemble an artifact at ``out_dir`` and return a small JSON-able summary.
 
     - ``inventory``: the inventory (Arrow table or row dicts; ``file`` relative to
@@ -92,6 +93,9 @@ def package_artifact(source_root: str | os.PathLike, inventory, staged: Mapping[
       and fsynced, so disk use peaks near the artifact's size plus one shard, not twice the
       packed size. A crash before the artifact is in place then costs re-quantizing the
       consumed tensors on the rerun (results are deterministic: the artifact is the same).
+    - ``no_format_comparison``: why the card's "against other formats" table is not measured
+      (store/format_comparison.py, on a sample of the staged tensors and their source rows,
+      before the staged files are consumed); None measures it.
     """
     if max_shard_bytes < 1:
         raise InvalidOptionError(f"max_shard_bytes={max_shard_bytes}: must be positive")
@@ -102,6 +106,8 @@ def package_artifact(source_root: str | os.PathLike, inventory, staged: Mapping[
     _check_all_staged(rows, staged)
     lineage = lineage or {}
     layout = layout or _layout_of(inventory, root)
+    comparison = ({"skipped": no_format_comparison} if no_format_comparison else
+                  compare_formats(root if root.is_dir() else root.parent, rows, staged))
     with directory_transaction(target) as partial:
         files, entries = _assemble(partial, root, rows, staged, lineage, max_shard_bytes,
                                    remove_staged)
@@ -117,6 +123,7 @@ def package_artifact(source_root: str | os.PathLike, inventory, staged: Mapping[
             "tensors": entries,
             "sizes": size_table(list(entries.values())),
             "validation": _validation_section(validation),
+            "format_comparison": comparison,
         }
         write_card_and_manifest(partial, manifest, files, metrics_table)
     return {"path": str(target), "files": len(manifest["files"]), "tensors": len(entries),
