@@ -25,6 +25,7 @@ from hlwq.quant.names import natural_key
 from hlwq.quant.sizes import packed_nbytes
 from hlwq.store.artifact import tensor_key
 from hlwq.store.safetensors_io import read_rows
+from hlwq.store.source_tree import checked_file
 from hlwq.store.staging import read_staged
 
 SAMPLE_TENSORS = 8
@@ -62,7 +63,7 @@ def compare_formats(source_base: Path, rows: list[dict], staged: Mapping[str, st
         key = tensor_key(row["component"], row["tensor"])
         out_features = row["shape"][0]
         indices = sample_rows(out_features, min(rows_per_tensor, out_features), SEED, key)
-        source = read_rows(source_base / row["file"], row, indices)
+        source = read_rows(checked_file(source_base, row["file"]), row, indices)
         _, packed = read_staged(staged[key])
         mine = packed.select_rows(indices)
         own.append(_measured(key, source, dequantize(mine),
