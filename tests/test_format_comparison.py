@@ -89,3 +89,14 @@ def test_the_validation_report_plots_the_sample_with_the_artifact_marked(artifac
     (title, path), = plots.items()
     assert "this artifact" in title and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_format_comparison(tmp_path, None) == {}
+
+
+def test_write_report_puts_the_plot_on_the_page(artifact, tmp_path, monkeypatch):
+    from hlwq.runtime import report
+
+    _, art = artifact
+    monkeypatch.setattr(report, "write_plots", lambda *args: {})       # the gates' own plots
+    monkeypatch.setattr(report, "report_html", lambda results, plots, directory:
+                        " ".join(p.relative_to(directory).as_posix() for p in plots.values()))
+    page = report.write_report(tmp_path, {}, art / METRICS_NAME).read_text()
+    assert page == f"{report.PLOT_DIR}/formats.png"
