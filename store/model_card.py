@@ -111,7 +111,7 @@ def render_model_card(manifest: dict, quality: dict | None) -> str:
     parts += ["## Validation", *validation_blocks(manifest["validation"])]
     parts += ["## Weight error", *weight_error_blocks(quality)]
     parts += ["## Against other formats at this size",
-              *format_comparison_blocks(manifest.get("format_comparison"))]
+              *format_comparison_blocks(manifest.get("format_comparison"), manifest["sizes"])]
     parts += ["## Lineage", "\n".join(_lineage_lines(source, settings)),
               "## How to use", _USAGE]
     return "\n\n".join(parts) + "\n"
@@ -173,7 +173,7 @@ def weight_error_blocks(quality: dict | None) -> list[str]:
 # ---------------------------------------------------------------- other formats
 
 
-def format_comparison_blocks(comparison: dict | None) -> list[str]:
+def format_comparison_blocks(comparison: dict | None, sizes: dict | None = None) -> list[str]:
     """The artifact against the other formats on a sample of its own tensors
     (store/format_comparison.py): one row per format by bits per weight, this artifact
     among them, the formats at the nearest sizes named, and what was not measured."""
@@ -202,7 +202,7 @@ def format_comparison_blocks(comparison: dict | None) -> list[str]:
               "`manifest.json`). **This artifact** is its own stored codes for those rows at the "
               "bits each tensor got. Bits per weight count every stored byte (scales, codebooks) "
               "on the sample; the error ratio is the format's mean relative MSE over this "
-              "artifact's (above 1: more error)."),
+              "artifact's (above 1: more error)." + _whole_artifact_bits(sizes)),
               markdown_table(["format", "bits/weight", "mean relative MSE", "worst relative MSE",
                               "mean cosine", "error vs this artifact"], rows)]
     if below or above:
@@ -217,6 +217,13 @@ def format_comparison_blocks(comparison: dict | None) -> list[str]:
         blocks.append("\n".join(f"- not measured: {', '.join(names)}: {reason}"
                                  for reason, names in reasons.items()))
     return blocks
+
+
+def _whole_artifact_bits(sizes: dict | None) -> str:
+    if not sizes or not sizes.get("quantized_params"):
+        return ""
+    bits = 8 * sizes["quantized_packed_bytes"] / sizes["quantized_params"]
+    return f" Over all its quantized tensors this artifact stores {bits:.3f} bits per weight."
 
 
 def _error_ratio(entry: dict, own: dict) -> str:

@@ -57,6 +57,7 @@ def test_the_card_shows_the_table_the_nearest_sizes_and_what_was_not_measured(ar
     assert ours.rstrip().endswith("| 1 |")
     assert sum("(nearest size)" in row for row in rows) == 2
     assert "3 of this artifact's 3 quantized tensors" in section
+    assert "Over all its quantized tensors this artifact stores 5.422 bits per weight" in section
     for entry in read_manifest(art)["format_comparison"]["not_measured"]:
         assert f"`{entry['name']}`" in section and entry["reason"] in section
 
