@@ -27,7 +27,12 @@ from hlwq.runtime.offload import check_offload
 from hlwq.store.catalog import FAILED, append_catalog, artifact_id, completed_renders, read_catalog
 from hlwq.store.output_dir import folder_lock
 from hlwq.store.prompts import PromptBatch, RenderRequest, load_prompts, request_key
-from hlwq.tasks.render import DEFAULT_PIPELINE_FACTORY, render_task, resolve_artifact_task
+from hlwq.tasks.render import (
+    DEFAULT_PIPELINE_FACTORY,
+    render_shapes,
+    render_task,
+    resolve_artifact_task,
+)
 
 EMBEDDED_SHEETS = 24  # contact sheets embedded in the markdown artifact (bounds its size)
 THUMBNAIL_WIDTH = 640
@@ -87,7 +92,8 @@ def render_batch(
     of the revision's current commit are downloaded into the Hub cache and verified first.
 
     `offload` (auto, none, model, sequential, group), `vae_tiling` and `dtype` (auto,
-    float32, bfloat16, float16) place the pipeline (runtime/offload.py).
+    float32, bfloat16, float16) place the pipeline (runtime/offload.py); `auto` plans for
+    the largest render still to do (the memory plan of every shape in the batch).
     The artifact is verified once per batch (``verify``), never per render. One batch writes
     an output folder at a time: a second one waits for the lock, or fails with ``wait=False``.
     ``loras`` (``[{"path": ..., "scale": ...}]``) are the default LoRAs of rows without a
@@ -123,13 +129,14 @@ def render_rows(batch: PromptBatch, artifact: str, model_id: str, output_dir: st
     render = render_task.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
     done = completed_renders(read_catalog(output_dir))
     run_id = current_flow_run_id()
-    for request in batch.requests:
-        key = request_key(request, model_id)
+    keyed = [(request, request_key(request, model_id)) for request in batch.requests]
+    shapes = render_shapes([request for request, key in keyed if key not in done])
+    for request, key in keyed:
         if key in done:
             summary.skipped.append(done[key])
             continue
         state = render(request.to_dict(), artifact, model_id, key, output_dir, device,
-                       pipeline_factory, placement, return_state=True)
+                       pipeline_factory, placement, shapes, return_state=True)
         row = (state.result() if state.is_completed()
                else failure_row(request, key, model_id, artifact, state))
         append_catalog(output_dir, [{**row, "flow_run_id": run_id}])
@@ -184,6 +191,7 @@ def table_row(status: str, row: dict[str, Any]) -> dict[str, Any]:
         "size": f"{row['width']}x{row['height']}x{row['frames']}", "seed": row["seed"],
         "render_s": round(row.get("render_seconds") or 0.0, 2),
         "peak_mb": round((row.get("peak_memory_bytes") or 0) / 2**20, 1),
+        "peak_of": row.get("peak_memory_kind") or "", "offload": row.get("offload") or "",
         "video": link, "error": row.get("error") or "",
     }
 

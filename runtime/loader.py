@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,6 +35,7 @@ from hlwq.runtime.ltx23_models import (
     build_model,
     model_class,
 )
+from hlwq.runtime.memory_plan import RenderShape, artifact_peaks
 from hlwq.runtime.offload import apply_offload
 from hlwq.runtime.packed_linear import PACKED_BUFFERS, PackedLinear
 from hlwq.store.artifact import Artifact, TensorRecord, open_artifact
@@ -48,8 +51,9 @@ WEIGHT_SUFFIX = ".weight"
 
 
 def load_pipeline(artifact: str | os.PathLike, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32, offload: str = "none", verify: bool = True,
-                  image_to_video: bool = False, vae_tiling: bool = False):
+                  dtype: torch.dtype = torch.float32, offload: str = "auto", verify: bool = True,
+                  image_to_video: bool = False, vae_tiling: bool = False,
+                  render_shapes: Sequence[RenderShape] | None = None):
     """``LTX2Pipeline`` (or ``LTX2ImageToVideoPipeline``) whose quantized linears stay packed.
 
     ``artifact``: a folder, or a Hub repo ``owner/name[@revision]`` whose manifest's files
@@ -59,6 +63,9 @@ def load_pipeline(artifact: str | os.PathLike, device: str | torch.device = "cpu
     ``verify`` checks the manifest, every file's hash and every tensor entry first.
     ``offload`` (runtime/offload.py: none, model, sequential, group or auto) decides which
     weights stay on ``device`` while it renders; ``vae_tiling`` decodes the video in tiles.
+    ``auto`` picks, on CUDA, the fastest mode whose peak the memory plan predicts for this
+    artifact and ``render_shapes`` (default: 768x512, 121 frames, with guidance) fits the free
+    memory; on the CPU it is ``none``. ``pipeline.offload_mode`` says which mode was applied.
     A manifest that does not match the model config raises ArtifactError naming the tensor.
     """
     art = open_artifact(resolve_artifact(artifact, verify=False), verify=verify)  # hashed once
@@ -75,10 +82,21 @@ def load_pipeline(artifact: str | os.PathLike, device: str | torch.device = "cpu
             reason = " ".join(str(exc).split())[:300]
             raise ArtifactError(f"{art.path}: not a whole {pipeline_class.__name__} "
                                 f"({reason})") from None
-    pipeline.offload_mode = apply_offload(pipeline, offload, device)
+    peaks = _auto_peaks(art, offload, device, dtype, vae_tiling, render_shapes)
+    pipeline.offload_mode = apply_offload(pipeline, offload, device, peaks)
     if vae_tiling:
         pipeline.vae.enable_tiling()
     return pipeline
+
+
+def _auto_peaks(art: Artifact, offload: str, device, dtype: torch.dtype, vae_tiling: bool,
+                render_shapes: Sequence[RenderShape] | None) -> dict[str, int] | None:
+    """The plan's peak per mode for the renders to come, where ``auto`` has to choose."""
+    if offload != "auto" or torch.device(device).type != "cuda":
+        return None
+    shapes = [replace(shape, vae_tiling=vae_tiling, dtype_bytes=dtype.itemsize)
+              for shape in (render_shapes or (RenderShape(),))]
+    return artifact_peaks(art.path, shapes)
 
 
 def load_component(artifact: str | os.PathLike, component: str = "transformer",

@@ -5,27 +5,32 @@ Each prediction is the weights resident during the stage plus an activation esti
 =============  ===================================  =======================================
 stage          components                           activation estimate (dtype bytes b)
 =============  ===================================  =======================================
-text_encoding  text_encoder, connectors             every Gemma hidden state, kept for the
-                                                    connectors, and their stacked copy, plus
-                                                    one layer's MLP and attention scores:
-                                                    ``B L d (2 (n + 1) + 4) + 2 B L f
-                                                    + B (h + 1) L^2``
-denoising      transformer                          one block's working set for both
-                                                    streams, ``B N (k D + F)``, plus the
-                                                    residual streams, text context and the
+text_encoding  text_encoder, connectors             the prompts' stacked Gemma hidden states
+                                                    and their guidance concatenation,
+                                                    ``2 B L d (n + 1)``, or the last
+                                                    prompt's forward, ``B L d (n + 1) + 4 L d
+                                                    + 2 L f + (h + 1) L^2``, the larger
+denoising      transformer                          one block's working set per token for
+                                                    both streams and per prompt token,
+                                                    ``B (k N D + k_t L D)``, plus the
                                                     PackedLinear decode workspace
 vae_decode     vae                                  the decoder's full-resolution stage,
                                                     ``k T (H/p) (W/p) C``, per tile when
-                                                    tiling, plus the decoded video in fp32
-audio_decode   audio_vae, vocoder                   the vocoder's widest upsampling stage
+                                                    tiling (at small sizes a floor of a few
+                                                    conv weights), plus the video in fp32
+audio_decode   audio_vae, vocoder                   ``k`` copies of the widest stage of the
+                                                    vocoder's two generators (16 kHz, then
+                                                    the bandwidth extension to 48 kHz)
 =============  ===================================  =======================================
 
 ``B`` is 2 with classifier-free guidance, ``L`` the prompt length (1024 tokens, as
 LTX2Pipeline pads), ``N`` the video or audio tokens. Weights resident per mode: ``none`` every
 component; ``model`` the stage's largest component; ``group`` a component's tensors outside its
 numbered blocks plus two blocks (the one running and the one prefetched on a side stream);
-``sequential`` two of the largest tensors. The coefficients ``k`` are checked against peaks
-measured on the CPU (benchmarks/memory_plan_check.py, benchmarks/results/memory-plan.json).
+``sequential`` two of the largest tensors. The coefficients ``k`` come from peaks measured on
+the CPU at LTX-2.3's real widths (benchmarks/memory_plan_check.py, recorded with the tiny
+fixture's in benchmarks/results/memory-plan.json); the plan itself is a pure function of the
+component configs, the weights' sizes and the render's shape.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from dataclasses import dataclass
 from hlwq.quant.errors import InvalidOptionError
 
 MODES = ("none", "model", "sequential", "group")
+AUTO_ORDER = ("none", "model", "group", "sequential")     # fastest first: what auto tries
 STAGES = {"text_encoding": ("text_encoder", "connectors"), "denoising": ("transformer",),
           "vae_decode": ("vae",), "audio_decode": ("audio_vae", "vocoder")}
 # CUDA context, cuBLAS workspaces and allocator fragmentation the plan does not model.
@@ -45,10 +51,19 @@ DEVICE_RESERVE_BYTES = 1 << 30
 PROMPT_TOKENS = 1024
 BLOCK_KEY = re.compile(r"^(.*?\.\d+)\.")        # "transformer_blocks.7.attn1..." -> block 7
 DECODE_WORKSPACE_ELEMENTS = 1 << 24             # runtime.packed_linear.CHUNK_ELEMENTS
-BLOCK_WORKING_SET = 8       # width-sized tensors alive inside a transformer block (k)
-# Calibrated on CPU-measured peaks of the tiny fixture (benchmarks/results/memory-plan.json).
-VAE_WORKING_SET = 5         # full-resolution feature maps alive in the decoder's last stage
-VOCODER_WORKING_SET = 12    # copies of the widest vocoder stage (resblocks, anti-aliasing)
+# Width-sized rows alive per token while a transformer block runs (attention, gates, the 4x
+# FFN, the residual streams) and per prompt token (the context, its cross-attention keys and
+# values); measured 17 and 7 on the real-width block (benchmarks/results/memory-plan.json).
+TOKEN_ROWS = 18
+TEXT_ROWS = 8
+TEXT_LAYER_ROWS = 4         # width-sized rows of one Gemma layer besides its MLP
+# Full-resolution feature maps alive in the decoder's last stage (measured 2.7-2.8 on the real
+# VAE), and the floor small decodes show: copies of the largest convolution weight (measured 4.1).
+VAE_WORKING_SET = 3
+VAE_FLOOR_WEIGHTS = 4
+# copies of the widest vocoder stage (three resblocks stacked, 2x anti-aliasing); measured 15
+# on the real vocoder
+VOCODER_WORKING_SET = 18
 DEFAULT_TILE = (16, 512, 512)   # frames, height, width of diffusers' LTX-2 VAE tiles
 
 
@@ -148,12 +163,17 @@ def audio_tokens(shape: RenderShape, audio_vae: Mapping) -> int:
 
 
 def _text_activations(shape: RenderShape, configs: Mapping[str, dict]) -> int:
+    """LTX2Pipeline encodes the prompt and the negative prompt one at a time, keeps each one's
+    stacked hidden states, then concatenates them for guidance. The peak is the larger of the
+    concatenation (every prompt's stack, twice) and the last prompt's forward (the earlier
+    prompts' stacks, its own hidden states, one layer's MLP and attention scores)."""
     text = configs["text_encoder"].get("text_config", configs["text_encoder"])
     d, f, n = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
-    rows = shape.batch * PROMPT_TOKENS
-    # one layer's attention scores and the padding mask: a masked SDPA materialises them
-    scores = shape.batch * (text["num_attention_heads"] + 1) * PROMPT_TOKENS ** 2
-    return shape.dtype_bytes * (rows * (d * (2 * (n + 1) + 4) + 2 * f) + scores)
+    stack = PROMPT_TOKENS * d * (n + 1)                 # one prompt's stacked hidden states
+    concatenated = 2 * shape.batch * stack
+    layer = (TEXT_LAYER_ROWS * PROMPT_TOKENS * d + 2 * PROMPT_TOKENS * f
+             + (text["num_attention_heads"] + 1) * PROMPT_TOKENS ** 2)
+    return shape.dtype_bytes * max(concatenated, shape.batch * stack + layer)
 
 
 def _denoising_activations(shape: RenderShape, configs: Mapping[str, dict]) -> int:
@@ -161,34 +181,49 @@ def _denoising_activations(shape: RenderShape, configs: Mapping[str, dict]) -> i
     video_width = t["num_attention_heads"] * t["attention_head_dim"]
     audio_width = t["audio_num_attention_heads"] * t["audio_attention_head_dim"]
     video, audio = video_tokens(shape, configs["vae"]), audio_tokens(shape, configs["audio_vae"])
-    block = (video * (BLOCK_WORKING_SET * video_width + 4 * video_width)
-             + audio * (BLOCK_WORKING_SET * audio_width + 4 * audio_width))
-    streams = 2 * (video * video_width + audio * audio_width) + 2 * PROMPT_TOKENS * video_width
+    rows = (TOKEN_ROWS * (video * video_width + audio * audio_width)
+            + TEXT_ROWS * PROMPT_TOKENS * video_width)
     workspace = DECODE_WORKSPACE_ELEMENTS if shape.packed else 0
-    return shape.dtype_bytes * (shape.batch * (block + streams) + workspace)
+    return shape.dtype_bytes * (shape.batch * rows + workspace)
 
 
 def _vae_activations(shape: RenderShape, configs: Mapping[str, dict]) -> int:
+    """The decoder's full-resolution stage (per tile when tiling), or at small sizes its floor,
+    copies of its largest 3x3x3 convolution weight; plus the decoded video in float32."""
     vae = configs["vae"]
     frames, height, width = shape.frames, shape.height, shape.width
     if shape.vae_tiling:
         frames, height, width = (min(a, b) for a, b in zip((frames, height, width), DEFAULT_TILE))
     patch = vae.get("patch_size", 4)
-    channels = vae.get("decoder_block_out_channels", vae.get("block_out_channels"))[0]
-    feature_maps = VAE_WORKING_SET * frames * (height // patch) * (width // patch) * channels
+    channels = vae.get("decoder_block_out_channels", vae.get("block_out_channels"))
+    feature_maps = VAE_WORKING_SET * frames * (height // patch) * (width // patch) * channels[0]
+    floor = VAE_FLOOR_WEIGHTS * 27 * max(channels) ** 2
     video_fp32 = 4 * shape.frames * shape.height * shape.width * 3
-    return shape.dtype_bytes * feature_maps + video_fp32
+    return shape.dtype_bytes * max(feature_maps, floor) + video_fp32
 
 
 def _audio_activations(shape: RenderShape, configs: Mapping[str, dict]) -> int:
+    """The widest stage of the vocoder's two generators: the 16 kHz one, then the bandwidth
+    extension to 48 kHz (LTX2VocoderWithBWE), which runs on the mel of the first one's output."""
     vocoder, audio_vae = configs["vocoder"], configs["audio_vae"]
     mel_frames = math.ceil(shape.seconds * audio_vae.get("sample_rate", 16000)
                            / audio_vae.get("mel_hop_length", 160))
-    widest, length, channels = 0, mel_frames, vocoder["hidden_channels"]
-    for factor in vocoder["upsample_factors"]:
-        length, channels = length * factor, channels // 2
-        widest = max(widest, length * channels)
-    return shape.dtype_bytes * VOCODER_WORKING_SET * widest * vocoder.get("out_channels", 2)
+    factors = vocoder["upsample_factors"]
+    widest = _widest_stage(mel_frames, vocoder["hidden_channels"], factors)
+    if "bwe_hidden_channels" in vocoder:
+        bwe_frames = math.ceil(mel_frames * math.prod(factors) / vocoder.get("hop_length", 80))
+        widest = max(widest, _widest_stage(bwe_frames, vocoder["bwe_hidden_channels"],
+                                           vocoder["bwe_upsample_factors"]))
+    return shape.dtype_bytes * VOCODER_WORKING_SET * widest
+
+
+def _widest_stage(frames: int, channels: int, factors: Iterable[int]) -> int:
+    """Elements of a generator's largest stage: each upsamples time and halves the channels."""
+    widest = 0
+    for factor in factors:
+        frames, channels = frames * factor, channels // 2
+        widest = max(widest, frames * channels)
+    return widest
 
 
 # --------------------------------------------------------------------------- the plan
@@ -212,13 +247,37 @@ def memory_plan(weights: Mapping[str, dict], configs: Mapping[str, dict], shape:
             "batch": shape.batch, "vae_tiling": shape.vae_tiling,
             "dtype_bytes": shape.dtype_bytes, "modes": modes}
     if device_memory is not None:
-        usable = device_memory - DEVICE_RESERVE_BYTES
+        peaks = {mode: entry["peak_bytes"] for mode, entry in modes.items()}
         plan["device_memory_bytes"] = device_memory
         plan["reserve_bytes"] = DEVICE_RESERVE_BYTES
-        plan["fits"] = {mode: modes[mode]["peak_bytes"] <= usable for mode in MODES}
-        plan["recommended"] = next((m for m in ("none", "model", "group", "sequential")
-                                    if plan["fits"][m]), None)
+        plan["fits"] = {mode: fits(peaks[mode], device_memory) for mode in MODES}
+        plan["recommended"] = first_fitting(peaks, device_memory)
     return plan
+
+
+def fits(peak_bytes: int, memory_bytes: int) -> bool:
+    """Whether a predicted peak fits ``memory_bytes`` with the reserve the plan does not model."""
+    return peak_bytes + DEVICE_RESERVE_BYTES <= memory_bytes
+
+
+def first_fitting(peaks: Mapping[str, int], memory_bytes: int) -> str | None:
+    """The fastest mode (AUTO_ORDER) whose peak fits ``memory_bytes``; None when none does."""
+    return next((mode for mode in AUTO_ORDER if fits(peaks[mode], memory_bytes)), None)
+
+
+def render_peaks(weights: Mapping[str, dict], configs: Mapping[str, dict],
+                 shapes: Iterable[RenderShape]) -> dict[str, int]:
+    """Per mode, the highest predicted peak over the renders of ``shapes`` (one pipeline,
+    placed once, renders them all)."""
+    plans = [memory_plan(weights, configs, shape) for shape in shapes]
+    if not plans:
+        raise InvalidOptionError("memory plan: no render shape to predict")
+    return {mode: max(plan["modes"][mode]["peak_bytes"] for plan in plans) for mode in MODES}
+
+
+def artifact_peaks(path, shapes: Iterable[RenderShape]) -> dict[str, int]:
+    """:func:`render_peaks` of a packed artifact (its manifest's sizes, its configs)."""
+    return render_peaks(*artifact_inputs(path), shapes)
 
 
 # --------------------------------------------------------------------------- inputs

@@ -10,8 +10,11 @@ sequential     one leaf module at a time (accelerate's hooks, buffers included):
                memory, the most transfers
 group          one block of a ModuleList at a time (diffusers' group offload; on CUDA the
                next block is copied on a side stream while this one runs)
-auto           the first of none, model, group whose predicted peak fits the device's free
-               memory (:func:`choose_offload`)
+auto           on an accelerator, the first of none, model, group, sequential whose peak
+               predicted by the memory plan (runtime/memory_plan.py) for the renders to come
+               fits the device's free memory; on the CPU, ``none``: there is no accelerator
+               memory to save, and offloading to the CPU from the CPU only adds hooks
+               (:func:`choose_offload`)
 =============  ===============================================================================
 
 PackedLinear holds its weight in buffers (codes, scales, codebook), so every mode must move
@@ -23,27 +26,27 @@ would leave PackedLinear's buffers on the device for the whole forward.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 
 import torch
 
 from hlwq.quant.choices import DTYPE_NAMES, OFFLOAD_MODES
 from hlwq.quant.errors import InvalidOptionError
-
-AUTO_ORDER = ("none", "model", "group")        # fastest first; sequential only when asked
+from hlwq.runtime.memory_plan import first_fitting
 
 
 def apply_offload(pipeline, mode: str, device: str | torch.device,
-                  predict_peak: Callable[[str], int] | None = None) -> str:
+                  peaks: Mapping[str, int] | None = None) -> str:
     """Place ``pipeline`` on ``device`` under ``mode``; returns the mode applied (auto resolved).
 
-    ``predict_peak(mode)`` -> bytes, for ``auto``; without it auto counts the weights only.
-    On the CPU every mode runs its hooks (useful for testing them) but saves nothing.
+    ``peaks``: {mode: predicted peak bytes} of the renders to come (memory_plan.render_peaks),
+    which ``auto`` needs on an accelerator. On the CPU every mode runs its hooks (useful for
+    testing them) but saves nothing.
     """
     device = torch.device(device)
     check_offload(mode)
     if mode == "auto":
-        mode = choose_offload(device, predict_peak or (lambda m: weights_peak(pipeline, m)))
+        mode = choose_offload(device, peaks)
     if mode == "none":
         pipeline.to(device)
     elif mode == "model":
@@ -85,41 +88,20 @@ def _sequential_offload(pipeline, device: torch.device) -> None:
                     offload_buffers=isinstance(module, PackedLinear)), append=True)
 
 
-def choose_offload(device: torch.device, predict_peak: Callable[[str], int]) -> str:
-    """The fastest mode whose predicted peak fits the device's free memory (CPU: none)."""
+def choose_offload(device: torch.device, peaks: Mapping[str, int] | None,
+                   free_bytes: int | None = None) -> str:
+    """What ``auto`` means: ``none`` on the CPU; on CUDA the fastest mode whose predicted peak
+    (``peaks``) fits ``free_bytes`` (default: the device's free memory now) with the plan's
+    reserve, else ``sequential``, the least memory there is."""
     if device.type != "cuda":
         return "none"
-    free, _ = torch.cuda.mem_get_info(device)
-    for mode in AUTO_ORDER:
-        if predict_peak(mode) <= free:
-            return mode
-    return "sequential"
+    if peaks is None:
+        raise InvalidOptionError("--offload auto on CUDA needs the memory plan's peaks for the "
+                                 "renders to come (runtime/memory_plan.py:render_peaks)")
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    return first_fitting(peaks, free_bytes) or "sequential"
 
 
 def _modules(pipeline) -> list[torch.nn.Module]:
     return [c for c in pipeline.components.values() if isinstance(c, torch.nn.Module)]
-
-
-def module_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's parameters and buffers (packed buffers count at their packed size)."""
-    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def weights_peak(pipeline, mode: str) -> int:
-    """Weights resident at the peak of ``mode`` (no activations): all, the largest model, or
-    the largest block (group and sequential), whichever the mode keeps."""
-    models = _modules(pipeline)
-    if mode == "none":
-        return sum(module_bytes(m) for m in models)
-    if mode == "model":
-        return max(module_bytes(m) for m in models)
-    return max(largest_block_bytes(m) for m in models)
-
-
-def largest_block_bytes(model: torch.nn.Module) -> int:
-    """The largest child of any ModuleList (what block-level group offload keeps on the device),
-    or the whole model when it has none."""
-    blocks = [block for module in model.modules() if isinstance(module, torch.nn.ModuleList)
-              for block in module]
-    return max((module_bytes(b) for b in blocks), default=module_bytes(model))

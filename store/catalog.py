@@ -3,7 +3,9 @@
 Each attempted render adds a row (rendered or failed), written as its own part the moment the
 render ends, so a batch killed midway keeps every finished render; renders skipped because they
 were already done add none. A render counts as done when a `rendered` row with the same render key exists and
-its output file is still there with the catalogued sha256.
+its output file is still there with the catalogued sha256. Every rendered row records its
+wall time and peak memory: the accelerator's (allocator peak) on CUDA, the process's peak RSS on
+the CPU (``peak_memory_kind``). Parts written before a column existed read it as null.
 """
 
 from __future__ import annotations
@@ -45,8 +47,10 @@ CATALOG_SCHEMA = pa.schema([
     ("contact_sheet", pa.string()),
     ("sha256", pa.string()),
     ("duration_s", pa.float64()),
-    ("render_seconds", pa.float64()),
-    ("peak_memory_bytes", pa.int64()),
+    ("render_seconds", pa.float64()),       # wall time of the pipeline call
+    ("peak_memory_bytes", pa.int64()),      # its peak, of the memory peak_memory_kind names:
+    ("peak_memory_kind", pa.string()),      # cuda_allocated (GPU) or cpu_rss (process RSS)
+    ("offload", pa.string()),               # the offload mode the pipeline ran under
     ("status", pa.string()),
     ("error", pa.string()),
     ("flow_run_id", pa.string()),

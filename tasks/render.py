@@ -18,16 +18,17 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
-import psutil
 import torch
 from prefect import task
 
 from hlwq.quant.errors import HLWQError, InvalidOptionError
 from hlwq.runtime.hub import resolve_artifact
+from hlwq.runtime.memory_plan import RenderShape
 from hlwq.runtime.offload import check_offload
+from hlwq.runtime.peak_memory import PeakMemory
 from hlwq.runtime.video import write_contact_sheet, write_mp4
 from hlwq.store.catalog import RENDERED
 from hlwq.store.hash_cache import sha256_file
@@ -72,19 +73,24 @@ def resolve_factory(spec: str) -> Callable[..., Any]:
 
 
 def cached_pipeline(artifact: str, image_to_video: bool, device: str, factory: str,
-                    placement: dict[str, Any] | None = None) -> Any:
+                    placement: dict[str, Any] | None = None,
+                    shapes: list[dict[str, Any]] | None = None) -> Any:
     """The process's pipeline for this artifact, device and placement; built on first use only.
 
     ``placement``: ``offload``, ``vae_tiling`` and ``dtype`` (runtime/offload.py); the factory
-    gets the first two as keyword arguments."""
+    gets the first two as keyword arguments, and ``render_shapes``: the memory plan's shapes
+    of ``shapes`` (:func:`render_shapes`), which ``auto`` offload places the pipeline for. A
+    pipeline is placed once, for the batch that builds it; later batches in the process reuse
+    it as placed."""
     placement = {**DEFAULT_PLACEMENT, **(placement or {})}
     device, dtype = resolve_device(device, placement["dtype"])
     key = (factory, str(Path(artifact).resolve()), device, tuple(sorted(placement.items())))
     if key not in _PIPELINES:
         # The batch verified the artifact once (flows/render_flow.py); no second read of it.
-        pipeline = resolve_factory(factory)(artifact, device=device, dtype=dtype, verify=False,
-                                            offload=placement["offload"],
-                                            vae_tiling=placement["vae_tiling"])
+        pipeline = resolve_factory(factory)(
+            artifact, device=device, dtype=dtype, verify=False, offload=placement["offload"],
+            vae_tiling=placement["vae_tiling"],
+            render_shapes=[RenderShape(**shape) for shape in shapes] if shapes else None)
         if hasattr(pipeline, "set_progress_bar_config"):
             pipeline.set_progress_bar_config(disable=True)  # Prefect logs carry the progress
         _PIPELINES[key] = pipeline
@@ -116,34 +122,12 @@ def clear_pipeline_cache() -> None:
     _IMAGE_TO_VIDEO.clear()
 
 
-class PeakMemory:
-    """Peak memory during a block: CUDA allocator peak on a GPU, sampled process RSS on the CPU."""
-
-    def __init__(self, device: str, interval_s: float = 0.01):
-        self.device, self.interval_s, self.peak_bytes = device, interval_s, 0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> Self:
-        if self.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._process = psutil.Process()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while True:
-            self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
-            if self._stop.wait(self.interval_s):
-                return
-
-    def __exit__(self, *exc_info) -> None:
-        if self.device.startswith("cuda"):
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
+def render_shapes(requests: list[RenderRequest]) -> list[dict[str, Any]]:
+    """The distinct shapes of a batch's renders, as the memory plan takes them (JSON-able: a
+    task parameter). LTX2Pipeline doubles the batch for guidance above 1."""
+    shapes = {(r.width, r.height, r.frames, r.fps, r.guidance > 1.0) for r in requests}
+    return [{"width": w, "height": h, "frames": f, "fps": fps, "guidance": g}
+            for w, h, f, fps, g in sorted(shapes)]
 
 
 def audio_sample_rate(pipeline: Any) -> int:
@@ -190,9 +174,14 @@ def render_request(
     device: str = "auto",
     factory: str = DEFAULT_PIPELINE_FACTORY,
     placement: dict[str, Any] | None = None,
+    shapes: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Render one request to `<output_dir>/videos/<id>-<key>.mp4` plus its contact sheet; return its catalog row."""
-    pipeline = cached_pipeline(artifact, request.image_to_video, device, factory, placement)
+    """Render one request to `<output_dir>/videos/<id>-<key>.mp4` plus its contact sheet; return
+    its catalog row, with the render's wall time and peak memory (peak_memory.py: the
+    accelerator's on CUDA, the process's RSS on the CPU). ``shapes``: the batch's render
+    shapes, for ``auto`` offload (default: this request's)."""
+    pipeline = cached_pipeline(artifact, request.image_to_video, device, factory, placement,
+                               shapes or render_shapes([request]))
     device_name, _ = resolve_device(device)
     arguments = render_arguments(request, device_name)
     if request.image_to_video:
@@ -223,6 +212,8 @@ def render_request(
         "duration_s": len(frames) / request.fps,
         "render_seconds": render_seconds,
         "peak_memory_bytes": int(peak.peak_bytes),
+        "peak_memory_kind": peak.kind,
+        "offload": getattr(pipeline, "offload_mode", None),
         "status": RENDERED,
         "error": None,
         "rendered_at": datetime.now(UTC).isoformat(),
@@ -245,6 +236,7 @@ def render_task(
     device: str = "auto",
     factory: str = DEFAULT_PIPELINE_FACTORY,
     placement: dict[str, Any] | None = None,
+    shapes: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     return render_request(RenderRequest(**request), artifact, artifact_id, render_key, output_dir,
-                          device, factory, placement)
+                          device, factory, placement, shapes)

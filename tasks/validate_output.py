@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from hlwq.quant.errors import GateFailedError, InvalidOptionError, SourceError
 from hlwq.quant.video_metrics import audio_metrics, relative_l2_error, video_metrics
 from hlwq.runtime.block_probe import BlockProbe, compare_block_outputs
+from hlwq.runtime.memory_plan import RenderShape
 from hlwq.store.artifact import (
     MANIFEST_NAME,
     MODEL_CARD_NAME,
@@ -50,7 +51,13 @@ from hlwq.store.package import file_record, write_card_and_manifest
 from hlwq.store.prompts import DEFAULT_SUITE, FRAME_STEP, SIDE_MULTIPLE, RenderRequest, load_prompts
 from hlwq.store.source_tree import source_name
 from hlwq.tasks.gates import gate_sources, load_gate_config
-from hlwq.tasks.render import audio_sample_rate, render_arguments, resolve_device, resolve_factory
+from hlwq.tasks.render import (
+    audio_sample_rate,
+    render_arguments,
+    render_shapes,
+    resolve_device,
+    resolve_factory,
+)
 
 SOURCE_FACTORY = "hlwq.runtime.ltx23_models:load_ltx23_pipeline"
 CANDIDATE_FACTORY = "hlwq.runtime.loader:load_pipeline"
@@ -385,8 +392,11 @@ def run_output_gates(source_root: str | os.PathLike, candidate: str | os.PathLik
         source_paths = render_all(
             lambda: resolve_factory(source_factory)(source_root, dtype=dtype).to(device),
             requests, device, work / "source", model_fingerprint(source_root), "source model")
+        # placed as a render batch would be: auto offload, planned for the suite's shapes
+        shapes = [RenderShape(**shape) for shape in render_shapes(requests)]
         candidate_paths = render_all(
-            lambda: resolve_factory(candidate_factory)(str(candidate), device=device, dtype=dtype),
+            lambda: resolve_factory(candidate_factory)(str(candidate), device=device, dtype=dtype,
+                                                       offload="auto", render_shapes=shapes),
             requests, device, work / "candidate", model_fingerprint(candidate), "packed artifact")
         return _compare_and_report(source_root, candidate, suite, requests, gates, source_paths,
                                    candidate_paths, report_dir, device, gate_sources(gates_file))

@@ -18,6 +18,7 @@ from hlwq.cli.prefect_env import configure_prefect
 configure_prefect()  # before Prefect loads its settings: the ephemeral API's longer start timeout
 
 from hlwq.quant.errors import ArtifactError
+from hlwq.runtime.memory_plan import RenderShape
 from hlwq.runtime.video import probe_mp4
 from hlwq.store.catalog import read_catalog
 from hlwq.tasks import render as render_module
@@ -121,7 +122,8 @@ def test_batch_renders_records_failures_skips_done_work_and_publishes_artifacts(
         info = probe_mp4(row["output_path"])
         assert (info.frames, info.width, info.height, info.audio_codec) == (9, 64, 32, "aac")
         assert row["duration_s"] == pytest.approx(9 / 8) and row["render_seconds"] > 0
-        assert row["peak_memory_bytes"] > 10 * 2**20  # sampled RSS of this process
+        assert row["peak_memory_bytes"] > 10 * 2**20  # peak RSS of this process
+        assert row["peak_memory_kind"] == "cpu_rss"
         assert row["flow_run_id"] == str(state.state_details.flow_run_id)
         assert len(row["artifact_id"]) == 64 and row["sha256"] and row["contact_sheet"].endswith(".png")
     assert catalog["i2v"]["image"] == str((tmp_path / "first.png").resolve())
@@ -186,8 +188,10 @@ def test_offload_tiling_and_dtype_reach_the_pipeline_factory(tmp_path, fake_arti
     state = run_batch(fake_artifact, prompts, tmp_path / "out", device="cpu", offload="group",
                       vae_tiling=True, dtype="bfloat16")
     assert state.is_completed()
+    # auto offload plans for the batch's render shapes: the factory is given them
     assert PLACEMENTS == [{"device": "cpu", "dtype": torch.bfloat16, "offload": "group",
-                           "vae_tiling": True, "verify": False}]
+                           "vae_tiling": True, "verify": False, "render_shapes": [
+                               RenderShape(width=32, height=32, frames=9, fps=24.0)]}]
     with pytest.raises(InvalidOptionError, match="--offload 'disk'"):
         run_batch(fake_artifact, prompts, tmp_path / "out2", offload="disk").result()
 

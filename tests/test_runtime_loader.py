@@ -196,3 +196,21 @@ def test_layer_missing_from_config_names_the_tensor(diffusers_artifact, tmp_path
 def test_offload_mode_is_checked(diffusers_artifact):
     with pytest.raises(InvalidOptionError, match="--offload 'yes'"):
         load_pipeline(diffusers_artifact, device="cpu", offload="yes", verify=False)
+
+
+def test_auto_offload_on_cuda_plans_for_the_render_shapes(diffusers_artifact, monkeypatch):
+    """On CUDA, auto is given the memory plan's peaks of this artifact for the renders asked
+    for (placement itself faked: this machine may have no GPU); on the CPU it is none."""
+    import hlwq.runtime.loader as loader
+    from hlwq.runtime.memory_plan import RenderShape, artifact_peaks
+
+    seen = {}
+    monkeypatch.setattr(loader, "apply_offload",
+                        lambda pipeline, mode, device, peaks: seen.update(peaks=peaks) or mode)
+    shape = RenderShape(width=512, height=320, frames=49)
+    load_pipeline(diffusers_artifact, device="cuda", dtype=torch.bfloat16, verify=False,
+                  render_shapes=[shape])
+    assert seen["peaks"] == artifact_peaks(diffusers_artifact, [shape])    # bf16: 2 bytes
+    assert seen["peaks"]["none"] > seen["peaks"]["model"] > seen["peaks"]["sequential"]
+    monkeypatch.undo()
+    assert load_pipeline(diffusers_artifact, verify=False).offload_mode == "none"   # CPU

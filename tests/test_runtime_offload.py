@@ -9,7 +9,14 @@ import torch
 
 from hlwq.quant.core import quantize_tensor
 from hlwq.quant.errors import InvalidOptionError
-from hlwq.runtime.offload import OFFLOAD_MODES, apply_offload, choose_offload, weights_peak
+from hlwq.runtime.memory_plan import (
+    DEVICE_RESERVE_BYTES,
+    RenderShape,
+    component_weights,
+    layout_configs,
+    render_peaks,
+)
+from hlwq.runtime.offload import OFFLOAD_MODES, apply_offload, choose_offload
 from hlwq.runtime.packed_linear import PackedLinear
 from hlwq.testing.fixtures import load_tiny_pipeline, make_tiny_ltx23
 
@@ -80,26 +87,22 @@ def test_auto_on_the_cpu_keeps_everything_in_place(source):
         apply_offload(pipeline, "disk", "cpu")
 
 
-def test_auto_picks_the_fastest_mode_that_fits(monkeypatch):
-    peaks = {"none": 30e9, "model": 14e9, "group": 3e9}
-    free = {"value": 16e9}
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["value"], 80e9))
+def test_auto_picks_the_first_mode_of_the_plan_that_fits_the_free_memory(monkeypatch):
+    weights = component_weights([
+        {"component": c, "tensor": f"blocks.{i}.{part}", "packed_bytes": 15 * 10**8}
+        for c in ("transformer", "vae", "text_encoder", "connectors", "audio_vae", "vocoder")
+        for i in range(4) for part in "ab"])
+    shapes = [RenderShape(), RenderShape(width=1280, height=704, frames=97)]
+    peaks = render_peaks(weights, layout_configs(), shapes)
+    assert peaks["none"] > peaks["model"] > peaks["group"] > peaks["sequential"]
     cuda = torch.device("cuda")
-    assert choose_offload(cuda, peaks.__getitem__) == "model"
-    free["value"] = 40e9
-    assert choose_offload(cuda, peaks.__getitem__) == "none"
-    free["value"] = 2e9
-    assert choose_offload(cuda, peaks.__getitem__) == "sequential"
-    assert choose_offload(torch.device("cpu"), peaks.__getitem__) == "none"
-
-
-def test_weights_peak_counts_packed_bytes(source):
-    pipeline = packed_pipeline(source)
-    none, model, group = (weights_peak(pipeline, m) for m in ("none", "model", "group"))
-    assert none > model > group > 0
-    transformer = pipeline.transformer
-    layer = next(m for m in transformer.modules() if isinstance(m, PackedLinear))
-    packed_bytes = sum(getattr(layer, n).numel() * getattr(layer, n).element_size()
-                       for n in PACKED_DTYPES)
-    assert packed_bytes < layer.in_features * layer.out_features   # under a byte per weight
+    for mode in ("none", "model", "group", "sequential"):       # just enough for each, in turn
+        assert choose_offload(cuda, peaks, peaks[mode] + DEVICE_RESERVE_BYTES) == mode
+    assert choose_offload(cuda, peaks, peaks["model"] + DEVICE_RESERVE_BYTES - 1) == "group"
+    assert choose_offload(cuda, peaks, 10**6) == "sequential"   # nothing fits: the least memory
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (peaks["none"] * 2, 0))
+    assert choose_offload(cuda, peaks) == "none"                # the device's own free figure
+    assert choose_offload(torch.device("cpu"), peaks, 0) == "none"
+    with pytest.raises(InvalidOptionError, match="needs the memory plan"):
+        choose_offload(cuda, None)
     assert set(OFFLOAD_MODES) == {"auto", "none", "model", "sequential", "group"}

@@ -26,7 +26,9 @@ from hlwq.quant.choices import DTYPE_NAMES, OFFLOAD_MODES
 @click.option("--offload", type=click.Choice(OFFLOAD_MODES), default="auto", show_default=True,
               help="Which weights stay on the device: none (all), model (one component at a "
                    "time), sequential (one layer at a time), group (one block at a time, "
-                   "streamed on CUDA); auto picks the fastest that fits the free memory.")
+                   "streamed on CUDA); auto picks, on CUDA, the fastest whose peak the memory "
+                   "plan predicts for the batch's largest render fits the free memory (hlwq plan "
+                   "ARTIFACT --device-memory shows it), and on the CPU none.")
 @click.option("--vae-tiling", is_flag=True, help="Decode the video in tiles (less memory).")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="auto", show_default=True,
               help="Compute dtype (auto: bfloat16 on CUDA, float32 on the CPU).")
