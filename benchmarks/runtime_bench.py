@@ -260,6 +260,7 @@ def worker_main(argv: list[str]) -> None:
 
     from hlwq.runtime.loader import load_component
     from hlwq.runtime.packed_linear import PackedLinear
+    from hlwq.runtime.peak_memory import PeakMemory
 
     device = torch.device(args.device)
     # Code is loaded before the baseline in both modes: importing diffusers' LTX-2 module
@@ -272,7 +273,7 @@ def worker_main(argv: list[str]) -> None:
         PackedLinear.from_packed(_tiny_packed()).to(device)(
             torch.zeros(1, 128, dtype=dtype, device=device))
     step = step_arguments(load_file(args.inputs, device=str(device)), args.inputs)
-    memory = PeakMemory(device)
+    memory = PeakMemory(device).start()
     started = time.perf_counter()
     if args.mode == "bf16":
         model = LTX2VideoTransformer3DModel.from_pretrained(
@@ -293,10 +294,12 @@ def worker_main(argv: list[str]) -> None:
         with torch.inference_mode():
             started = time.perf_counter()
             video, audio = model(**step)
-            memory.synchronize()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
         reply({"step_s": time.perf_counter() - started})
     save_file({"video": video.contiguous().cpu(), "audio": audio.contiguous().cpu()}, args.out)
-    reply({"peak_growth_bytes": memory.growth(), "dense_weight_copies": dense_copies["count"]})
+    memory.stop()
+    reply({"peak_growth_bytes": memory.growth_bytes, "dense_weight_copies": dense_copies["count"]})
 
 
 def add_lora(model, mode: str, path: Path) -> None:
@@ -347,36 +350,6 @@ def step_arguments(inputs: dict, path: Path) -> dict:
                 num_frames=frames, height=16, width=16, fps=24.0,
                 audio_num_frames=inputs["audio_hidden_states"].shape[1],
                 use_cross_timestep=True, return_dict=False)
-
-
-class PeakMemory:
-    """Peak growth from now: the kernel's RSS high-water mark on the CPU, the allocator's on CUDA."""
-
-    def __init__(self, device):
-        import torch
-
-        self.device = device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            self.baseline = torch.cuda.memory_allocated(device)
-        else:   # Linux >= 4.0: writing 5 resets VmHWM to the current RSS
-            with open("/proc/self/clear_refs", "w") as handle:
-                handle.write("5")
-            self.baseline = _status_kib("VmRSS") * 1024
-
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            import torch
-
-            torch.cuda.synchronize(self.device)
-
-    def growth(self) -> int:
-        if self.device.type == "cuda":
-            import torch
-
-            return torch.cuda.max_memory_allocated(self.device) - self.baseline
-        return _status_kib("VmHWM") * 1024 - self.baseline
 
 
 def _tiny_packed():
