@@ -2,15 +2,18 @@
 
 1. the Triton decode tests, on CUDA (pytest without the suite's conftest: no Prefect there);
 2. one denoising step of the real-width LTX-2.3 transformer (4 blocks, 6,144 video tokens,
-   bf16), dense BF16 against the same weights with the block linears packed (Q5), in one
-   process, one after the other: step latency, weights resident, peak memory, output diff;
+   bf16), dense BF16 against the same weights with every large 2-D weight packed (Q5, the
+   ``generic`` policy: runtime_bench's headline, since the model-level layers the ``ltx23``
+   policy keeps are 22 % of a 4-block model but 2.6 % of the real one), in one process, one
+   after the other: step latency, weights resident, peak memory, output diff;
 3. the tiny LTX-2.3 pipeline (transformer and text encoder packed) rendered under each offload
-   mode: wall time, peak memory, latents against offload "none";
-4. everything as JSON under benchmarks/results/.
+   mode, and under ``auto`` with the memory plan of the pipeline's own tensors: wall time,
+   peak memory (and the plan's prediction), latents against offload "none";
+4. everything as JSON (benchmarks/gpu_check.sh: under $OUT or benchmarks/results/).
 
-Only quant/, runtime/ and the testing/ fixtures run, so the machine needs torch, triton,
-transformers, accelerate, safetensors and diffusers (benchmarks/gpu_check.sh brings the
-diffusers wheel along). ``--dry-run`` runs every step on the CPU at tiny widths (a syntax
+Only quant/, runtime/, store/ and the testing/ fixtures run, so the machine needs torch,
+triton, transformers, accelerate, safetensors and diffusers (benchmarks/gpu_check.sh brings
+the diffusers wheel along). ``--dry-run`` runs every step on the CPU at tiny widths (a syntax
 and wiring check, no numbers worth keeping).
 
     python -m hlwq.benchmarks.gpu_check [--dry-run] [--out FILE]
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -29,9 +33,11 @@ from pathlib import Path
 
 import torch
 
+from hlwq.runtime.peak_memory import PeakMemory
 from hlwq.store.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
+ABSENT_THERE = ("prefect", "dask", "distributed", "av")     # not on the GPU machine
 TARGETS = {"step_latency_ratio_max": 1.15, "weights_resident_ratio_max": 0.35}
 OFFLOAD_RENDER = {"prompt": "a red fox runs through fresh snow at dawn", "num_frames": 9,
                   "height": 32, "width": 32, "num_inference_steps": 2, "output_type": "latent"}
@@ -54,53 +60,37 @@ def triton_tests(dry_run: bool) -> dict:
 # --------------------------------------------------------------------------- one step
 
 
-class DeviceMemory:
-    """Allocated bytes and the allocator's peak on CUDA; zeros on the CPU (dry run)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.device = device
-
-    def allocated(self) -> int:
-        return torch.cuda.memory_allocated(self.device) if self.cuda else 0
-
-    def reset_peak(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def peak(self) -> int:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device)
-        return 0
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
+def allocated(device: torch.device) -> int:
+    """Bytes the CUDA allocator holds for tensors (0 on the CPU: the dry run)."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
-def timed_steps(model, step: dict, memory: DeviceMemory, steps: int) -> dict:
-    memory.reset_peak()
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_steps(model, step: dict, device: torch.device, steps: int) -> dict:
     times = []
-    with torch.inference_mode():
+    with PeakMemory(device) as peak, torch.inference_mode():
         for _ in range(1 + steps):                  # the first warms kernels and caches up
             started = time.perf_counter()
             video, audio = model(**step)
-            memory.sync()
+            synchronize(device)
             times.append(time.perf_counter() - started)
     return {"step_s": min(times[1:]), "step_times_s": [round(t, 4) for t in times],
-            "peak_bytes": memory.peak(), "video": video.double().cpu(),
-            "audio": audio.double().cpu()}
+            "peak_bytes": peak.peak_bytes, "peak_kind": peak.kind,
+            "video": video.double().cpu(), "audio": audio.double().cpu()}
 
 
-def pack_block_linears(model) -> int:
-    """Replace every linear the ltx23 policy quantizes by a Q5 PackedLinear; returns how many."""
+def pack_linears(model, policy_name: str) -> int:
+    """Replace every linear the policy quantizes by a Q5 PackedLinear on the same device;
+    returns how many."""
     from hlwq.quant.core import quantize_tensor
     from hlwq.runtime.packed_linear import PackedLinear
     from hlwq.store.policy import load_policy
 
-    policy = load_policy("ltx23")
+    policy = load_policy(policy_name)
     packed = 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, torch.nn.Linear):
@@ -111,25 +101,26 @@ def pack_block_linears(model) -> int:
             continue
         tensor = quantize_tensor(weight, bits=decision.bits, block_size=128, mode="reference",
                                  name=name)
-        model.set_submodule(name, PackedLinear.from_packed(tensor, module.bias))
+        model.set_submodule(name, PackedLinear.from_packed(tensor, module.bias).to(weight.device))
         packed += 1
     return packed
 
 
 def step_benchmark(device: torch.device, layers: int, frames: int, steps: int,
                    dry_run: bool) -> dict:
-    from hlwq.benchmarks.runtime_bench import audio_frames, step_arguments
+    from hlwq.benchmarks.runtime_bench import HEADLINE, audio_frames, step_arguments
     from hlwq.runtime.ltx23_models import build_model
     from hlwq.store.ltx23_config import real_width_transformer_config, tiny_config
-    from hlwq.testing.fixtures import fill_synthetic_
 
     config = tiny_config("transformer") if dry_run else real_width_transformer_config(layers)
     config["num_layers"] = layers
-    memory = DeviceMemory(device)
-    before = memory.allocated()
-    model = fill_synthetic_(build_model("transformer", config), "transformer", seed=0)
-    model = model.to(device=device, dtype=torch.bfloat16).eval()
-    dense_bytes = memory.allocated() - before
+    before = allocated(device)
+    # built on the device with torch's own initialisation: latency and memory do not depend
+    # on the values, and synthetic trained-looking ones would take minutes of the CPU's time
+    torch.manual_seed(0)
+    model = build_model("transformer", config, device=device)
+    model = model.to(dtype=torch.bfloat16).eval()
+    dense_bytes = allocated(device) - before
     video, audio = frames * 16 * 16, audio_frames(frames)
     g = torch.Generator().manual_seed(0)
     inputs = {name: torch.randn(1, tokens, width, generator=g).to(device, torch.bfloat16)
@@ -144,15 +135,16 @@ def step_benchmark(device: torch.device, layers: int, frames: int, steps: int,
         path = Path(scratch) / "inputs.safetensors"
         save_file({k: v.cpu() for k, v in inputs.items()}, path, metadata={"frames": str(frames)})
         step = step_arguments(inputs, path)
-    dense = timed_steps(model, step, memory, steps)
-    linears = pack_block_linears(model)
+    dense = timed_steps(model, step, device, steps)
+    linears = pack_linears(model, HEADLINE)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    packed_bytes = memory.allocated() - before
-    packed = timed_steps(model, step, memory, steps)
+    packed_bytes = allocated(device) - before
+    packed = timed_steps(model, step, device, steps)
     diff = max(float((packed[k] - dense[k]).abs().max() / dense[k].abs().max())
                for k in ("video", "audio"))
     result = {"layers": layers, "video_tokens": video, "audio_tokens": audio, "text_tokens": 1024,
+              "weights": "torch's default initialisation", "policy": HEADLINE, "bits": 5,
               "packed_linears": linears, "max_rel_diff": diff,
               "bf16": {k: v for k, v in dense.items() if k not in ("video", "audio")},
               "packed": {k: v for k, v in packed.items() if k not in ("video", "audio")},
@@ -168,38 +160,70 @@ def step_benchmark(device: torch.device, layers: int, frames: int, steps: int,
 
 
 def offload_renders(device: torch.device) -> dict:
-    from hlwq.quant.core import quantize_tensor
+    from hlwq.runtime.memory_plan import RenderShape, folder_configs, render_peaks
     from hlwq.runtime.offload import apply_offload
-    from hlwq.runtime.packed_linear import PackedLinear
-    from hlwq.testing.fixtures import load_tiny_pipeline, make_tiny_ltx23
+    from hlwq.testing.fixtures import make_tiny_ltx23
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    memory = DeviceMemory(device)
+    shape = RenderShape(width=OFFLOAD_RENDER["width"], height=OFFLOAD_RENDER["height"],
+                        frames=OFFLOAD_RENDER["num_frames"], dtype_bytes=dtype.itemsize)
     results, reference = {}, None
     with tempfile.TemporaryDirectory() as scratch:
         source = make_tiny_ltx23(Path(scratch) / "tiny")
-        for mode in ("none", "model", "sequential", "group"):
-            pipeline = load_tiny_pipeline(source, dtype=dtype)
-            for component in ("transformer", "text_encoder"):
-                model = getattr(pipeline, component)
-                for name, module in list(model.named_modules()):
-                    if isinstance(module, torch.nn.Linear) and "vision" not in name:
-                        tensor = quantize_tensor(module.weight.detach().float(), bits=5,
-                                                 block_size=128, mode="reference", name=name)
-                        model.set_submodule(name, PackedLinear.from_packed(tensor, module.bias))
-            pipeline.set_progress_bar_config(disable=True)
-            apply_offload(pipeline, mode, device)
-            memory.reset_peak()
+        for mode in ("none", "model", "sequential", "group", "auto"):
+            pipeline = packed_tiny_pipeline(source, dtype)
+            peaks = render_peaks(pipeline_weights(pipeline), folder_configs(source), [shape])
+            applied = apply_offload(pipeline, mode, device, peaks)
             started = time.perf_counter()
-            with torch.inference_mode():
+            with PeakMemory(device) as peak, torch.inference_mode():
                 out = pipeline(**OFFLOAD_RENDER, generator=torch.Generator().manual_seed(0))
             latents = out.frames[0].double().cpu()
             reference = latents if reference is None else reference
-            results[mode] = {"wall_s": round(time.perf_counter() - started, 3),
-                             "peak_bytes": memory.peak(),
+            results[mode] = {"applied": applied, "wall_s": round(time.perf_counter() - started, 3),
+                             "peak_bytes": peak.peak_bytes, "peak_kind": peak.kind,
+                             "planned_peak_bytes": peaks[applied],
                              "max_abs_diff_vs_none": float((latents - reference).abs().max())}
             del pipeline
     return results
+
+
+def packed_tiny_pipeline(source: Path, dtype: torch.dtype):
+    """The tiny pipeline with the transformer's and the text encoder's linears packed (Q5)."""
+    from hlwq.quant.core import quantize_tensor
+    from hlwq.runtime.packed_linear import PackedLinear
+    from hlwq.testing.fixtures import load_tiny_pipeline
+
+    pipeline = load_tiny_pipeline(source, dtype=dtype)
+    for component in ("transformer", "text_encoder"):
+        model = getattr(pipeline, component)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, torch.nn.Linear) and "vision" not in name:
+                tensor = quantize_tensor(module.weight.detach().float(), bits=5, block_size=128,
+                                         mode="reference", name=name)
+                model.set_submodule(name, PackedLinear.from_packed(tensor, module.bias))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def pipeline_weights(pipeline) -> dict:
+    """The memory plan's weights of a pipeline in memory: each tensor at the bytes it holds."""
+    from hlwq.runtime.ltx23_models import checkpoint_tensors
+    from hlwq.runtime.memory_plan import component_weights
+
+    return component_weights(
+        {"component": component, "tensor": name, "packed_bytes": t.numel() * t.element_size()}
+        for component, model in pipeline.components.items() if isinstance(model, torch.nn.Module)
+        for name, t in checkpoint_tensors(model))
+
+
+def imported_from() -> dict:
+    """Where diffusers came from (the bundled wheel?) and which absent packages got imported."""
+    import diffusers
+
+    site = os.environ.get("GPU_CHECK_SITE")
+    return {"diffusers": diffusers.__version__,
+            "diffusers_from_bundled_wheel": bool(site) and diffusers.__file__.startswith(site),
+            "absent_there_but_imported": sorted(n for n in ABSENT_THERE if n in sys.modules)}
 
 
 def machine(device: torch.device) -> dict:
@@ -235,6 +259,7 @@ def main(argv=None) -> int:
     result["triton_tests"] = triton_tests(args.dry_run)
     result["runtime_step"] = step_benchmark(device, layers, frames, steps, args.dry_run)
     result["offload_renders"] = offload_renders(device)
+    result["imports"] = imported_from()
     step = result["runtime_step"]
     result["meets_targets"] = {
         "step_latency": step["step_latency_ratio"] <= TARGETS["step_latency_ratio_max"],
