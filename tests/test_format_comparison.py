@@ -4,6 +4,7 @@ missing libraries named; and the same sample as a plot in the validation report.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -101,3 +102,17 @@ def test_write_report_puts_the_plot_on_the_page(artifact, tmp_path, monkeypatch)
                         " ".join(p.relative_to(directory).as_posix() for p in plots.values()))
     page = report.write_report(tmp_path, {}, art / METRICS_NAME).read_text()
     assert page == f"{report.PLOT_DIR}/formats.png"
+
+
+def test_inspect_prints_the_comparison_and_its_json_holds_it(artifact):
+    from click.testing import CliRunner
+
+    from hlwq.cli.main import cli
+
+    _, art = artifact
+    text = CliRunner().invoke(cli, ["inspect", str(art)])
+    assert text.exit_code == 0, text.output
+    assert "| **this artifact** |" in text.output and "(nearest size)" in text.output
+    as_json = CliRunner().invoke(cli, ["inspect", str(art), "--json"])
+    assert as_json.exit_code == 0
+    assert json.loads(as_json.output)["format_comparison"] == read_manifest(art)["format_comparison"]

@@ -42,14 +42,15 @@ def verify(artifact: str, no_hashes: bool) -> None:
 @click.option("--no-hashes", is_flag=True, help="Check sizes and headers only (skip sha256).")
 def inspect(artifact: str, as_json: bool, no_hashes: bool) -> None:
     """Show ARTIFACT's per-component sizes, its validation (the output gates per prompt and the
-    tensor gates, as the model card shows them), quality distribution and worst tensors (a
-    folder, or a Hub repo owner/name[@revision], downloaded and verified first), and whether
-    it is sound (what `hlwq verify` checks). Exits 1 if it is not."""
+    tensor gates, as the model card shows them), quality distribution, worst tensors and the
+    other formats at its size (a folder, or a Hub repo owner/name[@revision], downloaded and
+    verified first), and whether it is sound (what `hlwq verify` checks). Exits 1 if it is not."""
     from hlwq.runtime.hub import resolve_artifact
     from hlwq.store.artifact import METRICS_NAME, open_artifact, verify_artifact
     from hlwq.store.model_card import (
         QUALITY_HEADER,
         SIZE_HEADER,
+        format_comparison_blocks,
         markdown_table,
         quality_rows,
         quality_summary,
@@ -71,7 +72,9 @@ def inspect(artifact: str, as_json: bool, no_hashes: bool) -> None:
     if as_json:
         click.echo(json.dumps({"source": source, "quantization": manifest["quantization"],
                                "sizes": manifest["sizes"], "quality": quality,
-                               "validation": manifest["validation"], "sound": not problems,
+                               "validation": manifest["validation"],
+                               "format_comparison": manifest.get("format_comparison"),
+                               "sound": not problems,
                                "problems": problems, "validated": validated},
                               indent=2, sort_keys=True))
         sys.exit(1 if problems else 0)
@@ -87,6 +90,9 @@ def inspect(artifact: str, as_json: bool, no_hashes: bool) -> None:
                        f"relative MSE {worst['rel_mse']:.3e}")
     else:
         click.echo("\nno metrics.parquet: no quality table")
+    comparison = format_comparison_blocks(manifest.get("format_comparison"), manifest["sizes"])
+    if comparison:
+        click.echo("\n" + "\n\n".join(comparison))
     if problems:
         click.echo(f"\nsound: no, {len(problems)} problem(s) (`hlwq verify` lists them all):")
         for problem in problems[:10]:
