@@ -158,7 +158,7 @@ def failure_row(request: RenderRequest, key: str, model_id: str, artifact: str, 
         error = exc
     text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else (state.message or "failed")
     return {**request.to_dict(), "render_key": key, "artifact_id": model_id, "artifact": str(artifact),
-            "status": FAILED, "error": text}
+            **getattr(error, "render_measure", {}), "status": FAILED, "error": text}
 
 
 def publish_artifacts(summary: BatchSummary, batch: PromptBatch) -> None:

@@ -191,8 +191,13 @@ def render_request(
     with _PIPELINE_LOCK:
         activate_loras(pipeline, request)
         started = time.perf_counter()
-        with PeakMemory(device_name) as peak, torch.inference_mode():
-            output = pipeline(**arguments)
+        try:
+            with PeakMemory(device_name) as peak, torch.inference_mode():
+                output = pipeline(**arguments)
+        except Exception as error:
+            # An out-of-memory render's peak is the figure its catalog row most needs.
+            error.render_measure = measure_row(time.perf_counter() - started, peak, pipeline)
+            raise
         render_seconds = time.perf_counter() - started
 
     frames = np.asarray(output.frames[0])
@@ -210,14 +215,17 @@ def render_request(
         "contact_sheet": str(sheet_path.resolve()),
         "sha256": sha256_file(video_path),
         "duration_s": len(frames) / request.fps,
-        "render_seconds": render_seconds,
-        "peak_memory_bytes": int(peak.peak_bytes),
-        "peak_memory_kind": peak.kind,
-        "offload": getattr(pipeline, "offload_mode", None),
+        **measure_row(render_seconds, peak, pipeline),
         "status": RENDERED,
         "error": None,
         "rendered_at": datetime.now(UTC).isoformat(),
     }
+
+
+def measure_row(seconds: float, peak: PeakMemory, pipeline) -> dict[str, Any]:
+    """The catalog's measure of one render attempt, rendered or failed."""
+    return {"render_seconds": seconds, "peak_memory_bytes": int(peak.peak_bytes),
+            "peak_memory_kind": peak.kind, "offload": getattr(pipeline, "offload_mode", None)}
 
 
 def retry_transient(task, task_run, state) -> bool:

@@ -116,6 +116,9 @@ def test_batch_renders_records_failures_skips_done_work_and_publishes_artifacts(
     assert sorted(catalog) == ["boom", "calm", "flaky", "i2v"]
     assert catalog["boom"]["status"] == "failed"
     assert catalog["boom"]["error"] == "RuntimeError: scripted failure for 'boom'"
+    # a failed attempt is measured too: an out-of-memory render's peak is what its row is for
+    assert catalog["boom"]["render_seconds"] >= 0 and catalog["boom"]["peak_memory_kind"] == "cpu_rss"
+    assert catalog["boom"]["peak_memory_bytes"] > 10 * 2**20
     for name in ("calm", "flaky", "i2v"):
         row = catalog[name]
         assert row["status"] == "rendered" and row["error"] is None
