@@ -125,7 +125,9 @@ def configurations(rows, scope, budgets: dict[str, int], damages: dict[str, dict
     for label, budget in budgets.items():
         fmt = (uniform or {}).get(label) or best_uniform_format(options, budget, fixed)
         if fmt is not None:
-            configs.append(uniform_config(label, budget, quantized, fmt))
+            configs.append({**uniform_config(label, budget, quantized, fmt), "predicted_error": {
+                model: math.fsum(damage[_key(r)][tuple(fmt)] for r in quantized)
+                for model, damage in damages.items()}})
         for model, damage in damages.items():
             try:
                 _, allocation = allocate_rows(rows, budget, scope, damage)
@@ -247,6 +249,8 @@ def tiny_part(work: Path, log) -> dict:
                        for f in ((2, 128), (2, 32), (3, 128), (3, 32), (4, 128), (4, 32), (5, 128))]
     passing = [r for r in sweep_results + comparisons + uniform_results if r["gates_passed"]]
     return {
+        "q4_g32_check": {metric: q4_g32_check(comparisons, metric)
+                         for metric in ("transformer_out_rel_err", "latent_rel_err")},
         "fixture": "make_tiny_ltx23 (2 blocks, video width 256, audio 128), seed 0",
         "scope": "transformer", "quantized_tensors": len(quantized),
         "uniform_sizes": uniform_size,
@@ -256,6 +260,18 @@ def tiny_part(work: Path, log) -> dict:
         "smallest_passing_uniform": min((r for r in passing if r["kind"].startswith("uniform")),
                                         key=lambda r: r["total_bytes"], default=None),
     }
+
+
+def q4_g32_check(comparisons: list[dict], metric: str) -> dict:
+    """The issue's check at the size of uniform Q4/g32: the allocation with output sensitivity
+    predicts and delivers (by ``metric``) no more error than uniform Q4/g32."""
+    at = {c["kind"]: c for c in comparisons if c["budget"] == "=Q4/g32"}
+    budget, uniform = at["budget (activations)"], at["uniform Q4/g32"]
+    return {"budget_predicted": budget["predicted_error"],
+            "uniform_predicted": uniform["predicted_error"]["activations"],
+            "budget_measured": budget[metric], "uniform_measured": uniform[metric],
+            "holds": budget["predicted_error"] <= uniform["predicted_error"]["activations"]
+            and budget[metric] <= uniform[metric]}
 
 
 def _mean(prompts: dict, metric: str) -> float:
@@ -310,7 +326,7 @@ def real_width_part(work: Path, layers: int, log) -> dict:
         return lambda: [model(**kwargs, return_dict=False) for kwargs in inputs]
 
     with torch.no_grad():
-        log("capturing activation statistics and probing output gains")
+        log("capturing activation statistics and output gains (one forward + backward)")
         stats = activation_stats(model, forward(calibration), "transformer", names)
         reference_out = forward(evaluation)()
     log("measuring damage on sampled rows")
@@ -330,7 +346,8 @@ def real_width_part(work: Path, layers: int, log) -> dict:
         setter.restore()
         results.append({k: v for k, v in config_.items() if k != "formats"}
                        | {"transformer_out_rel_err": error})
-    return {"fixture": f"make_real_width_transformer(layers={layers}), seed 0; synthetic inputs "
+    return {"q4_g32_check": q4_g32_check(results, "transformer_out_rel_err"),
+            "fixture": f"make_real_width_transformer(layers={layers}), seed 0; synthetic inputs "
                        "(2x8x8 video latents, 16 audio frames, 64 text tokens), calibration seeds "
                        "1-2, evaluation seeds 11-12",
             "scope": "transformer", "quantized_tensors": len(quantized),

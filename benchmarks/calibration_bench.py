@@ -1,24 +1,28 @@
-"""`hlwq bench calibration`: the block-by-block calibration forward against quantizing.
+"""`hlwq bench calibration`: the block-by-block calibration against the quantize run, one run.
 
 On the real-width transformer fixture (``--layers`` blocks, synthetic BF16 weights of LTX-2.3's
 real widths), one run measures:
 
-- the streamed calibration (runtime/block_calibration.py) on ``--inputs`` first-step inputs
-  of LTX-2.3's default calibration size: setup (shell model, non-block weights, captured
-  block inputs) and, per block, reading its weights, the forward that records activations,
-  and one noise probe per linear;
-- the quantize work of the same blocks: every block linear through quant.core at Q5
-  (what the flow's workers do), one tensor at a time in this process.
+- the streamed calibration (runtime/block_calibration.py: per block, reading its weights and
+  one forward + one backward per input) at the default calibration size: the first
+  denoising step of the suite's first ``CALIBRATION_PROMPTS`` prompts, at the shapes the
+  LTX-2.3 pipeline gives them (captured from the tiny fixture, whose VAE compression and text
+  length are the real ones: latent frames x rows x columns, audio frames, 1024 text tokens,
+  both halves of classifier-free guidance), with values of the real widths;
+- the quantize run as the flow runs it: ``hlwq quantize`` with 2 Dask workers
+  (benchmarks/scale_bench.py run_flow) on the same fixture.
 
-Both are extrapolated to LTX-2.3's 48 blocks (setup once, per-block costs times 48) and
-their ratio recorded (benchmarks/results/calibration.json). Both run single-process on the
-same threads, so the ratio is what calibration adds to a quantize run on one worker; with
-more workers the quantize stage shortens and the ratio grows by the worker count.
+Both are extrapolated to LTX-2.3's 48 blocks: calibration setup once + 48 x its per-block
+cost; the quantize stage 48 / ``--layers`` times longer, plus the flow's fixed start-up. With
+``--oracle`` the output gains are also checked against the noise probe (one forward per
+linear, hlwq.testing.sensitivity_probe) on the tiny fixture and the real-width model in
+memory: rank correlation and ratio of the gains.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,76 +30,137 @@ from pathlib import Path
 import click
 import torch
 
-from hlwq.benchmarks.budget_bench import machine, real_width_inputs
+from hlwq.benchmarks.budget_bench import machine
 from hlwq.store.atomic import atomic_write_text
 
 RESULTS = Path(__file__).with_name("results") / "calibration.json"
 LTX23_BLOCKS = 48
+WIDTHS = {"hidden_states": "in_channels", "audio_hidden_states": "audio_in_channels",
+          "encoder_hidden_states": "cross_attention_dim",
+          "audio_encoder_hidden_states": "audio_cross_attention_dim"}
 
 
-def quantize_blocks(folder: Path, bits: int = 5) -> dict:
-    """Seconds to quantize every block linear of the transformer in ``folder``, per block."""
-    from hlwq.quant.core import quantize_tensor
-    from hlwq.runtime.block_calibration import BLOCKS, tensor_index
-    from hlwq.store.ltx23_config import BLOCK_LINEAR_PATTERN
-    from hlwq.store.safetensors_io import read_tensor
+def default_calibration_inputs(work: Path) -> tuple[list[dict], object]:
+    """First-step transformer inputs of the default calibration prompts, and the tiny
+    pipeline they were captured with."""
+    from hlwq.tasks.budget import CALIBRATION_PROMPTS, first_step_inputs
+    from hlwq.tasks.validate_output import load_suite
+    from hlwq.testing.fixtures import load_tiny_pipeline, make_tiny_ltx23
 
-    index = tensor_index(folder)
-    per_block: dict[str, float] = {}
-    params = 0
-    for name, (path, entry) in sorted(index.items()):
-        if not (name.startswith(f"{BLOCKS}.") and BLOCK_LINEAR_PATTERN.search(name)
-                and len(entry.shape) == 2):
-            continue
-        block = name.split(".")[1]
-        tick = time.perf_counter()
-        quantize_tensor(read_tensor(path, entry).float(), bits, name=name)
-        per_block[block] = per_block.get(block, 0.0) + time.perf_counter() - tick
-        params += entry.numel
-    return {"bits": bits, "params": params, "seconds_per_block": per_block}
+    pipeline = load_tiny_pipeline(make_tiny_ltx23(work / "tiny"))
+    pipeline.set_progress_bar_config(disable=True)
+    return [first_step_inputs(pipeline, request)
+            for request in load_suite(None)[:CALIBRATION_PROMPTS]], pipeline
+
+
+def at_real_width(inputs: dict, config: dict, seed: int) -> dict:
+    """``inputs`` with the hidden states redrawn (seeded) at the widths of ``config``."""
+    gen = torch.Generator().manual_seed(seed)
+    return {**inputs, **{name: torch.randn((*inputs[name].shape[:-1], config[width]), generator=gen)
+                         for name, width in WIDTHS.items()}}
+
+
+def shapes(inputs: dict) -> dict:
+    return {name: list(inputs[name].shape) for name in WIDTHS}
+
+
+def rank_agreement(gains: dict[str, float], oracle: dict[str, float]) -> dict:
+    """Spearman correlation and ratio statistics of ``gains`` against the probe's."""
+    keys = sorted(oracle)
+
+    def ranks(values):
+        return torch.tensor(values).argsort().argsort().double()
+
+    a, b = ranks([gains[k] for k in keys]), ranks([oracle[k] for k in keys])
+    ratios = [gains[k] / oracle[k] for k in keys if oracle[k] > 0]
+    return {"linears": len(keys), "spearman": float(torch.corrcoef(torch.stack([a, b]))[0, 1]),
+            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+            "ratio_of_sums": sum(gains[k] for k in keys) / sum(oracle[k] for k in keys)}
+
+
+def oracle_check(model: torch.nn.Module, inputs: list[dict], names=None) -> dict:
+    """Backward gains (two cotangent seeds) against two noise probes of the same linears."""
+    from hlwq.tasks.budget import activation_stats
+    from hlwq.testing.sensitivity_probe import probe_gains
+
+    def forward():
+        return [model(**kwargs, return_dict=False) for kwargs in inputs]
+
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and (names is None or f"{n}.weight" in names)}
+    tick = time.perf_counter()
+    weights = {f"{n}.weight" for n in linears}
+    gains = [activation_stats(model, forward, "t", weights, seed=seed).output_gain
+             for seed in (0, 1)]
+    backward_s = (time.perf_counter() - tick) / 2
+    tick = time.perf_counter()
+    probes = [{f"t/{n}.weight": g for n, g in probe_gains(linears, forward, seed=seed).items()}
+              for seed in (0, 1)]
+    probe_s = (time.perf_counter() - tick) / 2
+    return {"backward_vs_probe": rank_agreement(gains[0], probes[0]),
+            "backward_vs_backward_other_seed": rank_agreement(gains[1], gains[0]),
+            "probe_vs_probe_other_seed": rank_agreement(probes[1], probes[0]),
+            "backward_s": backward_s, "probe_s": probe_s}
 
 
 @click.command()
 @click.option("--out", type=click.Path(dir_okay=False), default=str(RESULTS), show_default=True)
 @click.option("--work-dir", type=click.Path(file_okay=False), default="work-runs/bench-calibration",
-              show_default=True, help="Where the fixture is written (reused across runs).")
+              show_default=True, help="Where the fixtures are written (reused across runs).")
 @click.option("--layers", type=int, default=2, show_default=True,
               help="Blocks of the real-width fixture.")
-@click.option("--inputs", type=int, default=2, show_default=True,
-              help="Calibration inputs (tasks/budget.py CALIBRATION_PROMPTS by default).")
-def bench_calibration(out, work_dir, layers, inputs):
-    """Block-by-block calibration cost vs quantize cost, extrapolated to 48 blocks."""
+@click.option("--oracle/--no-oracle", default=False, show_default=True,
+              help="Also compare the gains with the noise probe's (minutes at real width).")
+def bench_calibration(out, work_dir, layers, oracle):
+    """Block-by-block calibration cost vs the quantize run, extrapolated to 48 blocks."""
+    from hlwq.benchmarks.scale_bench import run_flow
     from hlwq.runtime.block_calibration import streamed_activation_stats
     from hlwq.store.ltx23_config import real_width_transformer_config
     from hlwq.testing.fixtures import make_real_width_transformer
 
     started = time.perf_counter()
-    root = make_real_width_transformer(Path(work_dir) / f"real-width-{layers}", layers)
-    folder = root / "transformer"
+    work = Path(work_dir)
+    root = make_real_width_transformer(work / f"real-width-{layers}", layers)
     config = real_width_transformer_config(layers)
-    calibration = [real_width_inputs(config, seed) for seed in range(1, inputs + 1)]
-    torch.manual_seed(0)
-    stats, cost = streamed_activation_stats(folder, calibration)
-    quantized = quantize_blocks(folder)
-    per_block_calibration = (cost["read_s"] + cost["forward_s"] + cost["probe_s"]) / layers
-    per_block_quantize = sum(quantized["seconds_per_block"].values()) / layers
+    captured, tiny = default_calibration_inputs(work)
+    calibration = [at_real_width(kwargs, config, seed) for seed, kwargs in enumerate(captured, 1)]
+    _, cost = streamed_activation_stats(root / "transformer", calibration)
+    flow = run_flow(root, work / "quantize-out", workers=2)
+    per_block_calibration = (cost["read_s"] + cost["forward_backward_s"]) / layers
     calibration_48 = cost["setup_s"] + LTX23_BLOCKS * per_block_calibration
-    quantize_48 = LTX23_BLOCKS * per_block_quantize
+    quantize_48 = (flow["wall_s"] - flow["quantize_wall_s"]
+                   + LTX23_BLOCKS / layers * flow["quantize_wall_s"])
     results = {
         "benchmark": "calibration", "command": "hlwq bench calibration " + " ".join(sys.argv[3:]),
         "machine": machine(),
         "fixture": f"make_real_width_transformer(layers={layers}), seed 0",
-        "inputs": f"{inputs} synthetic first-step inputs (2x8x8 video latents, 16 audio frames, "
-                  "64 text tokens; benchmarks/budget_bench.py real_width_inputs)",
-        "streamed_calibration": {**cost, "probed_linears": len(stats.output_gain),
-                                 "seconds_per_block": per_block_calibration},
-        "quantize": {**quantized, "seconds_per_block_mean": per_block_quantize},
+        "calibration_size": {"inputs": len(calibration), "shapes": [shapes(c) for c in calibration],
+                             "what": "first denoising step of the suite's first prompts at their "
+                                     "render size, both guidance halves (tasks/budget.py "
+                                     "CALIBRATION_PROMPTS); real widths, synthetic values"},
+        "streamed_calibration": {**cost, "seconds_per_block": per_block_calibration},
+        "quantize_flow_2_workers": {k: flow[k] for k in ("wall_s", "quantize_wall_s", "busy_s",
+                                                         "input_bytes", "quantized_tensors")},
         "extrapolated_48_blocks": {
-            "calibration_s": calibration_48, "quantize_s": quantize_48,
-            "calibration_share_of_quantize": calibration_48 / quantize_48,
-            "note": "setup once + 48 x the measured per-block cost; quantize single-process"},
-        "wall_s": time.perf_counter() - started,
+            "calibration_s": calibration_48, "quantize_run_s": quantize_48,
+            "calibration_share_of_quantize_run": calibration_48 / quantize_48,
+            "note": "calibration: setup once + 48 x the per-block cost; quantize run: the flow's "
+                    "fixed part + 48/layers x its quantize stage (2 workers)"},
     }
+    if oracle:
+        from diffusers import LTX2VideoTransformer3DModel
+
+        results["oracle_tiny"] = oracle_check(tiny.transformer, captured)
+        model = LTX2VideoTransformer3DModel.from_pretrained(
+            root / "transformer", torch_dtype=torch.float32).eval()
+        results["oracle_real_width"] = {
+            "inputs": "the first calibration input; the linears of block 0, gains at the "
+                      "model's output",
+            **oracle_check(model, calibration[:1],
+                           {n for n, _ in model.named_parameters()
+                            if n.startswith("transformer_blocks.0.") and n.endswith(".weight")})}
+    results["wall_s"] = time.perf_counter() - started
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out), json.dumps(results, indent=2, default=float))
     click.echo(json.dumps(results["extrapolated_48_blocks"], indent=2))

@@ -13,7 +13,9 @@ from datetime import timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from hlwq.quant.choices import SCOPES, SENSITIVITY_CHOICES
 from hlwq.quant.errors import InvalidOptionError
+from hlwq.quant.sizes import parse_size
 from hlwq.runtime.hub import is_hub_reference
 from hlwq.runtime.offload import check_offload
 from hlwq.store.prompts import lora_option
@@ -45,6 +47,9 @@ class DeploymentSettings:
     output_suite: str | None = None  # prompt suite of requantize's output gates (None: the default suite)
     publish_to: str | None = None    # Hub repo (owner/name[@branch]) requantize publishes to
     files: tuple[str, ...] = ()      # globs choosing the source's files (env: comma-separated)
+    target_size: str | None = None   # requantize's size budget: as hlwq quantize --target-size, ...
+    target_scope: str = "package"    # ... --target-scope and --sensitivity
+    sensitivity: str = "auto"
     exclude_files: tuple[str, ...] = ()
 
     @classmethod
@@ -66,6 +71,12 @@ class DeploymentSettings:
         except (ZoneInfoNotFoundError, ValueError):
             raise InvalidOptionError(f"timezone {self.timezone!r} is not an IANA time zone (e.g. Europe/Paris)") from None
         check_offload(self.nightly_offload, self.nightly_dtype)
+        for name, value, choices in (("target-scope", self.target_scope, SCOPES),
+                                     ("sensitivity", self.sensitivity, SENSITIVITY_CHOICES)):
+            if value not in choices:
+                raise InvalidOptionError(f"--{name} {value!r}: must be one of {', '.join(choices)}")
+        if self.target_size is not None:
+            parse_size(self.target_size)
         if self.watch_interval_s < 60:
             raise InvalidOptionError(f"watch interval must be at least 60 s, got {self.watch_interval_s}")
         self.lora_parameters()
@@ -88,6 +99,11 @@ class DeploymentSettings:
         loras = tuple(_joined(str(Path(lora["path"]).expanduser().resolve()), lora["scale"])
                       for lora in self.lora_parameters())
         return replace(self, **paths, nightly_loras=loras)
+
+    def budget(self) -> dict:
+        """The size-budget parameters of requantize (target_size only when one is set)."""
+        return {**({"target_size": self.target_size} if self.target_size else {}),
+                "target_scope": self.target_scope, "sensitivity": self.sensitivity}
 
     def publishing(self) -> dict:
         """The publish parameter of requantize and watch-upstream (none when not publishing)."""
@@ -126,7 +142,7 @@ def build_deployments(settings: DeploymentSettings) -> list:
         description="Quantize a checkpoint (Hub id@revision, folder or file) into a packed HLWQ artifact; "
                     "with publish_to, publish it to that Hub repo. On demand.",
         parameters={"source": settings.watch_source, "bits": settings.bits, "policy": settings.policy,
-                    **settings.source_files(), **settings.publishing(),
+                    **settings.source_files(), **settings.budget(), **settings.publishing(),
                     **({"output_suite": settings.output_suite} if settings.output_suite else {})},
         tags=TAGS,
         entrypoint_type=module,

@@ -100,6 +100,7 @@ class ActivationStats:
     relative error."""
     channel_mean_square: dict[str, torch.Tensor] = field(default_factory=dict)
     output_gain: dict[str, float] = field(default_factory=dict)
+    calibration: dict | None = None    # what it was measured on, at what cost (tasks/budget.py)
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,23 @@
-"""Output sensitivity of a transformer too big for memory, measured one block at a time.
+"""Output sensitivity of a transformer's linears: one forward and one backward, not a probe each.
 
-The model is built with a single block on the CPU (or ``device``) and everything outside
-the blocks is read from the source; the keyword arguments of the first block's call are
-captured once per calibration input. Then, for each block in turn, its weights are read
-from the source into that one block, the captured hidden states are pushed through it,
-and only activations are kept: per input channel of each linear, the mean squared input;
-per linear, the relative MSE of the block's outputs (both streams) when the weight gets
-white noise of relative energy ``probe_error``, per unit of the weight's channel-weighted
-relative MSE (quant.budget.weighted_relative_mse). The outputs are the next block's inputs.
+:func:`output_gains` gives, for every linear of a module at once, the model output's relative
+MSE per unit of the linear's channel-weighted relative error (quant.budget.weighted_relative_mse)
+under white weight noise, to first order. For white noise of variance s^2 on ``W`` the
+output's expected squared error is ``s^2 * ||J (dW X)||^2`` averaged, which equals
+``s^2 * E_v ||G^T X||_F^2`` where ``X`` is the layer's input, ``G`` the gradient at its output
+of ``v . output`` and ``v`` a standard Gaussian cotangent (Hutchinson: E_v ||J^T v||^2 =
+||J||_F^2). So one backward per cotangent sample measures every layer. HLWQ's error is close to
+white inside its rotation blocks; the channel weights carry the rest.
 
-Peak memory is one block plus the activations; the weights are read once. The gain is
-measured at the block's output, not the model's: each block's relative error is taken to
-reach the output undamped (first order), as the in-memory estimate of tasks/budget.py
-measures directly. Noise, not quantization, perturbs the weight: HLWQ's error is close to
-white inside its rotation blocks, and a noise probe costs no encoder pass.
+:func:`streamed_activation_stats` runs it on a transformer too big for memory, one block at
+a time: the model is built with a single block (on the meta device, no initialisation) and
+everything outside the blocks is read from the source; the keyword arguments of the first
+block's call are captured once per calibration input. Then, for each block in turn, its
+weights are read from the source into that one block and the captured hidden states are
+pushed through it (forward and backward); only activations are kept, and the outputs are
+the next block's inputs. Peak memory is one block plus the activations; the weights are read
+once. The gain is measured at the block's output, not the model's: each block's relative
+error is taken to reach the output undamped (first order).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from hlwq.quant.budget import ActivationStats, weighted_relative_mse
+from hlwq.quant.budget import ActivationStats
 from hlwq.quant.errors import CorruptCheckpointError
 from hlwq.runtime.ltx23_models import build_model
 from hlwq.store.artifact import tensor_key
@@ -34,7 +38,8 @@ from hlwq.store.safetensors_io import iter_safetensors_files, read_headers, read
 
 BLOCKS = "transformer_blocks"
 STREAMS = ("hidden_states", "audio_hidden_states")   # what a block returns, in this order
-PROBE_ERROR = 0.03           # relative energy of the probe noise (about what Q3 does)
+COTANGENT_SAMPLES = 1        # Gaussian cotangents per input (benchmarks/results/calibration.json:
+                             # one already ranks the layers as the noise probes do)
 
 
 class _Captured(Exception):
@@ -64,21 +69,115 @@ def load_part(module: torch.nn.Module, index: dict, prefix: str, dtype: torch.dt
     return read
 
 
-@torch.no_grad()
+def output_gains(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], calls: list,
+                 seed: int = 0, samples: int = COTANGENT_SAMPLES) -> tuple[dict[str, tuple], list]:
+    """``({name: (mean squared input per channel, output gain)}, outputs)`` for ``linears`` of
+    ``model``, from one forward of each of ``calls`` (functions returning a tensor or nested
+    tuples and lists of tensors) and ``samples`` backwards with Gaussian cotangents (module
+    docstring). The model's parameters get no gradients; the outputs come back detached."""
+    sums, handles = record_channel_energy(linears)
+    energy = {name: 0.0 for name in linears}
+    handles += [module.register_forward_hook(_gradient_recorder(name, energy))
+                for name, module in linears.items()]
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(seed)
+    outputs, reference = [], 0.0
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        for call in calls:
+            with torch.enable_grad():
+                output = call()
+                flat = [t for t in _tensors(output) if t.requires_grad]
+                for sample in range(samples):
+                    cotangents = [torch.randn(t.shape, generator=gen).to(t) for t in flat]
+                    torch.autograd.backward(flat, cotangents, retain_graph=sample < samples - 1)
+            outputs.append(_detached(output))
+            reference += math.fsum(float(t.double().square().sum()) for t in _tensors(outputs[-1]))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+    gains = {}
+    for name, module in linears.items():
+        x_sum, tokens = sums[name]
+        if tokens:
+            weight = module.weight.detach()
+            gain = energy[name] / samples * float(weight.double().square().sum()) / (
+                reference * weight.numel()) if reference > 0 else 0.0
+            gains[name] = ((x_sum / tokens).float(), gain)
+    return gains, outputs
+
+
+def add_gains(stats: ActivationStats, gains: dict[str, tuple], component: str,
+              prefix: str = "") -> None:
+    """Put :func:`output_gains`' results for ``component``'s linears ``prefix + name`` in
+    ``stats`` (layers the forward did not use have none)."""
+    for name, (channels, gain) in gains.items():
+        key = tensor_key(component, f"{prefix}{name}.weight")
+        stats.channel_mean_square[key], stats.output_gain[key] = channels, gain
+
+
+def _gradient_recorder(name: str, energy: dict):
+    """Forward hook: make the linear's output part of the graph (a leaf where nothing before
+    it is) and add ``||G^T X||^2`` to ``energy[name]`` when its gradient ``G`` arrives."""
+    def hook(module, inputs, output):
+        x = inputs[0].detach()
+        if not output.requires_grad:
+            output = output.detach().requires_grad_()
+
+        def on_gradient(grad):
+            energy[name] += weight_gradient_energy(x, grad)
+        output.register_hook(on_gradient)
+        return output
+    return hook
+
+
+def weight_gradient_energy(x: torch.Tensor, grad: torch.Tensor) -> float:
+    """``sum_b ||grad_b^T x_b||_F^2`` over the sequences ``b`` of a linear's input ``x``
+    (..., tokens, in) and output gradient (..., tokens, out): the weight gradient's energy,
+    without cross terms between sequences (whose expectation is zero). Through the tokens'
+    Gram matrices when the sequences are short, through the gradient itself otherwise."""
+    x = x.reshape(-1, *x.shape[-2:]) if x.dim() > 2 else x[None]
+    grad = grad.reshape(-1, *grad.shape[-2:]) if grad.dim() > 2 else grad[None]
+    tokens, n_in, n_out = x.shape[1], x.shape[2], grad.shape[2]
+    x, grad = x.float(), grad.float()
+    if tokens * (n_in + n_out) < n_in * n_out:
+        return float((x @ x.mT).mul_(grad @ grad.mT).double().sum())
+    return float((grad.mT @ x).double().square().sum())
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    if hasattr(output, "to_tuple"):
+        output = output.to_tuple()
+    if isinstance(output, torch.Tensor):
+        return [output]
+    return [t for part in output if isinstance(part, (torch.Tensor, tuple, list))
+            for t in _tensors(part)]
+
+
+def _detached(output):
+    if isinstance(output, torch.Tensor):
+        return output.detach()
+    return type(output)(_detached(part) for part in output)
+
+
 def streamed_activation_stats(folder: str | os.PathLike, inputs: list[dict],
                               names: set[str] | None = None, dtype: torch.dtype = torch.float32,
-                              device: str = "cpu", probe_error: float = PROBE_ERROR,
-                              seed: int = 0) -> tuple[ActivationStats, dict]:
+                              device: str = "cpu", seed: int = 0,
+                              samples: int = COTANGENT_SAMPLES) -> tuple[ActivationStats, dict]:
     """Statistics of the linears in the blocks of the transformer in ``folder`` (diffusers
     layout: ``config.json`` + safetensors), for the transformer calls ``inputs`` (keyword
-    arguments, as the pipeline passes them). ``names`` limits the probes to those weight
-    names (``transformer_blocks.3.attn1.to_q.weight``). Returns the statistics and the cost
-    (seconds reading, forwarding and probing; bytes read; blocks)."""
+    arguments, as the pipeline passes them). ``names`` limits them to those weight names
+    (``transformer_blocks.3.attn1.to_q.weight``). Returns the statistics and the cost
+    (seconds setting up, reading, and running forward + backward; bytes read; blocks)."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     index = tensor_index(folder)
     started = time.perf_counter()
-    shell = build_model("transformer", {**config, "num_layers": 1}).to(device, dtype).eval()
+    shell = build_model("transformer", {**config, "num_layers": 1}, device="meta")
+    shell = shell.to_empty(device=device).to(dtype).eval()
     outside = {n: v for n, v in index.items() if not n.startswith(f"{BLOCKS}.")}
     missing, _ = shell.load_state_dict({n: read_tensor(p, e).to(dtype) for n, (p, e) in outside.items()},
                                        strict=False)
@@ -86,18 +185,20 @@ def streamed_activation_stats(folder: str | os.PathLike, inputs: list[dict],
         raise CorruptCheckpointError(f"{folder}: tensors outside the blocks are missing: "
                                      f"{sorted(n for n in missing if not n.startswith(BLOCKS))[:5]}")
     block = shell.transformer_blocks[0]
-    states = [_block_inputs(shell, block, kwargs, device) for kwargs in inputs]
-    cost = {"blocks": config["num_layers"], "inputs": len(inputs), "setup_s": 0.0, "read_s": 0.0,
-            "forward_s": 0.0, "probe_s": 0.0, "probes": 0, "bytes_read": 0}
-    cost["setup_s"] = time.perf_counter() - started
+    with torch.no_grad():
+        states = [_block_inputs(shell, block, kwargs, device) for kwargs in inputs]
+    cost = {"blocks": config["num_layers"], "inputs": len(inputs), "cotangent_samples": samples,
+            "setup_s": time.perf_counter() - started, "read_s": 0.0, "forward_backward_s": 0.0,
+            "bytes_read": 0}
     stats = ActivationStats()
-    gen = torch.Generator(device=device).manual_seed(seed)
     for number in range(config["num_layers"]):
         prefix = f"{BLOCKS}.{number}."
         tick = time.perf_counter()
         cost["bytes_read"] += load_part(block, index, prefix, dtype, folder)
         cost["read_s"] += time.perf_counter() - tick
-        states = _block_stats(block, states, prefix, names, stats, probe_error, gen, cost)
+        tick = time.perf_counter()
+        states = _block_stats(block, states, prefix, names, stats, seed + number, samples)
+        cost["forward_backward_s"] += time.perf_counter() - tick
     return stats, cost
 
 
@@ -120,47 +221,15 @@ def _block_inputs(shell, block, kwargs: dict, device: str) -> dict:
     return captured
 
 
-def _flat(outputs: list) -> torch.Tensor:
-    return torch.cat([t.double().reshape(-1) for out in outputs for t in out])
-
-
 def _block_stats(block, states: list[dict], prefix: str, names, stats: ActivationStats,
-                 probe_error: float, gen: torch.Generator, cost: dict) -> list[dict]:
+                 seed: int, samples: int) -> list[dict]:
     """Record one block's statistics; return the next block's inputs."""
     linears = {name: module for name, module in block.named_modules()
                if isinstance(module, torch.nn.Linear)
                and (names is None or f"{prefix}{name}.weight" in names)}
-    sums, handles = record_channel_energy(linears)
-    tick = time.perf_counter()
-    try:
-        outputs = [block(**state) for state in states]
-    finally:
-        for handle in handles:
-            handle.remove()
-    cost["forward_s"] += time.perf_counter() - tick
-    reference = _flat(outputs)
-    tick = time.perf_counter()
-    for name, module in linears.items():
-        x_sum, tokens = sums[name]
-        if not tokens:
-            continue
-        key = tensor_key("transformer", f"{prefix}{name}.weight")
-        weights = (x_sum / tokens).float()
-        original = module.weight.detach().clone()
-        scale = float(original.double().norm()) * math.sqrt(probe_error / original.numel())
-        noise = torch.randn(original.shape, generator=gen, device=original.device,
-                            dtype=original.dtype) * scale
-        module.weight.add_(noise)
-        try:
-            probed = _flat([block(**state) for state in states])
-        finally:
-            module.weight.copy_(original)
-        output_error = float((probed - reference).square().sum() / reference.square().sum())
-        weight_error = weighted_relative_mse(original, original + noise, weights)
-        stats.channel_mean_square[key] = weights
-        stats.output_gain[key] = output_error / weight_error if weight_error > 0 else 0.0
-        cost["probes"] += 1
-    cost["probe_s"] += time.perf_counter() - tick
+    calls = [lambda state=state: block(**state) for state in states]
+    gains, outputs = output_gains(block, linears, calls, seed, samples)
+    add_gains(stats, gains, "transformer", prefix)
     return [{**state, **dict(zip(STREAMS, output))} for state, output in zip(states, outputs)]
 
 

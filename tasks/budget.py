@@ -19,16 +19,18 @@ groups: hlwq.quant.budget.candidate_formats). Damage of tensor ``t`` in format `
 
   ``activations`` (where the model runs; :func:`activation_stats`): on real inputs (e.g.
   the first denoising step of prompts of the suite), forward hooks capture the mean squared
-  input of every input channel, which weights the sampled error per channel; then one probe
-  per layer quantizes that layer alone (at :data:`PROBE_BITS`) and measures the relative
-  error that reaches the model output, per unit of the layer's own error. Damage is then
-  the predicted relative MSE of the model output (contributions summed, first order).
+  input of every input channel, which weights the sampled error per channel; one backward
+  pass with a random cotangent on the output then gives, for every layer at once, the
+  relative error that reaches the model output per unit of the layer's own error
+  (runtime/block_calibration.py:output_gains). Damage is then the predicted relative MSE of
+  the model output (contributions summed, first order).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -71,7 +73,6 @@ SAMPLE_WEIGHTS = 1 << 16      # values quantized per tensor and width: ~500 bloc
 MIN_SAMPLE_ROWS = 8
 EDGE_FRACTION = 1 / 8         # "params" prior: the first and last eighth of the blocks ...
 EDGE_WEIGHT = 2.0             # ... count twice
-PROBE_BITS = 3                # the probe quantizes each layer at this width (error ~3 %)
 ERROR_UNITS = {"params": "weighted mean relative MSE of the quantized weights",
                "activations": "predicted relative MSE of the model output"}
 
@@ -146,57 +147,22 @@ def params_sensitivity(rows: Sequence[Mapping]) -> dict[str, float]:
     return {key: weight / total for key, weight in weights.items()}
 
 
-@torch.no_grad()
 def activation_stats(model: torch.nn.Module, forward: Callable[[], object], component: str,
-                     names: Iterable[str] | None = None, probe_bits: int = PROBE_BITS,
-                     block_size: int = 128, group_size: int | None = None,
-                     mode: str = "refined") -> ActivationStats:
-    """Capture per-channel input mean squares and probe output gains of ``model``'s linears.
+                     names: Iterable[str] | None = None, seed: int = 0) -> ActivationStats:
+    """Per-channel input mean squares and output gains of ``model``'s linears.
 
     ``forward()`` runs the model on fixed inputs and returns its output (a tensor or a
     tuple of tensors). ``names`` limits the work to those weight names (``"<module>.weight"``).
-    Costs one forward for the statistics plus, per probed layer, one quantization of its
-    weight and one forward."""
+    Costs one forward and one backward (runtime/block_calibration.py:output_gains)."""
+    from hlwq.runtime.block_calibration import add_gains, output_gains
+
     wanted = None if names is None else set(names)
     linears = {name: module for name, module in model.named_modules()
                if isinstance(module, torch.nn.Linear)
                and (wanted is None or f"{name}.weight" in wanted)}
-    from hlwq.runtime.block_calibration import record_channel_energy
-
-    sums, handles = record_channel_energy(linears)   # sum of x^2, tokens
-    try:
-        reference = _flat_output(forward())
-    finally:
-        for handle in handles:
-            handle.remove()
     stats = ActivationStats()
-    for name, module in linears.items():
-        x_sum, tokens = sums[name]
-        if not tokens:
-            continue   # not used by this forward: no statistics, no gain
-        key = tensor_key(component, f"{name}.weight")
-        weights = (x_sum / tokens).float()
-        stats.channel_mean_square[key] = weights
-        original = module.weight.detach().clone()
-        approx = dequantize(quantize_tensor(original.float(), probe_bits, block_size, mode,
-                                            group_size, name=key))
-        module.weight.copy_(approx)
-        try:
-            output = _flat_output(forward())
-        finally:
-            module.weight.copy_(original)
-        output_error = float((output - reference).square().sum() / reference.square().sum())
-        weight_error = weighted_relative_mse(original, approx, weights)
-        stats.output_gain[key] = output_error / weight_error if weight_error > 0 else 0.0
+    add_gains(stats, output_gains(model, linears, [forward], seed)[0], component)
     return stats
-
-
-def _flat_output(output) -> torch.Tensor:
-    if hasattr(output, "to_tuple"):
-        output = output.to_tuple()
-    if isinstance(output, torch.Tensor):
-        return output.detach().double().reshape(-1)
-    return torch.cat([_flat_output(part) for part in output if isinstance(part, (torch.Tensor, tuple, list))])
 
 
 class _Captured(Exception):
@@ -233,8 +199,9 @@ def suite_activation_stats(source_root: str | os.PathLike, rows: Sequence[Mappin
     first denoising step of the first ``prompts`` prompts of the suite. Returns the statistics
     and what they were measured on."""
     from hlwq.tasks.render import resolve_device, resolve_factory
-    from hlwq.tasks.validate_output import SOURCE_FACTORY, load_suite, suite_identity
+    from hlwq.tasks.validate_output import SOURCE_FACTORY, load_suite
 
+    started = time.perf_counter()
     device, dtype = resolve_device(device)
     requests = load_suite(suite)[:prompts]
     pipeline = resolve_factory(SOURCE_FACTORY)(source_root, dtype=dtype).to(device)
@@ -245,11 +212,31 @@ def suite_activation_stats(source_root: str | os.PathLike, rows: Sequence[Mappin
     def forward():
         return [transformer(**kwargs, return_dict=False) for kwargs in inputs]
 
-    names = {key.removeprefix("transformer/") for row in rows for key in _stats_keys(row)
-             if key.startswith("transformer/")}
-    stats = activation_stats(transformer, forward, "transformer", names, block_size=block_size)
-    return stats, {"suite": suite_identity(suite)["name"], "prompts": [r.id for r in requests],
-                   "device": device, "step": "first denoising step"}
+    stats = activation_stats(transformer, forward, "transformer", _transformer_names(rows))
+    stats.calibration = calibration_record(suite, requests, device, inputs, started)
+    return stats, stats.calibration
+
+
+def _transformer_names(rows: Sequence[Mapping]) -> set[str]:
+    """The transformer weight names of ``rows`` (diffusers names, for official files too)."""
+    return {key.removeprefix("transformer/") for row in rows for key in _stats_keys(row)
+            if key.startswith("transformer/")}
+
+
+def calibration_record(suite, requests, device: str, inputs: list[dict], started: float) -> dict:
+    """What a calibration measured on and what it cost: the suite, prompts, device, and per
+    stream the tokens of its transformer calls (both halves of classifier-free guidance)."""
+    from hlwq.tasks.validate_output import suite_identity
+
+    def tokens(name):
+        return sum(kwargs[name].shape[:-1].numel() for kwargs in inputs if name in kwargs)
+
+    return {"suite": suite_identity(suite)["name"], "prompts": [r.id for r in requests],
+            "device": device, "step": "first denoising step", "calls": len(inputs),
+            "sequences": sum(kwargs["hidden_states"].shape[0] for kwargs in inputs),
+            "video_tokens": tokens("hidden_states"), "audio_tokens": tokens("audio_hidden_states"),
+            "text_tokens": tokens("encoder_hidden_states"),
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def choose_sensitivity(rows: Sequence[Mapping], source_root: str | os.PathLike, scope: str,
@@ -284,9 +271,12 @@ def choose_sensitivity(rows: Sequence[Mapping], source_root: str | os.PathLike, 
         stats, measured = suite_activation_stats(source_root, quantized, suite, device=device,
                                                  block_size=block_size)
         how = "the model's output"
-    return "activations", stats, (f"measured: {how} on the {measured['step']} of prompts "
-                                  f"{', '.join(measured['prompts'])} of suite "
-                                  f"{measured['suite']} ({measured['device']})")
+    return "activations", stats, (
+        f"measured: {how} on the {measured['step']} of prompts {', '.join(measured['prompts'])} "
+        f"of suite {measured['suite']} ({measured['device']}; {measured['sequences']} sequences: "
+        f"{measured['video_tokens']} video, {measured['audio_tokens']} audio and "
+        f"{measured['text_tokens']} text tokens, one forward and one backward, "
+        f"{measured['seconds']} s)")
 
 
 def streamed_suite_stats(source_root: str | os.PathLike, rows: Sequence[Mapping],
@@ -301,8 +291,9 @@ def streamed_suite_stats(source_root: str | os.PathLike, rows: Sequence[Mapping]
     from hlwq.runtime.block_calibration import streamed_activation_stats
     from hlwq.runtime.ltx23_models import build_model, load_ltx23_pipeline
     from hlwq.tasks.render import resolve_device
-    from hlwq.tasks.validate_output import load_suite, suite_identity
+    from hlwq.tasks.validate_output import load_suite
 
+    started = time.perf_counter()
     device, dtype = resolve_device(device)
     folder = Path(source_root) / "transformer"
     requests = load_suite(suite)[:prompts]
@@ -315,11 +306,10 @@ def streamed_suite_stats(source_root: str | os.PathLike, rows: Sequence[Mapping]
             component.to(device)
     inputs = [first_step_inputs(pipeline, request, device) for request in requests]
     del pipeline
-    names = {key.removeprefix("transformer/") for row in rows for key in _stats_keys(row)
-             if key.startswith("transformer/")}
-    stats, _ = streamed_activation_stats(folder, inputs, names, dtype=dtype, device=device)
-    return stats, {"suite": suite_identity(suite)["name"], "prompts": [r.id for r in requests],
-                   "device": device, "step": "first denoising step"}
+    stats, _ = streamed_activation_stats(folder, inputs, _transformer_names(rows), dtype=dtype,
+                                         device=device)
+    stats.calibration = calibration_record(suite, requests, device, inputs, started)
+    return stats, stats.calibration
 
 
 def _memory_shortfall(rows: Sequence[Mapping], device: str) -> str | None:
@@ -547,4 +537,5 @@ def budget_task(inventory_path: str, source_root: str, target_size: str, scope: 
     report.pop("bits")
     report.pop("group_sizes")
     report["sensitivity_source"] = why
+    report["calibration"] = stats.calibration if stats is not None else None
     return report

@@ -96,6 +96,35 @@ def test_render_placement_reaches_nightly_render(monkeypatch):
         DeploymentSettings.from_env()
 
 
+def test_requantize_takes_the_budget_options_of_hlwq_quantize(monkeypatch):
+    """requantize's parameters are the flow's, and the size-budget options of `hlwq quantize`
+    reach it (from `hlwq serve` options or HLWQ_*) with the same defaults and choices."""
+    import inspect
+
+    from hlwq.cli.commands.quantize import quantize
+    from hlwq.cli.commands.serve import serve
+    from hlwq.flows.quantize_flow import quantize_checkpoint
+
+    budget = ("target_size", "target_scope", "sensitivity")
+    cli = {p.name: p for p in quantize.params}
+    served_options = {p.name: p for p in serve.params}
+    defaults = {d.name: d for d in build_deployments(DeploymentSettings())}["requantize"].parameters
+    assert set(defaults) <= set(inspect.signature(quantize_checkpoint.fn).parameters)
+    assert {k: defaults[k] for k in budget[1:]} == {k: cli[k].default for k in budget[1:]}
+    assert "target_size" not in defaults and "target_size" in cli   # no default: no budget
+    for name in budget[1:]:
+        assert served_options[name].type.choices == cli[name].type.choices
+    monkeypatch.setenv("HLWQ_SENSITIVITY", "params")
+    settings = DeploymentSettings.from_env(target_size="15GB", target_scope="transformer")
+    served = {d.name: d for d in build_deployments(settings)}["requantize"].parameters
+    assert {k: served[k] for k in budget} == {"target_size": "15GB", "target_scope": "transformer",
+                                              "sensitivity": "params"}
+    with pytest.raises(InvalidOptionError, match="--sensitivity 'weights'"):
+        DeploymentSettings.from_env(sensitivity="weights")
+    with pytest.raises(InvalidOptionError):
+        DeploymentSettings.from_env(target_size="big")
+
+
 def test_watch_names_are_valid_prefect_names():
     assert state_variable_name("Lightricks/LTX-2.3") == "hlwq_watch_lightricks_ltx-2_3"
     assert artifact_output("art/", "Lightricks/LTX-2.3", "0123456789abcdef", 5) == "art/LTX-2.3-0123456789ab-q5"

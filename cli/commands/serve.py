@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from hlwq.quant.choices import DTYPE_NAMES, OFFLOAD_MODES
+from hlwq.quant.choices import DTYPE_NAMES, OFFLOAD_MODES, SCOPES, SENSITIVITY_CHOICES
 from hlwq.quant.errors import HLWQError
 from hlwq.store.atomic import atomic_write_text
 
@@ -248,6 +248,13 @@ def server_status(home: str | None) -> None:
               help="Source files requantize uses (repeatable; HLWQ_FILES, comma-separated).")
 @click.option("--exclude-files", multiple=True, metavar="GLOB",
               help="Source files requantize leaves out (repeatable; HLWQ_EXCLUDE_FILES).")
+@click.option("--target-size", default=None,
+              help="Size budget of requantize, as hlwq quantize --target-size (HLWQ_TARGET_SIZE).")
+@click.option("--target-scope", type=click.Choice(SCOPES), default=None,
+              help="What --target-size counts (HLWQ_TARGET_SCOPE, default package).")
+@click.option("--sensitivity", type=click.Choice(SENSITIVITY_CHOICES), default=None,
+              help="How requantize's budget weighs each tensor's error, as hlwq quantize "
+                   "--sensitivity (HLWQ_SENSITIVITY, default auto).")
 @click.option("--artifacts-dir", default=None, help="Where requantize writes artifacts (HLWQ_ARTIFACTS_DIR).")
 @click.option("--nightly-artifact", default=None,
               help="Artifact the nightly render uses: a folder or a Hub repo owner/name[@revision] "
