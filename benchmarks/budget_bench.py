@@ -156,7 +156,7 @@ def describe(config: dict, scoped, quantized) -> dict:
 # --------------------------------------------------------------------------- tiny fixture
 
 
-def tiny_part(work: Path, log) -> dict:
+def tiny_part(work: Path, log, with_sweep: bool = True) -> dict:
     from hlwq.store.inventory import build_inventory
     from hlwq.tasks.budget import activation_stats, file_sampler, first_step_inputs, measure_damages
     from hlwq.tasks.gates import load_gate_config
@@ -242,7 +242,8 @@ def tiny_part(work: Path, log) -> dict:
     comparisons = [evaluate(c) for c in configurations(rows, "transformer", budgets, damages,
                                                        {"=Q4/g32": (4, 32)})]
     log("sweeping smaller budgets for the smallest size that passes the default gates")
-    sweep_results = [evaluate(c) for c in configurations(rows, "transformer", sweep, damages)]
+    sweep_results = [evaluate(c) for c in configurations(rows, "transformer", sweep, damages)
+                     ] if with_sweep else []
     uniform_results = [evaluate(describe(uniform_config(f"={format_label(*f)}",
                                                         uniform_size[format_label(*f)], quantized, f),
                                          rows, quantized))
@@ -404,7 +405,9 @@ def ltx23_part(log) -> dict:
 @click.option("--tiny/--no-tiny", default=True, show_default=True)
 @click.option("--ltx23/--no-ltx23", default=True, show_default=True,
               help="The LTX-2.3 layout figures (meta device, synthetic damage).")
-def bench_budget(out, work_dir, real_width_layers, tiny, ltx23):
+@click.option("--sweep/--no-sweep", default=True, show_default=True,
+              help="The tiny fixture's sweep of smaller budgets against the default gates.")
+def bench_budget(out, work_dir, real_width_layers, tiny, ltx23, sweep):
     """Budgeted mixed precision vs the best uniform width that fits, at equal size."""
     started = time.perf_counter()
     work = Path(work_dir)
@@ -419,7 +422,7 @@ def bench_budget(out, work_dir, real_width_layers, tiny, ltx23):
     if ltx23:
         results["ltx23_22b"] = ltx23_part(log)
     if tiny:
-        results["tiny"] = tiny_part(work, log)
+        results["tiny"] = tiny_part(work, log, sweep)
     if real_width_layers:
         results["real_width"] = real_width_part(work, real_width_layers, log)
     results["wall_s"] = time.perf_counter() - started

@@ -4,7 +4,8 @@ On the real-width transformer fixture (``--layers`` blocks, synthetic BF16 weigh
 real widths), one run measures:
 
 - the streamed calibration (runtime/block_calibration.py: per block, reading its weights and
-  one forward + one backward per input) at the default calibration size: the first
+  one forward + one backward per input, in its default dtype here, and in float32 for the
+  cost and the agreement of the gains) at the default calibration size: the first
   denoising step of the suite's first ``CALIBRATION_PROMPTS`` prompts, at the shapes the
   LTX-2.3 pipeline gives them (captured from the tiny fixture, whose VAE compression and text
   length are the real ones: latent frames x rows x columns, audio frames, 1024 text tokens,
@@ -79,8 +80,10 @@ def rank_agreement(gains: dict[str, float], oracle: dict[str, float]) -> dict:
             "ratio_of_sums": sum(gains[k] for k in keys) / sum(oracle[k] for k in keys)}
 
 
-def oracle_check(model: torch.nn.Module, inputs: list[dict], names=None) -> dict:
-    """Backward gains (two cotangent seeds) against two noise probes of the same linears."""
+def oracle_check(model: torch.nn.Module, inputs: list[dict], names=None,
+                 probe_seeds=(0, 1)) -> dict:
+    """Backward gains (two cotangent seeds) against noise probes of the same linears (one
+    per seed of ``probe_seeds``; two also say how noisy the probe is)."""
     from hlwq.tasks.budget import activation_stats
     from hlwq.testing.sensitivity_probe import probe_gains
 
@@ -96,12 +99,21 @@ def oracle_check(model: torch.nn.Module, inputs: list[dict], names=None) -> dict
     backward_s = (time.perf_counter() - tick) / 2
     tick = time.perf_counter()
     probes = [{f"t/{n}.weight": g for n, g in probe_gains(linears, forward, seed=seed).items()}
-              for seed in (0, 1)]
-    probe_s = (time.perf_counter() - tick) / 2
-    return {"backward_vs_probe": rank_agreement(gains[0], probes[0]),
-            "backward_vs_backward_other_seed": rank_agreement(gains[1], gains[0]),
-            "probe_vs_probe_other_seed": rank_agreement(probes[1], probes[0]),
-            "backward_s": backward_s, "probe_s": probe_s}
+              for seed in probe_seeds]
+    probe_s = (time.perf_counter() - tick) / len(probes)
+    checks = {"backward_vs_probe": rank_agreement(gains[0], probes[0]),
+              "backward_vs_backward_other_seed": rank_agreement(gains[1], gains[0]),
+              "backward_s": backward_s, "probe_s": probe_s}
+    if len(probes) > 1:
+        checks["probe_vs_probe_other_seed"] = rank_agreement(probes[1], probes[0])
+    return checks
+
+
+def write(out, results: dict, started: float) -> None:
+    """Write what is measured so far (a long oracle part may follow)."""
+    results["wall_s"] = time.perf_counter() - started
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(out), json.dumps(results, indent=2, default=float))
 
 
 @click.command()
@@ -115,7 +127,7 @@ def oracle_check(model: torch.nn.Module, inputs: list[dict], names=None) -> dict
 def bench_calibration(out, work_dir, layers, oracle):
     """Block-by-block calibration cost vs the quantize run, extrapolated to 48 blocks."""
     from hlwq.benchmarks.scale_bench import run_flow
-    from hlwq.runtime.block_calibration import streamed_activation_stats
+    from hlwq.runtime.block_calibration import calibration_dtype, streamed_activation_stats
     from hlwq.store.ltx23_config import real_width_transformer_config
     from hlwq.testing.fixtures import make_real_width_transformer
 
@@ -125,7 +137,8 @@ def bench_calibration(out, work_dir, layers, oracle):
     config = real_width_transformer_config(layers)
     captured, tiny = default_calibration_inputs(work)
     calibration = [at_real_width(kwargs, config, seed) for seed, kwargs in enumerate(captured, 1)]
-    _, cost = streamed_activation_stats(root / "transformer", calibration)
+    dtype = calibration_dtype("cpu", torch.float32)
+    stats, cost = streamed_activation_stats(root / "transformer", calibration, dtype=dtype)
     flow = run_flow(root, work / "quantize-out", workers=2)
     per_block_calibration = (cost["read_s"] + cost["forward_backward_s"]) / layers
     calibration_48 = cost["setup_s"] + LTX23_BLOCKS * per_block_calibration
@@ -139,7 +152,8 @@ def bench_calibration(out, work_dir, layers, oracle):
                              "what": "first denoising step of the suite's first prompts at their "
                                      "render size, both guidance halves (tasks/budget.py "
                                      "CALIBRATION_PROMPTS); real widths, synthetic values"},
-        "streamed_calibration": {**cost, "seconds_per_block": per_block_calibration},
+        "streamed_calibration": {**cost, "dtype": str(dtype).removeprefix("torch."),
+                                 "seconds_per_block": per_block_calibration},
         "quantize_flow_2_workers": {k: flow[k] for k in ("wall_s", "quantize_wall_s", "busy_s",
                                                          "input_bytes", "quantized_tensors")},
         "extrapolated_48_blocks": {
@@ -148,10 +162,18 @@ def bench_calibration(out, work_dir, layers, oracle):
             "note": "calibration: setup once + 48 x the per-block cost; quantize run: the flow's "
                     "fixed part + 48/layers x its quantize stage (2 workers)"},
     }
+    if dtype != torch.float32:
+        baseline, baseline_cost = streamed_activation_stats(root / "transformer", calibration)
+        results["streamed_calibration_float32"] = {
+            **baseline_cost, "seconds_per_block":
+                (baseline_cost["read_s"] + baseline_cost["forward_backward_s"]) / layers,
+            "gains_vs_float32": rank_agreement(stats.output_gain, baseline.output_gain)}
+    write(out, results, started)
     if oracle:
         from diffusers import LTX2VideoTransformer3DModel
 
         results["oracle_tiny"] = oracle_check(tiny.transformer, captured)
+        write(out, results, started)
         model = LTX2VideoTransformer3DModel.from_pretrained(
             root / "transformer", torch_dtype=torch.float32).eval()
         results["oracle_real_width"] = {
@@ -159,9 +181,8 @@ def bench_calibration(out, work_dir, layers, oracle):
                       "model's output",
             **oracle_check(model, calibration[:1],
                            {n for n, _ in model.named_parameters()
-                            if n.startswith("transformer_blocks.0.") and n.endswith(".weight")})}
-    results["wall_s"] = time.perf_counter() - started
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(out), json.dumps(results, indent=2, default=float))
+                            if n.startswith("transformer_blocks.0.") and n.endswith(".weight")},
+                           probe_seeds=(0,))}
+        write(out, results, started)
     click.echo(json.dumps(results["extrapolated_48_blocks"], indent=2))
     click.echo(f"wrote {out}")

@@ -288,7 +288,7 @@ def streamed_suite_stats(source_root: str | os.PathLike, rows: Sequence[Mapping]
     runtime/block_calibration.py streams the blocks (diffusers folders)."""
     import json
 
-    from hlwq.runtime.block_calibration import streamed_activation_stats
+    from hlwq.runtime.block_calibration import calibration_dtype, streamed_activation_stats
     from hlwq.runtime.ltx23_models import build_model, load_ltx23_pipeline
     from hlwq.tasks.render import resolve_device
     from hlwq.tasks.validate_output import load_suite
@@ -306,8 +306,8 @@ def streamed_suite_stats(source_root: str | os.PathLike, rows: Sequence[Mapping]
             component.to(device)
     inputs = [first_step_inputs(pipeline, request, device) for request in requests]
     del pipeline
-    stats, _ = streamed_activation_stats(folder, inputs, _transformer_names(rows), dtype=dtype,
-                                         device=device)
+    stats, _ = streamed_activation_stats(folder, inputs, _transformer_names(rows), device=device,
+                                         dtype=calibration_dtype(device, dtype))
     stats.calibration = calibration_record(suite, requests, device, inputs, started)
     return stats, stats.calibration
 

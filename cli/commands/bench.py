@@ -14,7 +14,7 @@ BENCHMARKS = {
     "budget": ("hlwq.benchmarks.budget_bench:bench_budget",
                "Budgeted mixed precision vs the best uniform width at equal size."),
     "calibration": ("hlwq.benchmarks.calibration_bench:bench_calibration",
-                    "Block-by-block calibration forward vs quantize cost, 48 blocks."),
+                    "Block-by-block calibration (forward + backward) vs the quantize run, 48 blocks."),
     "formats": ("hlwq.benchmarks.formats_bench:bench_formats",
                 "Error per bit vs GGUF, FP8, INT8, NVFP4, MXFP4 and HQQ on the same tensors."),
     "lora": ("hlwq.benchmarks.lora_bench:bench_lora",
