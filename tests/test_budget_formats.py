@@ -134,7 +134,7 @@ def test_budget_beats_uniform_q4_g32_on_the_tiny_fixture(tmp_path):
     assert len(set(allocation.formats.values())) > 1        # a real mix, not one format
 
 
-@pytest.mark.heavy   # minutes of CPU: run with `./dev.sh test -m heavy`
+@pytest.mark.heavy   # 76 s on a quiet 2-core machine, minutes under load: `./dev.sh test -m heavy`
 def test_budget_beats_uniform_q4_g32_on_the_real_width_fixture(tmp_path):
     from diffusers import LTX2VideoTransformer3DModel
 
