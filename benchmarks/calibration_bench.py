@@ -175,7 +175,7 @@ def bench_calibration(out, work_dir, layers, oracle):
         results["oracle_tiny"] = oracle_check(tiny.transformer, captured)
         write(out, results, started)
         model = LTX2VideoTransformer3DModel.from_pretrained(
-            root / "transformer", torch_dtype=torch.float32).eval()
+            root / "transformer", torch_dtype=torch.float32, use_safetensors=True).eval()
         results["oracle_real_width"] = {
             "inputs": "the first calibration input; the linears of block 0, gains at the "
                       "model's output",

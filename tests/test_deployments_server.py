@@ -239,7 +239,8 @@ def test_served_deployments_watch_requantize_and_render_nightly(tmp_path):
                 (first_run,) = api.runs(requantize)
                 assert first_run["parameters"] == {"source": "acme/ltx-tiny", "revision": first, "bits": 5,
                                                    "policy": "ltx23", "out": artifact,
-                                                   "output_suite": str(suite)}
+                                                   "output_suite": str(suite),
+                                                   "target_scope": "package", "sensitivity": "auto"}
                 assert finished(api, first_run["id"], log, 240)["state"]["type"] == "COMPLETED"
                 assert (Path(artifact) / "manifest.json").is_file()
                 assert trigger(api, "watch-upstream/watch-upstream", log)["state"]["type"] == "COMPLETED"
