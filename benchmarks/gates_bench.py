@@ -6,8 +6,8 @@ per bit width, the ratio candidate distance / control distance of every gate, an
 with the verdicts of the gates file in force (benchmarks/results/gates.json):
 
 - ``tiny``: the tiny LTX-2.3 fixture, every prompt of the suite as written (2 steps), CPU
-  float32. The source renders every prompt; then the transformer's policy-selected linears
-  (policy ltx23) are set to their HLWQ reconstruction at 8 bits (the control), 5, 4, 3 and
+  float32. The source renders every prompt; then the linears a bit policy selects are set
+  to their HLWQ reconstruction at 8 bits (the control), 5, 4, 3 and
   2 bits (one fp16 scale per 128-value block, refined encoder: what ``hlwq quantize --bits B``
   packs and the packed runtime decodes), and each renders every prompt again with the same
   seed. All nine distances are compared.
@@ -18,8 +18,13 @@ with the verdicts of the gates file in force (benchmarks/results/gates.json):
   latents after one Euler step of the flow-matching ODE from sigma 0.7 to 0.35
   (``first_step_latent_rel_err``), i.e. the two first-step gates of the same gates file.
 
+The tiny part runs once per bit policy (``--policy``, default both built-in LTX-2.3 policies:
+``ltx23``, the transformer's block linears, and ``ltx23-full``, which adds the connectors and
+the text encoder), each with its own control, and once more at Q5 with the reference encoder
+(``5-reference``, recorded, not used for k).
+
 ``suggested`` holds what the gates file's comments derive from these numbers: k = the geometric
-mean of the worst Q5 ratio and the worst Q4 ratio over the tiny fixture's prompts (Q5 passes,
+mean of the worst Q5 ratio and the worst Q4 ratio over every prompt of every policy (Q5 passes,
 Q4 fails on its worse prompts, 2-3 bits fail everywhere), floor = half the smallest distance
 the control reaches on any prompt (so the floor alone never decides on the fixture; it only
 matters where a model's control does not drift at all).
@@ -103,18 +108,7 @@ def floor_down(value: float) -> float:
     return math.floor(value / 10 ** exponent) * 10.0 ** exponent
 
 
-def suggestions(ratios: dict, control: dict, names) -> dict:
-    out = {}
-    for name in names:
-        q5, q4 = ratios["5"][name].get("ratio_worst"), ratios["4"][name].get("ratio_worst")
-        k = round_sig(math.sqrt(q5 * q4)) if q5 and q4 else None
-        out[name] = {"k": k, "floor": floor_down(0.5 * control[name]["min"]),
-                     "from": {"q5_worst_ratio": q5, "q4_worst_ratio": q4,
-                              "control_min": control[name]["min"]}}
-    return out
-
-
-def verdicts(per_width: dict[int, dict], results: dict[int, dict]) -> dict:
+def verdicts(per_width: dict, results: dict) -> dict:
     return {str(bits): {"gates_passed": results[bits]["passed"],
                         "failed_prompts": results[bits]["failed_prompts"],
                         "failed_gates": sorted({g for e in per_width[bits].values()
@@ -125,7 +119,9 @@ def verdicts(per_width: dict[int, dict], results: dict[int, dict]) -> dict:
 # --------------------------------------------------------------------------- tiny fixture
 
 
-def tiny_part(work: Path, gates: dict, log, widths=WIDTHS) -> dict:
+def tiny_part(work: Path, gates: dict, log, policy: str = "ltx23", widths=WIDTHS) -> dict:
+    """Every prompt of the suite: the source, the control and each width (refined), plus Q5
+    with the reference encoder; ratios and verdicts per width."""
     from hlwq.runtime.control import (
         control_targets,
         reconstruct_weights,
@@ -134,6 +130,7 @@ def tiny_part(work: Path, gates: dict, log, widths=WIDTHS) -> dict:
     )
     from hlwq.runtime.ltx23_models import load_ltx23_pipeline
     from hlwq.store.inventory import build_inventory
+    from hlwq.store.policy import load_policy
     from hlwq.store.tensor_jobs import code_version
     from hlwq.tasks.validate_output import (
         apply_output_gates,
@@ -147,14 +144,15 @@ def tiny_part(work: Path, gates: dict, log, widths=WIDTHS) -> dict:
     from hlwq.testing.fixtures import make_tiny_ltx23
 
     root = make_tiny_ltx23(work / "tiny")
-    selection = selection_from_rows(build_inventory(root, "ltx23").to_pylist())
+    selection = selection_from_rows(build_inventory(root, load_policy(policy)).to_pylist())
     requests = load_suite(None)
     renders = work / "tiny-renders"
     renders.mkdir(parents=True, exist_ok=True)
-    identity = f"{model_fingerprint(root)}/{code_version()}"
+    identity = f"{model_fingerprint(root)}/{code_version()}/{policy}"
 
     def path_of(label, request):
-        return renders / f"{label}-{request.id}-{render_key(request, identity + label)[:12]}.safetensors"
+        key = render_key(request, identity + label)[:12]
+        return renders / f"{policy}-{label}-{request.id}-{key}.safetensors"
 
     pipeline = None
 
@@ -171,37 +169,54 @@ def tiny_part(work: Path, gates: dict, log, widths=WIDTHS) -> dict:
         for request in requests:
             path = path_of(label, request)
             if not path.is_file():
-                log(f"  rendering {request.id} ({label})")
+                log(f"  rendering {request.id} ({policy}, {label})")
                 render_for_comparison(loaded(), request, "cpu", path)
             out[request.id] = load_rendering(path)
         return out
 
     source = render("source")
+    variants = [(f"q{CONTROL_BITS}", CONTROL_BITS, "refined"),
+                *((f"q{bits}", bits, "refined") for bits in widths),
+                ("q5-reference", 5, "reference")]
     rendered, keep = {}, {}
-    for bits in (CONTROL_BITS, *widths):
-        label = f"q{bits}"
+    for label, bits, mode in variants:
         if any(not path_of(label, r).is_file() for r in requests):
-            log(f"setting the {len(selection)} selected weights to Q{bits}")
-            reconstruct_weights(control_targets(loaded(), selection), bits, keep=keep)
-            rendered[bits] = render(label)
+            log(f"setting the {len(selection)} selected weights ({policy}) to Q{bits} ({mode})")
+            reconstruct_weights(control_targets(loaded(), selection), bits, mode=mode, keep=keep)
+            rendered[label] = render(label)
             restore_weights(keep)
         else:
-            rendered[bits] = render(label)
+            rendered[label] = render(label)
     per_width, results = {}, {}
-    for bits in widths:
-        prompts = {r.id: compare_renderings(source[r.id], rendered[bits][r.id],
-                                            rendered[CONTROL_BITS][r.id]) for r in requests}
-        results[bits] = apply_output_gates(prompts, gates)
-        per_width[bits] = prompts
+    for label, _, _ in variants[1:]:
+        name = label.removeprefix("q")
+        prompts = {r.id: compare_renderings(source[r.id], rendered[label][r.id],
+                                            rendered[f"q{CONTROL_BITS}"][r.id]) for r in requests}
+        results[name] = apply_output_gates(prompts, gates)
+        per_width[name] = prompts
     names = list(gates)
-    ratios = ratio_table(per_width, names)
-    control = control_table(per_width[widths[0]], names)
     return {"fixture": "make_tiny_ltx23 (2 blocks, video width 256, audio 128), seed 0; suite "
-                       "v1 as written (2 steps), CPU float32; the transformer's policy-ltx23 "
-                       "linears set to their HLWQ reconstruction (block 128, refined)",
-            "prompts": [r.id for r in requests], "quantized_tensors": len(selection),
-            "control": control, "ratios": ratios, "verdicts": verdicts(per_width, results),
-            "suggested": suggestions(ratios, control, names) if {5, 4} <= set(widths) else None}
+                       "v1 as written (2 steps), CPU float32; the linears policy "
+                       f"{policy} selects set to their HLWQ reconstruction (block 128, refined; "
+                       "'5-reference': Q5 with the reference encoder)",
+            "policy": policy, "prompts": [r.id for r in requests],
+            "quantized_tensors": len(selection),
+            "components": sorted({e["component"] for e in selection}),
+            "control": control_table(per_width[str(widths[0])], names),
+            "ratios": ratio_table(per_width, names), "verdicts": verdicts(per_width, results)}
+
+
+def suggestions(parts: dict[str, dict], names) -> dict:
+    """k = sqrt(worst Q5 x worst Q4), each the worst over every prompt of every part (refined
+    encoder); floor = half the smallest control distance of any part, one digit, down."""
+    out = {}
+    for name in names:
+        q5 = max(part["ratios"]["5"][name]["ratio_worst"] for part in parts.values())
+        q4 = max(part["ratios"]["4"][name]["ratio_worst"] for part in parts.values())
+        low = min(part["control"][name]["min"] for part in parts.values())
+        out[name] = {"k": round_sig(math.sqrt(q5 * q4)), "floor": floor_down(0.5 * low),
+                     "from": {"q5_worst_ratio": q5, "q4_worst_ratio": q4, "control_min": low}}
+    return out
 
 
 # --------------------------------------------------------------------------- real width
@@ -320,8 +335,10 @@ def real_width_part(layers: int, gates: dict, log) -> dict:
               help="Judge with this file merged over tasks/gates.toml.")
 @click.option("--real-width-layers", type=int, default=1, show_default=True,
               help="Blocks of the real-width fixture (0 skips it).")
+@click.option("--policy", "policies", multiple=True, default=("ltx23", "ltx23-full"),
+              show_default=True, help="Bit policies of the tiny part (each its own control).")
 @click.option("--tiny/--no-tiny", default=True, show_default=True)
-def bench_gates(out, work_dir, gates_file, real_width_layers, tiny):
+def bench_gates(out, work_dir, gates_file, real_width_layers, policies, tiny):
     """Output gates: candidate / 8-bit control ratios at Q5-Q2 (tiny fixture, real width)."""
     from hlwq.tasks.gates import gate_sources, load_gate_config
     from hlwq.tasks.validate_output import output_gates
@@ -339,7 +356,9 @@ def bench_gates(out, work_dir, gates_file, real_width_layers, tiny):
                "machine": machine(), "gates_from": gate_sources(gates_file),
                "gates": {name: {"k": g.k, "floor": g.floor} for name, g in gates.items()}}
     if tiny:
-        results["tiny"] = tiny_part(work, gates, log)
+        results["tiny"] = {policy: tiny_part(work, gates, log, policy) for policy in policies}
+        if all(str(b) in part["ratios"] for part in results["tiny"].values() for b in (5, 4)):
+            results["suggested"] = suggestions(results["tiny"], list(gates))
     if real_width_layers:
         results["real_width"] = real_width_part(real_width_layers, gates, log)
     results["wall_s"] = time.perf_counter() - started
@@ -351,27 +370,28 @@ def bench_gates(out, work_dir, gates_file, real_width_layers, tiny):
 
 def summary_text(results: dict) -> str:
     """The tables gates.toml quotes: per width and distance, worst (best) ratio to the control."""
+    parts = {f"tiny, policy {policy}": part for policy, part in results.get("tiny", {}).items()}
+    if "real_width" in results:
+        parts["real width, first step"] = results["real_width"]
     lines = []
-    for part in ("tiny", "real_width"):
-        if part not in results:
-            continue
-        ratios = results[part]["ratios"]
+    for title, part in parts.items():
+        ratios = part["ratios"]
         names = list(next(iter(ratios.values())))
-        lines.append(f"{part}: candidate distance / control distance, worst prompt (best)")
-        lines.append("bits " + " ".join(f"{name:>26}" for name in names))
+        lines.append(f"{title}: candidate distance / control distance, worst prompt (best)")
+        lines.append("bits         " + " ".join(f"{name:>26}" for name in names))
         for bits, row in ratios.items():
             cells = []
             for name in names:
                 worst, best = row[name]["ratio_worst"], row[name]["ratio_best"]
                 cells.append(f"{'-' if worst is None else f'{worst:.3g}':>15} "
                              f"({'-' if best is None else f'{best:.3g}'})".rjust(26))
-            passed = results[part]["verdicts"][bits]["gates_passed"]
-            lines.append(f"{bits:>4} " + " ".join(cells) + f"  {'pass' if passed else 'fail'}")
+            passed = part["verdicts"][bits]["gates_passed"]
+            lines.append(f"{bits:>12} " + " ".join(cells) + f"  {'pass' if passed else 'fail'}")
         lines.append("control distance, min (max) over prompts: " + "; ".join(
-            f"{name} {c['min']:.3g} ({c['max']:.3g})"
-            for name, c in results[part]["control"].items()))
-        if results[part].get("suggested"):
-            lines.append("suggested (k = sqrt(worst Q5 x worst Q4), floor = control min / 2): "
-                         + "; ".join(f"{name} k {s['k']} floor {s['floor']:g}"
-                                     for name, s in results[part]["suggested"].items()))
+            f"{name} {c['min']:.3g} ({c['max']:.3g})" for name, c in part["control"].items()))
+    if results.get("suggested"):
+        lines.append("suggested (k = sqrt(worst Q5 x worst Q4) over the policies, floor = "
+                     "control min / 2): " + "; ".join(
+                         f"{name} k {s['k']} floor {s['floor']:g}"
+                         for name, s in results["suggested"].items()))
     return "\n".join(lines)

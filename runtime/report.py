@@ -194,6 +194,12 @@ def _positive(values) -> list[float]:
     return [max(float(v), 1e-12) for v in values if v is not None and math.isfinite(v)]
 
 
+def _log_safe(values) -> list[float]:
+    """One point per value for a log axis: zeros at a small floor, NaN/Inf left as gaps."""
+    return [max(float(v), 1e-12) if v is not None and math.isfinite(v) else math.nan
+            for v in values]
+
+
 def plot_prompts(results: dict, path: Path) -> Path:
     """Per prompt: PSNR of the candidate and of the 8-bit control; and every gate's distance
     as a fraction of its limit (max(k x control, floor)): a value right of 1 fails."""
@@ -236,11 +242,10 @@ def plot_trajectory(results: dict, path: Path) -> Path:
         color = colors[number % len(colors)]
         candidate = entry.get("latent_trajectory") or []
         control = entry.get("control", {}).get("latent_trajectory") or []
-        steps = range(1, len(candidate) + 1)
-        axis.plot(steps, _positive(candidate) if candidate else [], color=color, marker="o",
+        axis.plot(range(1, len(candidate) + 1), _log_safe(candidate), color=color, marker="o",
                   markersize=3, label=pid)
         if control:
-            axis.plot(range(1, len(control) + 1), _positive(control), color=color,
+            axis.plot(range(1, len(control) + 1), _log_safe(control), color=color,
                       linestyle="--", marker="x", markersize=3)
     axis.plot([], [], color="black", label="packed (solid)")
     axis.plot([], [], color="black", linestyle="--", label="8-bit control (dashed)")

@@ -181,6 +181,11 @@ OUTPUT_METRICS = (("psnr_mean", "PSNR mean dB", "{:.2f}"),
                   ("first_step_latent_rel_err", "step-1 latent rel err", "{:.4f}"),
                   ("latent_rel_err", "latent rel err", "{:.4f}"),
                   ("block_rel_err", "worst block rel err", "{:.4f}"))
+# The output gates' distances in the order the card shows them (tasks/validate_output.py's
+# OUTPUT_DISTANCES, which tests keep equal; the manifest's JSON sorts them by name).
+DISTANCE_ORDER = ("frame_mse", "worst_frame_mse", "ssim_distance", "temporal_diff",
+                  "audio_noise_ratio", "mel_distance", "first_step_latent_rel_err",
+                  "latent_rel_err", "block_rel_err")
 NAMED_TENSOR_FAILURES = 5
 
 
@@ -251,6 +256,12 @@ def _control_phrase(output: dict) -> str:
             f"tensors re-quantized at {control['bits']} bits, HLWQ, one scale per block)")
 
 
+def ordered_gates(gates: dict) -> list[str]:
+    """The gates' names in DISTANCE_ORDER, any others after them by name."""
+    rank = {name: number for number, name in enumerate(DISTANCE_ORDER)}
+    return sorted(gates, key=lambda name: (rank.get(name, len(rank)), name))
+
+
 def gate_limit_label(gate: dict) -> str:
     """A gate's rule in a few characters: ``<= max(16 x ctrl, 2e-06)``."""
     return f"<= max({gate['k']:g} x ctrl, {gate['floor']:g})"
@@ -266,7 +277,7 @@ def distance_cell(judged: dict) -> str:
 def output_gate_table(results: dict) -> str:
     """One row per prompt with every gate's distance: packed / 8-bit control (ratio); the first
     row holds each gate's rule (k and floor); a distance past its limit is bold."""
-    names = list(results["gates"])
+    names = ordered_gates(results["gates"])
     rows = [["**limit**", "", "", *(gate_limit_label(results["gates"][n]) for n in names), ""]]
     for pid, entry in results["prompts"].items():
         cells = []

@@ -89,8 +89,8 @@ OUTPUT_DISTANCES = {
     "temporal_diff": "mean |frame-to-frame change of the render - that of the source|",
     "audio_noise_ratio": "energy of the waveform difference / the source's energy",
     "mel_distance": "mean |log-mel difference| (dB)",
-    "latent_rel_err": "relative L2 error of the final video latents",
     "first_step_latent_rel_err": "relative L2 error of the video latents after the first step",
+    "latent_rel_err": "relative L2 error of the final video latents",
     "block_rel_err": "relative L2 error of each block's output on the first step (per block)",
 }
 BLOCK_GATE = "block_rel_err"

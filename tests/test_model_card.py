@@ -20,6 +20,7 @@ from hlwq.runtime.report import LABEL_HEIGHT, write_stacked_sheet
 from hlwq.runtime.video import contact_sheet, to_uint8_frames
 from hlwq.store.artifact import MODEL_CARD_NAME, read_manifest, verify_artifact
 from hlwq.store.model_card import (
+    DISTANCE_ORDER,
     OUTPUT_METRICS,
     output_gate_table,
     output_metric_table,
@@ -27,6 +28,7 @@ from hlwq.store.model_card import (
 )
 from hlwq.tasks.gates import gate_sources, load_gate_config
 from hlwq.tasks.validate_output import (
+    OUTPUT_DISTANCES,
     REPORT_DIR,
     WORST_SHEET_NAME,
     gate_results,
@@ -101,6 +103,9 @@ def test_card_shows_a_row_per_prompt_the_thresholds_and_the_worst_prompt(package
     limit_row = next(line for line in card.splitlines() if line.startswith("| **limit**"))
     for gate in results["gates"].values():
         assert f"<= max({gate['k']:g} x ctrl, {gate['floor']:g})" in limit_row
+    header = next(line for line in card.splitlines() if line.startswith("| prompt | WxHxF"))
+    assert header.split(" | ")[3:12] == list(DISTANCE_ORDER)          # not the JSON's order
+    assert tuple(OUTPUT_DISTANCES) == DISTANCE_ORDER
     rows = [line for line in card.splitlines() if line.startswith("| `")]
     assert [row.split("|")[1].strip() for row in rows[:2]] == ["`calm-lake`", "`neon-sign`"]
     ratio = 1e-3 / CONTROL["mse_mean"]
