@@ -12,7 +12,8 @@ Parts of one JSON (benchmarks/results/formats.json) and one plot (formats.png):
   mean cosine (float64 sums), seconds of quantize + dequantize (after a warm-up).
 - ``output``: the same formats as fake quantization (weights set to their reconstruction)
   in the tiny LTX-2.3 fixture, rendered with the same prompts and seeds as the source and
-  scored with the metrics and ``[output]`` gates of tasks/gates.toml, and in the real-width
+  scored with the metrics and the ``[output.<distance>]`` gates of tasks/gates.toml (against
+  the 8-bit HLWQ control of the same tensors, rendered once), and in the real-width
   2-block transformer (relative error of one forward on seeded inputs).
 - ``equal_size``: each published LTX-2.3 size with the components it counts, the HLWQ
   allocation ``--target-size`` gives for the same scope (plan_budget, damage on synthetic
@@ -204,6 +205,16 @@ def tiny_output(formats: list[Format], work: Path, log) -> dict:
     source = {p: load_rendering(render_for_comparison(pipeline, suite[p], "cpu",
                                                       renders / f"source-{p}.safetensors"))
               for p in EVAL_PROMPTS}
+    # The output gates judge each format against the 8-bit HLWQ control of the same tensors.
+    from hlwq.runtime.control import CONTROL_BITS, reconstruct_weights, restore_weights
+
+    keep = {}
+    reconstruct_weights([(f"transformer/{n}", pipeline.transformer, n) for n in names],
+                        CONTROL_BITS, keep=keep)
+    control = {p: load_rendering(render_for_comparison(pipeline, suite[p], "cpu",
+                                                       renders / f"control-{p}.safetensors"))
+               for p in EVAL_PROMPTS}
+    restore_weights(keep)
     setter = FakeQuantized(pipeline.transformer, names)
     results = []
     for fmt in formats:
@@ -214,7 +225,7 @@ def tiny_output(formats: list[Format], work: Path, log) -> dict:
         prompts = {}
         for p in EVAL_PROMPTS:
             path = render_for_comparison(pipeline, suite[p], "cpu", renders / f"candidate-{p}.safetensors")
-            prompts[p] = compare_renderings(source[p], load_rendering(path))
+            prompts[p] = compare_renderings(source[p], load_rendering(path), control[p])
         verdict = apply_output_gates(prompts, gates)
         setter.restore()
         for metrics in prompts.values():

@@ -218,8 +218,11 @@ def quantize_checkpoint(source: str, out: str, policy: str | None = None, bits: 
     those are downloaded, inventoried and carried), e.g. one checkpoint of a repo holding several.
 
     After packaging, the output gates render ``output_suite`` (default: the versioned suite
-    of tasks/validate_output.py) with the source and the artifact; only then is the artifact
-    marked validated. Sources that are not whole pipelines skip them (recorded in the manifest).
+    of tasks/validate_output.py) with the source, an 8-bit control of the same tensors and the
+    artifact, and judge the artifact against the control; only then is the artifact marked
+    validated. The source's and the control's renders stay in the staging folder
+    (``output-renders/``) for a rerun. Sources that are not whole pipelines skip them
+    (recorded in the manifest).
 
     ``target_size`` (e.g. "15GB") replaces the uniform ``bits`` by a format per tensor (2..8
     bits, 128-value blocks or 64-/32-value scale groups) chosen to fit ``target_scope`` with

@@ -20,6 +20,7 @@ from hlwq.quant.errors import InvalidOptionError, InvalidTensorError
 from hlwq.quant.metrics import tensor_metrics
 
 DB_CAP = 100.0             # PSNR / SNR of identical signals
+RATIO_CAP = 1e10           # an energy ratio with a silent reference (10 ** (DB_CAP / 10))
 SSIM_WINDOW = 11           # Wang et al. 2004: 11x11 Gaussian window, sigma 1.5
 SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
@@ -59,11 +60,19 @@ def _ratio_db(signal: float, noise: float) -> float:
     return min(DB_CAP, 10.0 * math.log10(signal / noise))
 
 
-def frame_psnr(reference, candidate) -> torch.Tensor:
-    """PSNR in dB of each frame (peak 1.0), capped at DB_CAP; shape (frames,)."""
+def frame_mse(reference, candidate) -> torch.Tensor:
+    """Mean squared error of each frame (full scale 1.0); shape (frames,)."""
     ref, cand = as_frames(reference, "reference frames"), as_frames(candidate, "candidate frames")
     _same_shape(ref, cand, "frames")
-    mse = (ref - cand).square().mean(dim=(1, 2, 3))
+    return (ref - cand).square().mean(dim=(1, 2, 3))
+
+
+def frame_psnr(reference, candidate) -> torch.Tensor:
+    """PSNR in dB of each frame (peak 1.0), capped at DB_CAP; shape (frames,)."""
+    return psnr_of(frame_mse(reference, candidate))
+
+
+def psnr_of(mse: torch.Tensor) -> torch.Tensor:
     return torch.tensor([_ratio_db(1.0, float(m)) for m in mse], dtype=torch.float64)
 
 
@@ -123,13 +132,17 @@ def temporal_diff(reference, candidate) -> float:
 
 
 def video_metrics(reference, candidate) -> dict[str, float]:
-    """Per-frame PSNR and SSIM (mean and worst frame) plus temporal stability, as floats."""
-    psnr = frame_psnr(reference, candidate)
+    """Per-frame PSNR and SSIM (mean and worst frame), per-frame MSE (mean and worst) and
+    temporal stability, as floats."""
+    mse = frame_mse(reference, candidate)
+    psnr = psnr_of(mse)
     ssim = frame_ssim(reference, candidate)
     return {
         "psnr_mean": float(psnr.mean()),
         "psnr_min": float(psnr.min()),
-        "worst_frame": int(psnr.argmin()),
+        "mse_mean": float(mse.mean()),
+        "mse_max": float(mse.max()),
+        "worst_frame": int(mse.argmax()),
         "ssim_mean": float(ssim.mean()),
         "ssim_min": float(ssim.min()),
         "temporal_diff": temporal_diff(reference, candidate),
@@ -157,6 +170,17 @@ def audio_snr_db(reference, candidate) -> float:
     ref, cand = as_waveform(reference, "reference audio"), as_waveform(candidate, "candidate audio")
     _same_shape(ref, cand, "audio")
     return _ratio_db(float(ref.square().sum()), float((ref - cand).square().sum()))
+
+
+def audio_noise_ratio(reference, candidate) -> float:
+    """Energy of the difference over the reference's energy (10 ** (-SNR / 10)), at most
+    RATIO_CAP; 0.0 for identical waveforms."""
+    ref, cand = as_waveform(reference, "reference audio"), as_waveform(candidate, "candidate audio")
+    _same_shape(ref, cand, "audio")
+    signal, noise = float(ref.square().sum()), float((ref - cand).square().sum())
+    if noise <= 0:
+        return 0.0
+    return RATIO_CAP if signal <= 0 else min(RATIO_CAP, noise / signal)
 
 
 def hz_to_mel(hz):
@@ -224,6 +248,7 @@ def mel_distance(reference, candidate, sample_rate: int, n_mels: int = N_MELS) -
 
 def audio_metrics(reference, candidate, sample_rate: int) -> dict[str, float]:
     return {"audio_snr_db": audio_snr_db(reference, candidate),
+            "audio_noise_ratio": audio_noise_ratio(reference, candidate),
             "mel_distance": mel_distance(reference, candidate, sample_rate)}
 
 

@@ -1,11 +1,16 @@
 """The validation report: one HTML page with PNGs beside it, and the same pictures on the Prefect run.
 
 ``<report_dir>/``
-    ``report.html``           gate verdicts, the metrics table, contact sheets, plots
+    ``report.html``           gate verdicts; per prompt the distances of the candidate and of
+                              the 8-bit control and their ratio, the absolute metrics of both;
+                              worst frames, contact sheets, plots
+    ``frames/<prompt>.png``   the candidate's worst frame: source | control | packed, and both
+                              amplified differences
     ``sheets/<prompt>.png``   source | packed | amplified difference, frames spread over the clip
-    ``plots/*.png``           per-prompt quality, error per block and per module type,
-                              distribution of per-tensor errors (metrics.parquet), error
-                              per bit against other formats (the manifest's sample)
+    ``plots/*.png``           per-prompt distances against their limits, the latent error after
+                              every denoising step (candidate and control), error per block and
+                              per module type, distribution of per-tensor errors (metrics.parquet),
+                              error per bit against other formats (the manifest's sample)
 
 The page marks ``<body data-images>`` as ``loaded`` once every image decoded (``broken``
 otherwise), so a headless browser can check it without a screenshot.
@@ -34,12 +39,18 @@ from PIL import Image, ImageDraw
 from hlwq.quant.names import block_and_module, block_index
 from hlwq.runtime.video import contact_sheet, thumbnail_jpeg, to_uint8_frames
 from hlwq.store.atomic import atomic_write_bytes, atomic_write_text
-from hlwq.store.model_card import OUTPUT_METRICS, output_gate_table
+from hlwq.store.model_card import (
+    OUTPUT_METRICS,
+    distance_cell,
+    gate_limit_label,
+    output_gate_table,
+)
 
-SHEET_DIR, PLOT_DIR = "sheets", "plots"
+SHEET_DIR, PLOT_DIR, FRAME_DIR = "sheets", "plots", "frames"
 REPORT_NAME = "report.html"
 DIFF_GAIN = 10          # the difference panel shows |packed - source| x this
 SHEET_FRAME_SIDE = 192  # frames in a sheet are shrunk to this longer side (real renders are large)
+FRAME_SIDE = (256, 512)  # a worst-frame panel's longer side: small frames grow, large ones shrink
 LABEL_HEIGHT = 14
 THUMBNAIL_WIDTH = 960   # contact sheets attached to the Prefect run are JPEGs this wide at most
 
@@ -93,19 +104,74 @@ def write_comparison_sheet(path: str | os.PathLike, source_frames, candidate_fra
     return Path(path)
 
 
-def stacked_sheet(source_frames, candidate_frames) -> Image.Image:
-    """The source's contact sheet above the packed one: the model card's picture of a prompt."""
+def stacked_sheet(source_frames, candidate_frames, control_frames=None) -> Image.Image:
+    """The source's contact sheet above the packed one (with ``control_frames``, the 8-bit
+    control's between them): the model card's picture of a prompt."""
+    rows = [(source_frames, "source")]
+    if control_frames is not None:
+        rows.append((control_frames, "8-bit control"))
+    rows.append((candidate_frames, "packed"))
     panels = [_labelled(contact_sheet(_shrunk(to_uint8_frames(np.asarray(frames)))), label)
-              for frames, label in ((source_frames, "source"), (candidate_frames, "packed"))]
-    sheet = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels) + 4),
+              for frames, label in rows]
+    sheet = Image.new("RGB", (max(p.width for p in panels),
+                              sum(p.height for p in panels) + 4 * (len(panels) - 1)),
                       (255, 255, 255))
-    sheet.paste(panels[0], (0, 0))
-    sheet.paste(panels[1], (0, panels[0].height + 4))
+    y = 0
+    for panel in panels:
+        sheet.paste(panel, (0, y))
+        y += panel.height + 4
     return sheet
 
 
-def write_stacked_sheet(path: str | os.PathLike, source_frames, candidate_frames) -> Path:
-    atomic_write_bytes(path, _png_bytes(stacked_sheet(source_frames, candidate_frames)))
+def write_stacked_sheet(path: str | os.PathLike, source_frames, candidate_frames,
+                        control_frames=None) -> Path:
+    atomic_write_bytes(path, _png_bytes(stacked_sheet(source_frames, candidate_frames,
+                                                      control_frames)))
+    return Path(path)
+
+
+def _resized(image: np.ndarray, sides: tuple[int, int] = FRAME_SIDE) -> Image.Image:
+    """A frame with its longer side in ``sides``: grown by a whole factor (nearest, pixels stay
+    visible) or shrunk (area-averaged)."""
+    picture = Image.fromarray(image)
+    longer = max(picture.size)
+    if longer < sides[0]:
+        factor = -(-sides[0] // longer)
+        return picture.resize((picture.width * factor, picture.height * factor),
+                              Image.Resampling.NEAREST)
+    if longer > sides[1]:
+        scale = sides[1] / longer
+        return picture.resize((max(1, round(picture.width * scale)),
+                               max(1, round(picture.height * scale))), Image.Resampling.BOX)
+    return picture
+
+
+def frame_comparison(source_frames, control_frames, candidate_frames, index: int,
+                     gain: int = DIFF_GAIN) -> Image.Image:
+    """Frame ``index`` side by side: source, 8-bit control, packed, then |control - source|
+    and |packed - source|, both x gain."""
+    frames = [to_uint8_frames(np.asarray(f))[index] for f in
+              (source_frames, control_frames, candidate_frames)]
+    source = frames[0].astype(np.int16)
+    differences = [np.clip(np.abs(f.astype(np.int16) - source) * gain, 0, 255).astype(np.uint8)
+                   for f in frames[1:]]
+    labels = (f"source, frame {index}", "8-bit control", "packed",
+              f"|control - source| x{gain}", f"|packed - source| x{gain}")
+    panels = [_labelled(_resized(image), label)
+              for image, label in zip([*frames, *differences], labels, strict=True)]
+    sheet = Image.new("RGB", (sum(p.width for p in panels) + 4 * (len(panels) - 1),
+                              max(p.height for p in panels)), (255, 255, 255))
+    x = 0
+    for panel in panels:
+        sheet.paste(panel, (x, 0))
+        x += panel.width + 4
+    return sheet
+
+
+def write_frame_comparison(path: str | os.PathLike, source_frames, control_frames,
+                           candidate_frames, index: int) -> Path:
+    atomic_write_bytes(path, _png_bytes(frame_comparison(source_frames, control_frames,
+                                                         candidate_frames, index)))
     return Path(path)
 
 
@@ -130,31 +196,65 @@ def _positive(values) -> list[float]:
     return [max(float(v), 1e-12) for v in values if v is not None and math.isfinite(v)]
 
 
+def _log_safe(values) -> list[float]:
+    """One point per value for a log axis: zeros at a small floor, NaN/Inf left as gaps."""
+    return [max(float(v), 1e-12) if v is not None and math.isfinite(v) else math.nan
+            for v in values]
+
+
 def plot_prompts(results: dict, path: Path) -> Path:
-    """Per prompt: PSNR (mean and worst frame) and SSIM, with their gate thresholds."""
+    """Per prompt: PSNR of the candidate and of the 8-bit control; and every gate's distance
+    as a fraction of its limit (max(k x control, floor)): a value right of 1 fails."""
     ids = list(results["prompts"])
     prompts = [results["prompts"][pid] for pid in ids]
-    gates = results["gates"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 0.45 * len(ids) + 1.8))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 0.45 * len(ids) + 2.2))
     y = np.arange(len(ids))
-    left.barh(y - 0.2, [p["psnr_mean"] for p in prompts], 0.4, label="mean frame")
-    left.barh(y + 0.2, [p["psnr_min"] for p in prompts], 0.4, label="worst frame")
-    for name, style in (("min_psnr_mean", "--"), ("min_psnr_min", ":")):
-        if name in gates:
-            left.axvline(gates[name]["threshold"], color="red", linestyle=style, label=name)
-    left.set(yticks=y, yticklabels=ids, xlabel="PSNR (dB), higher is better")
+    left.barh(y - 0.2, [p["psnr_mean"] for p in prompts], 0.4, label="packed")
+    left.barh(y + 0.2, [p.get("control", {}).get("psnr_mean", math.nan) for p in prompts], 0.4,
+              label="8-bit control", color="tab:gray")
+    left.set(yticks=y, yticklabels=ids, xlabel="PSNR mean (dB) against the source, higher is better")
     left.invert_yaxis()
     left.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2)
-    # 1 - SSIM on a log axis: on a 0..1 SSIM axis 0.9993 and a 0.9945 threshold look equal.
-    right.barh(y, [max(1.0 - p["ssim_mean"], 1e-6) for p in prompts], 0.6, color="tab:green")
-    if "min_ssim_mean" in gates:
-        right.axvline(1.0 - gates["min_ssim_mean"]["threshold"], color="red", linestyle="--",
-                      label="min_ssim_mean")
-        right.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    names = list(results["gates"])
+    markers = "os^vD<>ph*"
+    for number, name in enumerate(names):
+        fractions = []
+        for entry in prompts:
+            judged = entry.get("distances", {}).get(name)
+            fractions.append(math.nan if not judged or not judged["limit"] else
+                             judged["candidate"] / judged["limit"])
+        shown = [max(f, 1e-6) if math.isfinite(f) else 1e6 for f in fractions]   # NaN: far right
+        right.scatter(shown, y + (number - len(names) / 2) * 0.06, s=18,
+                      marker=markers[number % len(markers)], label=name)
+    right.axvline(1.0, color="red", linestyle="--", label="limit")
     right.set_xscale("log")
-    right.set(yticks=y, yticklabels=[], xlabel="1 - SSIM mean (log), lower is better")
+    right.set(yticks=y, yticklabels=[], xlabel="distance / limit (log), a gate fails right of 1")
     right.invert_yaxis()
-    figure.suptitle("Video quality per prompt (packed vs source)", y=1.06)
+    right.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4)
+    figure.suptitle("Per prompt: packed vs source, judged against the 8-bit control", y=1.12)
+    return _save(figure, path)
+
+
+def plot_trajectory(results: dict, path: Path) -> Path:
+    """Relative error of the video latents after every denoising step, per prompt: the packed
+    render (solid) and the 8-bit control (dashed), same colour per prompt."""
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for number, (pid, entry) in enumerate(results["prompts"].items()):
+        color = colors[number % len(colors)]
+        candidate = entry.get("latent_trajectory") or []
+        control = entry.get("control", {}).get("latent_trajectory") or []
+        axis.plot(range(1, len(candidate) + 1), _log_safe(candidate), color=color, marker="o",
+                  markersize=3, label=pid)
+        if control:
+            axis.plot(range(1, len(control) + 1), _log_safe(control), color=color,
+                      linestyle="--", marker="x", markersize=3)
+    axis.plot([], [], color="black", label="packed (solid)")
+    axis.plot([], [], color="black", linestyle="--", label="8-bit control (dashed)")
+    axis.set(yscale="log", xlabel="denoising step", ylabel="relative error of the video latents",
+             title="Latent error after each step, against the source")
+    axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axis.legend(fontsize=7, ncol=2)
     return _save(figure, path)
 
 
@@ -178,9 +278,15 @@ def plot_blocks(results: dict, metrics_rows: list[dict] | None, path: Path) -> P
                                  color=color, alpha=0.2)
         activations.plot(blocks, [float(np.median(v)) for v in values], color=color, marker="o",
                          markersize=3, label=f"{stream}: median over prompts (band: min-max)")
-    threshold = results["gates"].get("max_block_rel_err", {}).get("threshold")
-    if threshold:
-        activations.axhline(threshold, color="red", linestyle=":", label="max_block_rel_err")
+        control = {}
+        for entry in results["prompts"].values():
+            for row in entry["blocks"]:
+                if row["stream"] == stream and math.isfinite(row.get("control_rel_err", math.nan)):
+                    control.setdefault(row["block"], []).append(row["control_rel_err"])
+        if control:
+            shown = sorted(control)
+            activations.plot(shown, [float(np.median(_positive(control[b]))) for b in shown],
+                             color=color, linestyle="--", label=f"{stream}: 8-bit control")
     activations.set(yscale="log", xlabel="block", ylabel="relative error of the block output",
                     title="Activations, first denoising step (cumulative)")
     activations.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -296,7 +402,10 @@ def plot_format_comparison(report_dir: Path, metrics_path: str | os.PathLike | N
 def write_plots(report_dir: Path, results: dict, metrics_rows: list[dict] | None) -> dict[str, Path]:
     """Every plot of the report as ``{title: path}``, in page order."""
     plots = report_dir / PLOT_DIR
-    written = {"Video quality per prompt": plot_prompts(results, plots / "prompts.png"),
+    written = {"Distances per prompt against their limits": plot_prompts(results,
+                                                                          plots / "prompts.png"),
+               "Latent error after each denoising step": plot_trajectory(
+                   results, plots / "trajectory.png"),
                "Error per block": plot_blocks(results, metrics_rows, plots / "blocks.png")}
     if metrics_rows:
         written["Error per module type"] = plot_module_types(metrics_rows,
@@ -340,27 +449,66 @@ def _gate_table(results: dict) -> str:
     for name, gate in results["gates"].items():
         failed = ", ".join(gate["failed_prompts"]) or "-"
         blocks = ", ".join(gate.get("failed_blocks", [])) or ""
+        ratio = "-" if gate["ratio"] is None else f"{gate['ratio']:.3g}"
         rows.append(f'<tr class="{gate["verdict"]}"><td class="name">{_e(name)}</td>'
-                    f'<td>{gate["value"]:.4g}</td><td>{gate["threshold"]:g}</td>'
+                    f'<td>{gate["k"]:g}</td><td>{gate["floor"]:g}</td>'
+                    f'<td class="name">{_e(gate["worst_prompt"])}</td>'
+                    f'<td>{gate["candidate"]:.4g}</td><td>{gate["control"]:.4g}</td>'
+                    f'<td>{ratio}</td><td>{gate["limit"]:.4g}</td>'
                     f'<td>{_e(gate["verdict"])}</td><td class="name">{_e(failed)}'
                     f'{"<br>" + _e(blocks) if blocks else ""}</td></tr>')
-    return ("<table><tr><th>gate</th><th>worst value</th><th>threshold</th><th>verdict</th>"
+    return ("<table><tr><th>distance</th><th>k</th><th>floor</th><th>worst prompt</th>"
+            "<th>packed</th><th>control</th><th>ratio</th><th>limit</th><th>verdict</th>"
             "<th>failed prompts / blocks</th></tr>" + "".join(rows) + "</table>")
 
 
+def _distance_table(results: dict) -> str:
+    """Per prompt and gate: packed distance / control distance (ratio), failures marked."""
+    names = list(results["gates"])
+    head = "".join(f"<th>{_e(name)}<br><small>{_e(gate_limit_label(results['gates'][name]))}"
+                   "</small></th>" for name in names)
+    rows = []
+    for pid, entry in results["prompts"].items():
+        cells = []
+        for name in names:
+            judged = entry["distances"][name]
+            cells.append(f'<td class="{"" if judged["passed"] else "fail"}">'
+                         f'{_e(distance_cell(judged))}</td>')
+        rows.append(f'<tr class="{"pass" if entry["passed"] else "fail"}">'
+                    f'<td class="name">{_e(pid)}</td>{"".join(cells)}</tr>')
+    return (f"<table><tr><th>prompt</th>{head}</tr>" + "".join(rows) + "</table>")
+
+
 def _metrics_table(results: dict) -> str:
-    failing = {(pid, gate["metric"]) for gate in results["gates"].values()
-               for pid in gate["failed_prompts"]}
+    """Per prompt every absolute metric: packed, then the 8-bit control's in brackets."""
     head = "".join(f"<th>{_e(label)}</th>" for _, label, _ in OUTPUT_METRICS)
     rows = []
     for pid, entry in results["prompts"].items():
+        control = entry.get("control", {})
         cells = "".join(
-            f'<td class="{"fail" if (pid, key) in failing else ""}">{fmt.format(entry[key])}</td>'
+            f'<td>{fmt.format(entry[key])}'
+            f'{" (" + fmt.format(control[key]) + ")" if key in control else ""}</td>'
             for key, _, fmt in OUTPUT_METRICS)
         size = f'{entry["width"]}x{entry["height"]}x{entry["frames"]}'
         rows.append(f'<tr class="{"pass" if entry["passed"] else "fail"}">'
-                    f'<td class="name">{_e(pid)}</td><td>{size}</td>{cells}</tr>')
-    return (f"<table><tr><th>prompt</th><th>WxHxF</th>{head}</tr>" + "".join(rows) + "</table>")
+                    f'<td class="name">{_e(pid)}</td><td>{size}</td><td>{entry["steps"]}</td>'
+                    f'{cells}</tr>')
+    return (f"<table><tr><th>prompt</th><th>WxHxF</th><th>steps</th>{head}</tr>"
+            + "".join(rows) + "</table>")
+
+
+def _frames(results: dict, report_dir: Path) -> str:
+    parts = []
+    for pid, entry in results["prompts"].items():
+        if not (report_dir / FRAME_DIR / f"{pid}.png").is_file():
+            continue
+        control = entry.get("control", {})
+        parts.append(
+            f'<figure><img class="sheet" src="{FRAME_DIR}/{_e(pid)}.png" alt="{_e(pid)} worst frame">'
+            f'<figcaption><b>{_e(pid)}</b>: frame {entry["worst_frame"]}, the packed render\'s '
+            f'worst; PSNR packed {entry["psnr_min"]:.2f} dB, 8-bit control '
+            f'{control.get("psnr_min", math.nan):.2f} dB</figcaption></figure>')
+    return "".join(parts)
 
 
 def _sheets(results: dict) -> str:
@@ -373,6 +521,17 @@ def _sheets(results: dict) -> str:
             f'{entry["seed"]}, PSNR {entry["psnr_mean"]:.2f} dB (worst frame '
             f'{entry["psnr_min"]:.2f}), SSIM {entry["ssim_mean"]:.4f}</figcaption></figure>')
     return "".join(parts)
+
+
+def _control_text(results: dict) -> str:
+    control = results.get("control") or {}
+    if not control:
+        return ""
+    return (f"<p>Control: the source with the same {control['tensors']:,} tensors the packed "
+            f"artifact quantized re-quantized at {control['bits']} bits (HLWQ, one scale per "
+            f"block, {_e(control['mode'])}), rendered with the same prompts, seeds and settings. "
+            "A gate passes when the packed render's distance from the source is at most "
+            "max(k x the control's distance, floor).</p>")
 
 
 def report_html(results: dict, plots: dict[str, Path], report_dir: Path) -> str:
@@ -392,9 +551,12 @@ def report_html(results: dict, plots: dict[str, Path], report_dir: Path) -> str:
 <p>Artifact <code>{_e(results["artifact"])}</code> against source <code>{_e(results["source"])}</code>;
 suite <code>{_e(suite["name"])}</code> (sha256 {_e(suite["sha256"][:16])}...),
 {len(results["prompts"])} prompts, device {_e(results["device"])}.</p>
+{_control_text(results)}
 {"<ul>" + failures + "</ul>" if failures else ""}
 <h2>Gates</h2>{_gate_table(results)}
-<h2>Metrics per prompt</h2>{_metrics_table(results)}
+<h2>Distances per prompt: packed / control (ratio)</h2>{_distance_table(results)}
+<h2>Metrics per prompt: packed (control)</h2>{_metrics_table(results)}
+<h2>Worst frames: source, control, packed</h2>{_frames(results, report_dir)}
 <h2>Source, packed, difference</h2>{_sheets(results)}
 <h2>Plots</h2>{figures}
 <script>{IMAGE_CHECK}</script>
@@ -431,9 +593,13 @@ def report_markdown(results: dict) -> str:
     """The gates' verdicts, then the model card's per-prompt table."""
     lines = [f"# Output gates {'passed' if results['passed'] else 'FAILED'}", "",
              f"Report: `{results['report']}`", "",
-             "| gate | worst value | threshold | verdict | failed prompts |", "|---|---:|---:|---|---|"]
+             ("| gate | k | floor | worst prompt | packed | control | ratio | limit | verdict "
+              "| failed prompts |"), "|---|---:|---:|---|---:|---:|---:|---:|---|---|"]
     for name, gate in results["gates"].items():
-        lines.append(f"| {name} | {gate['value']:.4g} | {gate['threshold']:g} | {gate['verdict']} "
+        ratio = "-" if gate["ratio"] is None else f"{gate['ratio']:.3g}"
+        lines.append(f"| {name} | {gate['k']:g} | {gate['floor']:g} | {gate['worst_prompt']} "
+                     f"| {gate['candidate']:.4g} | {gate['control']:.4g} | {ratio} "
+                     f"| {gate['limit']:.4g} | {gate['verdict']} "
                      f"| {', '.join(gate['failed_prompts']) or '-'} |")
     return "\n".join(lines) + "\n\n" + output_gate_table(results)
 
@@ -455,7 +621,8 @@ def publish_report(results: dict, report_dir: str | os.PathLike) -> None:
     images = [(path, "image/png", path.read_bytes())
               for path in sorted((report_dir / PLOT_DIR).glob("*.png"))]
     images += [(path, "image/jpeg", thumbnail_jpeg(path, THUMBNAIL_WIDTH))
-               for path in sorted((report_dir / SHEET_DIR).glob("*.png"))]
+               for folder in (FRAME_DIR, SHEET_DIR)
+               for path in sorted((report_dir / folder).glob("*.png"))]
     for path, kind, data in images:
         key = re.sub(r"[^a-z0-9-]+", "-", f"validation-{path.parent.name}-{path.stem}".lower())
         create_image_artifact(f"data:{kind};base64,{base64.b64encode(data).decode()}",

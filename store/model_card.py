@@ -233,16 +233,22 @@ def _error_ratio(entry: dict, own: dict) -> str:
 
 # ---------------------------------------------------------------- validation evidence
 
-# The per-prompt output metrics (tasks/validate_output.py) as the card, `hlwq inspect` and the
-# HTML report show them: key, label, format.
+# The per-prompt absolute output metrics (tasks/validate_output.py) as the card, `hlwq inspect`
+# and the HTML report show them, packed then the control's: key, label, format.
 OUTPUT_METRICS = (("psnr_mean", "PSNR mean dB", "{:.2f}"),
                   ("psnr_min", "PSNR worst frame dB", "{:.2f}"),
                   ("ssim_mean", "SSIM mean", "{:.4f}"), ("ssim_min", "SSIM worst frame", "{:.4f}"),
                   ("temporal_diff", "temporal diff", "{:.4f}"),
                   ("audio_snr_db", "audio SNR dB", "{:.2f}"),
                   ("mel_distance", "log-mel dist dB", "{:.3f}"),
+                  ("first_step_latent_rel_err", "step-1 latent rel err", "{:.4f}"),
                   ("latent_rel_err", "latent rel err", "{:.4f}"),
                   ("block_rel_err", "worst block rel err", "{:.4f}"))
+# The output gates' distances in the order the card shows them (tasks/validate_output.py's
+# OUTPUT_DISTANCES, which tests keep equal; the manifest's JSON sorts them by name).
+DISTANCE_ORDER = ("frame_mse", "worst_frame_mse", "ssim_distance", "temporal_diff",
+                  "audio_noise_ratio", "mel_distance", "first_step_latent_rel_err",
+                  "latent_rel_err", "block_rel_err")
 NAMED_TENSOR_FAILURES = 5
 
 
@@ -266,8 +272,9 @@ def _state(gates: dict | None) -> str:
 
 
 def output_gate_blocks(output: dict | None) -> list[str]:
-    """Per prompt every output metric against its threshold, where the thresholds came from,
-    the failures and the worst prompt's contact sheet; or, plainly, that nothing was measured."""
+    """Per prompt every gate's distance, the control's and their ratio against the limit; the
+    absolute metrics of both; where the thresholds came from, the failures and the worst
+    prompt's pictures; or, plainly, that nothing was measured."""
     if not output:
         return [_NOT_RECORDED]
     if "skipped" in output:
@@ -277,62 +284,108 @@ def output_gate_blocks(output: dict | None) -> list[str]:
     verdict = (f"**passed** on {len(prompts)} of {len(prompts)} prompts" if not failed else
                f"**failed** on {len(failed)} of {len(prompts)} prompts")
     blocks = [_MEASURED.format(verdict=verdict, suite=suite["name"], sha=suite["sha256"][:16],
-                               device=output["device"]),
-              output_gate_table(output), _thresholds_origin(output.get("thresholds_from"), "output")]
+                               device=output["device"], control=_control_phrase(output)),
+              output_gate_table(output), _thresholds_origin(output.get("thresholds_from"), "output"),
+              "Absolute metrics per prompt, packed (8-bit control):", output_metric_table(output)]
     if output.get("failures"):
         blocks.append("\n".join(f"- {line}" for line in output["failures"]))
     if output.get("failed_blocks"):
-        blocks.append(f"Blocks that drift past `max_block_rel_err`: {', '.join(output['failed_blocks'])}.")
+        blocks.append(f"Blocks that drift past their `block_rel_err` limit: "
+                      f"{', '.join(output['failed_blocks'])}.")
     worst = output.get("worst_prompt")
     if worst:
         entry = prompts[worst["id"]]
         prompt = " ".join(str(entry["prompt"]).split())      # one line, whatever the suite holds
+        middle = "the 8-bit control in the middle, " if output.get("control") else ""
         blocks.append(f"Worst prompt, `{worst['id']}` (seed {entry['seed']}): \"{prompt}\". "
-                      "Source above, packed below:\n\n"
-                      f"![{worst['id']}: source above, packed below]({worst['sheet']})")
-    blocks.append(f"Every prompt's sheets and plots: [{output['report']}]({output['report']}). "
+                      f"Source above, {middle}packed below:\n\n"
+                      f"![{worst['id']}: source above, {middle}packed below]({worst['sheet']})")
+        if worst.get("frame"):
+            blocks.append(f"Its worst frame ({entry.get('worst_frame')}), source, 8-bit control "
+                          "and packed side by side, then both differences x10:\n\n"
+                          f"![{worst['id']}: worst frame]({worst['frame']})")
+    blocks.append(f"Every prompt's sheets, worst frames and plots (the latent error after every "
+                  f"denoising step among them): [{output['report']}]({output['report']}). "
                   "Not measured: image-to-video and audio-to-video conditioning (the suite is "
                   "text-to-video only).")
     return blocks
 
 
+def _control_phrase(output: dict) -> str:
+    control = output.get("control")
+    if not control:
+        return "a control"
+    return (f"an {control['bits']}-bit control (the source with the same {control['tensors']:,} "
+            f"tensors re-quantized at {control['bits']} bits, HLWQ, one scale per block)")
+
+
+def ordered_gates(gates: dict) -> list[str]:
+    """The gates' names in DISTANCE_ORDER, any others after them by name."""
+    rank = {name: number for number, name in enumerate(DISTANCE_ORDER)}
+    return sorted(gates, key=lambda name: (rank.get(name, len(rank)), name))
+
+
+def gate_limit_label(gate: dict) -> str:
+    """A gate's rule in a few characters: ``<= max(16 x ctrl, 2e-06)``."""
+    return f"<= max({gate['k']:g} x ctrl, {gate['floor']:g})"
+
+
+def distance_cell(judged: dict) -> str:
+    """``packed / control (ratio x)``: one gate on one prompt."""
+    ratio = judged.get("ratio")
+    times = "-" if ratio is None else f"{ratio:.3g}x"
+    return f"{judged['candidate']:.3g} / {judged['control']:.3g} ({times})"
+
+
 def output_gate_table(results: dict) -> str:
-    """One row per prompt with every output metric; the first row holds the gates' thresholds
-    (>= for a min_ gate, <= for a max_ gate); a value that fails its gate is bold."""
-    gate_of = {gate["metric"]: (name, gate) for name, gate in results["gates"].items()}
-    failing = {(pid, gate["metric"]) for gate in results["gates"].values()
-               for pid in gate["failed_prompts"]}
-    thresholds = ["**threshold**", "", ""]
-    for key, _, _ in OUTPUT_METRICS:
-        name, gate = gate_of.get(key, (None, None))
-        thresholds.append("" if gate is None else
-                          f"{'>=' if name.startswith('min_') else '<='} {gate['threshold']:g}")
-    rows = [thresholds + [""]]
+    """One row per prompt with every gate's distance: packed / 8-bit control (ratio); the first
+    row holds each gate's rule (k and floor); a distance past its limit is bold."""
+    names = ordered_gates(results["gates"])
+    rows = [["**limit**", "", "", *(gate_limit_label(results["gates"][n]) for n in names), ""]]
     for pid, entry in results["prompts"].items():
-        cells = [_metric_cell(entry.get(key), fmt, (pid, key) in failing)
-                 for key, _, fmt in OUTPUT_METRICS]
+        cells = []
+        for name in names:
+            judged = (entry.get("distances") or {}).get(name)
+            if judged is None:
+                cells.append("-")
+                continue
+            text = distance_cell(judged)
+            cells.append(text if judged["passed"] else f"**{text}**")
         verdict = "pass" if entry["passed"] else f"FAIL ({', '.join(entry['failed_gates'])})"
         rows.append([f"`{pid}`", f"{entry['width']}x{entry['height']}x{entry['frames']}",
                      str(entry["steps"]), *cells, verdict])
-    return markdown_table(["prompt", "WxHxF", "steps", *(label for _, label, _ in OUTPUT_METRICS),
-                           "verdict"], rows)
+    return markdown_table(["prompt", "WxHxF", "steps", *names, "verdict"], rows)
 
 
-def _metric_cell(value, fmt: str, failed: bool) -> str:
+def output_metric_table(results: dict) -> str:
+    """One row per prompt with every absolute metric: packed (8-bit control)."""
+    rows = []
+    for pid, entry in results["prompts"].items():
+        control = entry.get("control") or {}
+        cells = [_metric_cell(entry.get(key), control.get(key), fmt)
+                 for key, _, fmt in OUTPUT_METRICS]
+        rows.append([f"`{pid}`", *cells])
+    return markdown_table(["prompt", *(label for _, label, _ in OUTPUT_METRICS)], rows)
+
+
+def _metric_cell(value, control, fmt: str) -> str:
     if value is None:
         return "-"
     text = fmt.format(value)
-    return f"**{text}**" if failed else text
+    return text if control is None else f"{text} ({fmt.format(control)})"
 
 
 def _thresholds_origin(sources: list[dict] | None, section: str) -> str:
     """Which gates files the thresholds came from (names and hashes, never local paths)."""
-    table = f"`[{section}]`" if section == "output" else f"`[{section}.<bits>]`"
+    table = f"`[{section}.<distance>]`" if section == "output" else f"`[{section}.<bits>]`"
     if not sources:
         return f"Thresholds: {table} of the gates file (`tasks/gates.toml` unless `--gates`)."
     first, *overrides = sources
+    measured = ("each k and floor, measured on the tiny fixture, Q5 to 2 bits against the "
+                "8-bit control, with the command and the numbers" if section == "output" else
+                "each gate and how its default was measured")
     text = (f"Thresholds: {table} of `{first['name']}` (sha256 `{first['sha256'][:16]}`), "
-            "which documents each gate and how its default was measured")
+            f"which documents {measured}")
     if overrides:
         text += ", with the keys of " + ", ".join(
             f"`{s['name']}` (sha256 `{s['sha256'][:16]}`)" for s in overrides) + " merged over it"
@@ -441,9 +494,13 @@ _NOT_RECORDED = ("**Not measured**: no output gates were recorded for this artif
                  "(`hlwq validate DIR --against SOURCE` renders the prompt suite with both models "
                  "and records them here).")
 _MEASURED = ("Output gates {verdict}. Every prompt of the suite `{suite}` (sha256 `{sha}`) was "
-             "rendered by the source and by this artifact with the same seed and settings on "
-             "`{device}`, and the two renders compared: video frame by frame, audio, final "
-             "latents and each transformer block's output on the first denoising step.")
+             "rendered by the source, by {control} and by this artifact with the same seed and "
+             "settings on `{device}`; each render was compared with the source's (video frame "
+             "by frame, audio, the latents after the first and the last denoising step, each "
+             "transformer block's output on the first step). A gate passes when this "
+             "artifact's distance is at most max(k x the control's distance, floor): the "
+             "control calibrates the bar to this model, in this run. Per prompt, packed / "
+             "control (ratio):")
 _INTRO = ("Hadamard-Lloyd weight quantization (HLWQ) of the source checkpoint: the selected "
           "linear weights are stored as packed codes, block scales and a per-tensor codebook; "
           "every other tensor and file is kept exactly as in the source. "

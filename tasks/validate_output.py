@@ -1,16 +1,31 @@
 """Output gates: does the packed model still make the same videos as its source?
 
-Every prompt of a versioned suite (``store/prompt_suite/v1.jsonl``) is rendered by the source
-model and by the packed artifact with the same seed and settings. Per prompt the renders are
-compared (quant/video_metrics.py): per-frame PSNR and SSIM (mean and worst frame), temporal
-stability, waveform SNR and log-mel distance of the audio, relative error of the final latents,
-and, inside the transformer, each block's output on the first denoising step
-(runtime/block_probe.py). The ``[output]`` thresholds of ``tasks/gates.toml`` decide; a failure
-names the prompts and the blocks.
+Every prompt of a versioned suite (``store/prompt_suite/v1.jsonl``) is rendered three times
+with the same seed and settings: by the source model, by a near-lossless **control** (the
+source with the very tensors the candidate quantized replaced by their 8-bit HLWQ
+reconstruction, runtime/control.py) and by the packed artifact (the candidate). Per prompt
+the candidate's and the control's renders are each compared with the source's
+(quant/video_metrics.py): per-frame MSE/PSNR and SSIM (mean and worst frame), temporal
+stability, waveform noise ratio/SNR and log-mel distance of the audio, the video latents after
+every denoising step (the first step's and the final ones gate), and, inside the transformer,
+each block's output on the first denoising step (runtime/block_probe.py).
 
-The two models never sit in memory together: the source renders every prompt first (kept
-in ``work_dir``, reusable across artifacts of the same source), is released, then the
-artifact renders. The report (runtime/report.py) goes to ``ARTIFACT/validation/`` by default and
+Each metric is a *distance* (larger is worse). A gate passes on a prompt when
+
+    candidate distance <= max(k * control distance, floor)
+
+with ``k`` and the absolute ``floor`` per distance in ``[output.<distance>]`` of
+``tasks/gates.toml``. The control calibrates the gates per model, in the same run: on a model
+whose outputs drift under any perturbation, the control drifts too and the bar moves with it;
+the first-step distances (block outputs, latents after step one) do not compound over the
+steps and keep their resolution there. A failure names the prompts and the blocks.
+
+No two models sit in memory together: the source is loaded once, renders what the cache
+lacks, becomes the control in place and renders again, and is released; then the artifact
+renders. Renders are cached in ``work_dir`` (the source's by its fingerprint, the control's by
+the source's fingerprint, the selection and the encoder version; every render by its prompt,
+seed and settings), so reruns and further candidates of one source render only themselves.
+The report (runtime/report.py) goes to ``ARTIFACT/validation/`` by default and
 ``record_output_gates`` lists it in the manifest with the verdict.
 """
 
@@ -34,7 +49,7 @@ from safetensors.torch import save_file
 
 from hlwq.quant.errors import GateFailedError, InvalidOptionError, SourceError
 from hlwq.quant.video_metrics import audio_metrics, relative_l2_error, video_metrics
-from hlwq.runtime.block_probe import BlockProbe, compare_block_outputs
+from hlwq.runtime.block_probe import BlockProbe, compare_block_outputs, strided_sample
 from hlwq.runtime.memory_plan import RenderShape
 from hlwq.store.artifact import (
     MANIFEST_NAME,
@@ -63,24 +78,38 @@ SOURCE_FACTORY = "hlwq.runtime.ltx23_models:load_ltx23_pipeline"
 CANDIDATE_FACTORY = "hlwq.runtime.loader:load_pipeline"
 REPORT_DIR = "validation"
 RESULTS_NAME = "results.json"
-WORST_SHEET_NAME = "worst-prompt.png"   # the model card's picture: source above, packed below
+WORST_SHEET_NAME = "worst-prompt.png"   # the model card's picture: source, control, packed
+FRAME_DIR = "frames"      # runtime/report.py's: per prompt its worst frame, source | control | packed
 # What LTX2Pipeline needs to render: a source without all of them (a transformer alone)
 # cannot be rendered, and its output gates are skipped.
 PIPELINE_PARTS = ("transformer", "connectors", "vae", "audio_vae", "vocoder", "text_encoder",
                   "tokenizer", "scheduler")
+RENDER_FORMAT = "v2"      # v2: the latents after every step, sampled (render keys change)
+STEP_SAMPLE_VALUES = 1 << 18
 
-# gate name in [output] -> (metric it reads, True when larger is better)
-OUTPUT_GATES = {
-    "min_psnr_mean": ("psnr_mean", True),
-    "min_psnr_min": ("psnr_min", True),
-    "min_ssim_mean": ("ssim_mean", True),
-    "max_temporal_diff": ("temporal_diff", False),
-    "min_audio_snr_db": ("audio_snr_db", True),
-    "max_mel_distance": ("mel_distance", False),
-    "max_latent_rel_err": ("latent_rel_err", False),
-    "max_block_rel_err": ("block_rel_err", False),
+# [output.<distance>] -> what it measures (tasks/gates.toml documents each). Every distance
+# is 0 for identical renders and grows with the damage.
+OUTPUT_DISTANCES = {
+    "frame_mse": "mean over frames of the per-frame mean squared error (full scale 1.0)",
+    "worst_frame_mse": "mean squared error of the worst frame",
+    "ssim_distance": "1 - mean over frames of the per-frame SSIM",
+    "temporal_diff": "mean |frame-to-frame change of the render - that of the source|",
+    "audio_noise_ratio": "energy of the waveform difference / the source's energy",
+    "mel_distance": "mean |log-mel difference| (dB)",
+    "first_step_latent_rel_err": "relative L2 error of the video latents after the first step",
+    "latent_rel_err": "relative L2 error of the final video latents",
+    "block_rel_err": "relative L2 error of each block's output on the first step (per block)",
 }
-BLOCK_GATE = "max_block_rel_err"
+BLOCK_GATE = "block_rel_err"
+FIRST_STEP_GATES = ("first_step_latent_rel_err", "block_rel_err")
+GATE_KEYS = ("k", "floor")
+# The absolute thresholds of the old output gates and the distance that replaced each.
+LEGACY_OUTPUT_KEYS = {
+    "min_psnr_mean": "frame_mse", "min_psnr_min": "worst_frame_mse",
+    "min_ssim_mean": "ssim_distance", "max_temporal_diff": "temporal_diff",
+    "min_audio_snr_db": "audio_noise_ratio", "max_mel_distance": "mel_distance",
+    "max_latent_rel_err": "latent_rel_err", "max_block_rel_err": "block_rel_err",
+}
 
 
 # --------------------------------------------------------------------------- gates
@@ -88,80 +117,163 @@ BLOCK_GATE = "max_block_rel_err"
 
 @dataclass(frozen=True)
 class OutputGate:
+    """``candidate <= max(k * control, floor)``, on one distance."""
     name: str
-    metric: str
-    threshold: float
-    higher_is_better: bool
+    k: float
+    floor: float
 
-    def passes(self, value: float) -> bool:
-        # Written so that NaN fails.
-        return value >= self.threshold if self.higher_is_better else value <= self.threshold
+    def limit(self, control: float) -> float:
+        """The most the candidate may drift; the floor alone where the control is not finite."""
+        if not math.isfinite(control):
+            return self.floor
+        return max(self.k * control, self.floor)
 
-    def describe(self, value: float) -> str:
-        sign = "<" if self.higher_is_better else ">"
-        return f"{self.metric} {value:.4g} {sign} {self.name} {self.threshold:g}"
+    def passes(self, candidate: float, control: float) -> bool:
+        return candidate <= self.limit(control)       # written so that NaN fails
+
+    def judge(self, candidate: float, control: float) -> dict:
+        """The distance pair, their ratio, the limit and the verdict, JSON-able (no Infinity)."""
+        return {"candidate": candidate, "control": control,
+                "ratio": distance_ratio(candidate, control), "limit": self.limit(control),
+                "passed": self.passes(candidate, control)}
+
+    def describe(self, judged: dict) -> str:
+        ratio = judged["ratio"]
+        times = "-" if ratio is None else f"{ratio:.3g}x"
+        return (f"{self.name} {judged['candidate']:.4g} > limit {judged['limit']:.4g} "
+                f"(control {judged['control']:.4g}, ratio {times}, k {self.k:g}, "
+                f"floor {self.floor:g})")
+
+
+def distance_ratio(candidate: float, control: float) -> float | None:
+    """candidate / control; None where that is undefined (a zero or non-finite control)."""
+    if not (math.isfinite(candidate) and math.isfinite(control)):
+        return None
+    if control <= 0:
+        return 1.0 if candidate <= 0 else None
+    return candidate / control
 
 
 def output_gates(config: dict, source: str | os.PathLike = "gates config") -> dict[str, OutputGate]:
-    """The ``[output]`` table as ``{name: OutputGate}``; raises on a missing or unknown key."""
+    """The ``[output.<distance>]`` tables as ``{distance: OutputGate}``.
+
+    Raises InvalidOptionError on a missing, unknown or malformed entry; a key of the old
+    absolute gates (``min_psnr_mean`` and the rest) gets one line saying what to write instead.
+    """
     section = config.get("output")
     if not isinstance(section, dict):
-        raise InvalidOptionError(f"{source}: no [output] table (output gates need one with "
-                                 f"{', '.join(OUTPUT_GATES)})")
-    unknown = sorted(set(section) - set(OUTPUT_GATES))
-    missing = sorted(set(OUTPUT_GATES) - set(section))
+        raise InvalidOptionError(f"{source}: no [output] table (output gates need "
+                                 f"[output.<distance>] tables for {', '.join(OUTPUT_DISTANCES)})")
+    legacy = [key for key in section if key in LEGACY_OUTPUT_KEYS]
+    if legacy:
+        key = legacy[0]
+        raise InvalidOptionError(
+            f"{source}: [output] {key} = {section[key]!r} is an absolute threshold of the old "
+            "output gates; they now compare the candidate with an 8-bit control rendered in the "
+            f"same run: write [output.{LEGACY_OUTPUT_KEYS[key]}] with k = <times the control's "
+            "distance> and floor = <distance always allowed> instead (tasks/gates.toml documents "
+            "each)")
+    unknown = sorted(set(section) - set(OUTPUT_DISTANCES))
+    missing = sorted(set(OUTPUT_DISTANCES) - set(section))
     if unknown or missing:
-        raise InvalidOptionError(f"{source}: [output] has unknown key(s) {unknown} and lacks "
-                                 f"{missing}; expected exactly {', '.join(OUTPUT_GATES)}")
+        raise InvalidOptionError(f"{source}: [output] has unknown entries {unknown} and lacks "
+                                 f"{missing}; expected a table [output.<distance>] for each of "
+                                 f"{', '.join(OUTPUT_DISTANCES)}")
     gates = {}
-    for name, (metric, higher) in OUTPUT_GATES.items():
-        value = section[name]
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise InvalidOptionError(f"{source}: [output] {name}={value!r} must be a finite number")
-        gates[name] = OutputGate(name, metric, float(value), higher)
+    for name in OUTPUT_DISTANCES:
+        table = section[name]
+        where = f"{source}: [output.{name}]"
+        if not isinstance(table, dict) or set(table) != set(GATE_KEYS):
+            raise InvalidOptionError(f"{where}: needs exactly the keys k and floor, got "
+                                     f"{sorted(table) if isinstance(table, dict) else table!r}")
+        for key in GATE_KEYS:
+            value = table[key]
+            if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                    or not math.isfinite(value) or value < 0 or (key == "k" and value == 0)):
+                raise InvalidOptionError(f"{where}: {key}={value!r} must be a finite number, "
+                                         f"{'> 0' if key == 'k' else '>= 0'}")
+        gates[name] = OutputGate(name, float(table["k"]), float(table["floor"]))
     return gates
 
 
+def distance(metrics: dict, name: str) -> float:
+    """One distance of a comparison's metrics (``compare_renderings``, or the control's)."""
+    if name == "frame_mse":
+        return metrics["mse_mean"]
+    if name == "worst_frame_mse":
+        return metrics["mse_max"]
+    if name == "ssim_distance":
+        return 1.0 - metrics["ssim_mean"]
+    return metrics[name]
+
+
+def judge_prompt(entry: dict, gates: dict[str, OutputGate], prompt: str = "prompt") -> dict:
+    """Each gate on one prompt's entry: ``{distance: judged}`` (block gate: its worst block)."""
+    control = entry.get("control")
+    if not isinstance(control, dict):
+        raise InvalidOptionError(
+            f"{prompt}: no control metrics; the output gates judge a candidate against the 8-bit "
+            "control rendered in the same run (compare_renderings(source, candidate, control))")
+    judged = {}
+    for name, gate in gates.items():
+        if name == BLOCK_GATE and entry.get("blocks"):
+            rows = [{**gate.judge(row["rel_err"], row.get("control_rel_err", math.nan)),
+                     "block": row["block"], "stream": row["stream"]} for row in entry["blocks"]]
+            judged[name] = max(rows, key=_margin)
+            judged[name]["failed_blocks"] = [f"block {r['block']} ({r['stream']})"
+                                             for r in rows if not r["passed"]]
+        else:
+            judged[name] = gate.judge(distance(entry, name), distance(control, name))
+    return judged
+
+
+def _margin(judged: dict) -> float:
+    """candidate / limit, NaN as the worst: the row or prompt nearest to failing (or past it)."""
+    value, limit = judged["candidate"], judged["limit"]
+    if math.isnan(value):
+        return math.inf
+    return value / limit if limit > 0 else (0.0 if value <= 0 else math.inf)
+
+
 def apply_output_gates(prompts: dict[str, dict], gates: dict[str, OutputGate]) -> dict:
-    """Each gate over every prompt: its worst value, threshold, verdict and what failed.
+    """Each gate over every prompt: the worst prompt's distances, limit, verdict, what failed.
 
-    Sets ``passed`` and ``failed_gates`` on each prompt's entry; returns ``{"gates", "passed",
-    "failures" (one line per failing prompt), "failed_prompts", "failed_blocks"}``.
+    Each prompt's entry needs its ``control`` metrics (``compare_renderings`` with a control).
+    Sets ``distances``, ``passed`` and ``failed_gates`` on each entry; returns ``{"gates",
+    "passed", "failures" (one line per failing prompt), "failed_prompts", "failed_blocks"}``.
     """
-    verdicts, broken, failed_blocks = {}, {pid: [] for pid in prompts}, []
-    for gate in gates.values():
-        values = {pid: entry[gate.metric] for pid, entry in prompts.items()}
-        worst = (min if gate.higher_is_better else max)(values.values(), key=_nan_worst(gate))
-        failed = [pid for pid, value in values.items() if not gate.passes(value)]
-        verdict = {"metric": gate.metric, "value": worst, "threshold": gate.threshold,
-                   "verdict": "fail" if failed else "pass", "failed_prompts": failed}
-        for pid in failed:
-            broken[pid].append(gate)
-        if gate.name == BLOCK_GATE:
-            blocks = [{"prompt": pid, **row} for pid in failed for row in prompts[pid]["blocks"]
-                      if not gate.passes(row["rel_err"])]
-            verdict["failed_blocks"] = sorted({f"block {b['block']} ({b['stream']})" for b in blocks},
-                                              key=_block_order)
-            failed_blocks += blocks
-        verdicts[gate.name] = verdict
     for pid, entry in prompts.items():
-        entry["failed_gates"] = [gate.name for gate in broken[pid]]
-        entry["passed"] = not broken[pid]
-    failures = [f"prompt {pid}: " + "; ".join(gate.describe(prompts[pid][gate.metric])
-                                              for gate in failing)
-                for pid, failing in broken.items() if failing]
+        entry["distances"] = judge_prompt(entry, gates, f"prompt {pid}")
+    verdicts, failed_blocks = {}, []
+    for name, gate in gates.items():
+        judged = {pid: entry["distances"][name] for pid, entry in prompts.items()}
+        worst = max(judged, key=lambda pid: _margin(judged[pid]))
+        failed = [pid for pid, j in judged.items() if not j["passed"]]
+        verdict = {"distance": name, "k": gate.k, "floor": gate.floor, "worst_prompt": worst,
+                   **{key: judged[worst][key] for key in ("candidate", "control", "ratio",
+                                                          "limit")},
+                   "verdict": "fail" if failed else "pass", "failed_prompts": failed}
+        if name == BLOCK_GATE:
+            labels = {label for pid in failed for label in judged[pid].get("failed_blocks", [])}
+            verdict["failed_blocks"] = sorted(labels, key=_block_order)
+            failed_blocks += [{"prompt": pid, "block": row["block"], "stream": row["stream"],
+                               "rel_err": row["rel_err"],
+                               "control_rel_err": row.get("control_rel_err")}
+                              for pid in failed for row in prompts[pid].get("blocks", [])
+                              if not gate.passes(row["rel_err"],
+                                                 row.get("control_rel_err", math.nan))]
+        verdicts[name] = verdict
+    failures = []
+    for pid, entry in prompts.items():
+        broken = [name for name in gates if not entry["distances"][name]["passed"]]
+        entry["failed_gates"] = broken
+        entry["passed"] = not broken
+        if broken:
+            failures.append(f"prompt {pid}: " + "; ".join(
+                gates[name].describe(entry["distances"][name]) for name in broken))
     return {"gates": verdicts, "passed": not failures, "failures": failures,
-            "failed_prompts": [pid for pid, failing in broken.items() if failing],
+            "failed_prompts": [pid for pid, entry in prompts.items() if not entry["passed"]],
             "failed_blocks": failed_blocks}
-
-
-def _nan_worst(gate: OutputGate):
-    """Sort key putting NaN at the worst end, so a NaN is the value a gate reports."""
-    def key(value: float) -> float:
-        if math.isnan(value):
-            return -math.inf if gate.higher_is_better else math.inf
-        return value
-    return key
 
 
 def _block_order(label: str) -> tuple[int, str]:
@@ -172,15 +284,20 @@ def _block_order(label: str) -> tuple[int, str]:
 def failure_message(results: dict, consequence: str) -> str:
     failed = results["failed_prompts"]
     head = (f"output gates failed on {len(failed)} of {len(results['prompts'])} prompt(s) "
-            f"({', '.join(failed)}); {consequence}:")
+            f"({', '.join(failed)}) against the {_control_words(results)}; {consequence}:")
     lines = [head]
     lines += [f"  {line}" for line in results["failures"]]
     blocks = results["gates"].get(BLOCK_GATE, {}).get("failed_blocks")
     if blocks:
-        lines.append(f"  blocks that drift past {BLOCK_GATE}: {', '.join(blocks)}")
+        lines.append(f"  blocks that drift past their {BLOCK_GATE} limit: {', '.join(blocks)}")
     if results.get("report"):
         lines.append(f"  report: {results['report']}")
     return "\n".join(lines)
+
+
+def _control_words(results: dict) -> str:
+    control = results.get("control") or {}
+    return f"{control.get('bits', 8)}-bit control"
 
 
 # --------------------------------------------------------------------------- the suite
@@ -268,11 +385,14 @@ def output_gates_skip_reason(source_root: str | os.PathLike, gates: bool = True)
 
 
 def render_for_comparison(pipeline, request: RenderRequest, device: str, path: Path) -> Path:
-    """Render one request; save frames, audio, final latents and first-step block outputs."""
-    final = {}
+    """Render one request; save frames, audio, the final latents, the latents after every
+    denoising step (sampled, ``STEP_SAMPLE_VALUES`` evenly strided values at the same positions
+    in every model) and the first step's block outputs."""
+    final, steps = {}, []
 
     def keep_latents(pipe, step, timestep, tensors):
         final["latents"] = tensors["latents"]
+        steps.append(strided_sample(tensors["latents"], STEP_SAMPLE_VALUES))
         return {}
 
     with BlockProbe(pipeline.transformer) as probe, torch.inference_mode():
@@ -280,12 +400,13 @@ def render_for_comparison(pipeline, request: RenderRequest, device: str, path: P
                           callback_on_step_end_tensor_inputs=["latents"])
     audio = output.audio[0]
     tensors = {
-        # float16 halves the disk a real-size render takes; its rounding (< 5e-4) sits
-        # far below any PSNR a gate asks for.
+        # float16 halves the disk a real-size render takes; its rounding (< 5e-4, a frame MSE
+        # near 4e-8) sits far below what even the 8-bit control drifts.
         "frames": torch.as_tensor(np.asarray(output.frames[0], dtype=np.float16)),
         "audio": (audio.float().cpu() if torch.is_tensor(audio)
                   else torch.as_tensor(np.asarray(audio, dtype=np.float32))),
         "latents": final["latents"].float().cpu(),
+        **{f"step.{index}": sample for index, sample in enumerate(steps)},
         **{f"block.{block}.{stream}": value for block, streams in probe.outputs.items()
            for stream, value in streams.items()},
     }
@@ -296,7 +417,8 @@ def render_for_comparison(pipeline, request: RenderRequest, device: str, path: P
 
 
 def load_rendering(path: Path) -> dict:
-    """A saved render: frames, audio, latents, sample_rate and blocks {index: {stream: tensor}}."""
+    """A saved render: frames, audio, latents, sample_rate, steps (the latents after each step,
+    sampled) and blocks {index: {stream: tensor}}."""
     with safe_open(str(path), framework="pt") as handle:
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
         sample_rate = int(handle.metadata()["sample_rate"])
@@ -304,32 +426,81 @@ def load_rendering(path: Path) -> dict:
     for key in [k for k in tensors if k.startswith("block.")]:
         _, index, stream = key.split(".")
         blocks.setdefault(int(index), {})[stream] = tensors.pop(key)
-    return {**tensors, "sample_rate": sample_rate, "blocks": blocks}
+    steps = {int(key.split(".")[1]): tensors.pop(key) for key in list(tensors)
+             if key.startswith("step.")}
+    return {**tensors, "sample_rate": sample_rate, "blocks": blocks,
+            "steps": [steps[i] for i in sorted(steps)]}
+
+
+def render_paths(requests: list[RenderRequest], out_dir: Path, fingerprint: str,
+                 settings: dict | None = None) -> dict[str, Path]:
+    return {r.id: out_dir / f"{r.id}-{render_key(r, fingerprint, settings)[:16]}.safetensors"
+            for r in requests}
 
 
 def render_all(load, requests: list[RenderRequest], device: str, out_dir: Path,
-               fingerprint: str, label: str) -> dict[str, Path]:
+               fingerprint: str, label: str, settings: dict | None = None) -> dict[str, Path]:
     """Render what ``out_dir`` lacks with the pipeline ``load()`` builds (only if needed)."""
-    paths = {r.id: out_dir / f"{r.id}-{render_key(r, fingerprint)[:16]}.safetensors"
-             for r in requests}
+    paths = render_paths(requests, out_dir, fingerprint, settings)
     todo = [r for r in requests if not paths[r.id].is_file()]
     if todo:
         pipeline = load()
-        pipeline.set_progress_bar_config(disable=True)
         try:
-            for request in todo:
-                _log(f"rendering {request.id} with the {label}")
-                render_for_comparison(pipeline, request, device, paths[request.id])
+            _render_each(pipeline, todo, device, paths, label)
         finally:
             del pipeline
-            gc.collect()
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            _release(device)
     return paths
 
 
-def render_key(request: RenderRequest, fingerprint: str) -> str:
-    fields = {**request.to_dict(), "model": fingerprint, "probe": "v1"}
+def render_source_and_control(load_source, selection: list[dict], control: dict,
+                              requests: list[RenderRequest], device: str, work: Path,
+                              source_fingerprint: str, settings: dict
+                              ) -> tuple[dict[str, Path], dict[str, Path]]:
+    """The source's renders and the control's, from one load of the source (only if either
+    cache lacks a prompt): the source renders first, then becomes the control in place
+    (runtime/control.py: its selected weights at 8 bits) and renders again."""
+    from hlwq.runtime.control import apply_control
+
+    source_paths = render_paths(requests, work / "source", source_fingerprint, settings)
+    control_paths = render_paths(requests, work / "control", control["fingerprint"], settings)
+    source_todo = [r for r in requests if not source_paths[r.id].is_file()]
+    control_todo = [r for r in requests if not control_paths[r.id].is_file()]
+    if source_todo or control_todo:
+        pipeline = load_source()
+        try:
+            _render_each(pipeline, source_todo, device, source_paths, "source model")
+            if control_todo:
+                count = apply_control(pipeline, selection)
+                _log(f"8-bit control: {count} tensors of the source re-quantized in memory")
+                _render_each(pipeline, control_todo, device, control_paths, "8-bit control")
+        finally:
+            del pipeline
+            _release(device)
+    return source_paths, control_paths
+
+
+def _render_each(pipeline, requests, device, paths, label) -> None:
+    if not requests:
+        return
+    pipeline.set_progress_bar_config(disable=True)
+    for request in requests:
+        _log(f"rendering {request.id} with the {label}")
+        paths[request.id].parent.mkdir(parents=True, exist_ok=True)
+        render_for_comparison(pipeline, request, device, paths[request.id])
+
+
+def _release(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def render_key(request: RenderRequest, fingerprint: str, settings: dict | None = None) -> str:
+    """The identity of one render: the request (prompt, seed, size, steps...), the model's
+    fingerprint, the render format and the device and dtype it ran on."""
+    fields = {**request.to_dict(), "model": fingerprint, "probe": RENDER_FORMAT,
+              **(settings or {})}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -349,13 +520,37 @@ def model_fingerprint(path: str | os.PathLike) -> str:
 # --------------------------------------------------------------------------- comparing
 
 
-def compare_renderings(source: dict, candidate: dict) -> dict:
-    """Every per-prompt metric of the candidate's render against the source's."""
+def latent_trajectory(source: dict, candidate: dict) -> list[float]:
+    """Relative error of the video latents after each denoising step (sampled values)."""
+    return [relative_l2_error(s, c) for s, c in zip(source.get("steps", []),
+                                                    candidate.get("steps", []), strict=False)]
+
+
+def compare_renderings(source: dict, candidate: dict, control: dict | None = None) -> dict:
+    """Every per-prompt metric of the candidate's render against the source's; with
+    ``control`` (the 8-bit control's render), the control's own metrics under ``control``
+    and each block row's ``control_rel_err``, which the gates judge against."""
+    entry = _metrics(source, candidate)
+    if control is not None:
+        reference = _metrics(source, control)
+        by_row = {(r["block"], r["stream"]): r["rel_err"] for r in reference.pop("blocks")}
+        for row in entry["blocks"]:
+            row["control_rel_err"] = by_row.get((row["block"], row["stream"]), math.nan)
+        entry["control"] = reference
+    return entry
+
+
+def _metrics(source: dict, candidate: dict) -> dict:
     blocks = compare_block_outputs(source["blocks"], candidate["blocks"])
+    trajectory = latent_trajectory(source, candidate)
+    final = relative_l2_error(source["latents"], candidate["latents"])
     return {
         **video_metrics(source["frames"], candidate["frames"]),
         **audio_metrics(source["audio"], candidate["audio"], source["sample_rate"]),
-        "latent_rel_err": relative_l2_error(source["latents"], candidate["latents"]),
+        "latent_rel_err": final,
+        # A render without step samples (1 step, or another tool's) has only its final latents.
+        "first_step_latent_rel_err": trajectory[0] if trajectory else final,
+        "latent_trajectory": trajectory,
         "block_rel_err": max((row["rel_err"] for row in blocks), default=0.0),
         "block_cosine_min": min((row["cosine"] for row in blocks), default=1.0),
         "blocks": blocks,
@@ -369,46 +564,56 @@ def run_output_gates(source_root: str | os.PathLike, candidate: str | os.PathLik
                      long_side: int | None = None, frames: int | None = None,
                      steps: int | None = None, source_factory: str = SOURCE_FACTORY,
                      candidate_factory: str = CANDIDATE_FACTORY) -> dict:
-    """Render the suite with both models, compare, apply the ``[output]`` gates, write the report.
+    """Render the suite with the source, the 8-bit control and the candidate; compare; apply
+    the ``[output.<distance>]`` gates; write the report.
 
-    ``candidate``: the packed artifact (loaded with ``candidate_factory``, the packed runtime).
-    ``report_dir``: default ``<candidate>/validation`` (replaced as a whole). ``work_dir`` keeps
-    the renders; pass the same one to reuse the source's renders for another artifact.
-    Returns the JSON-able results (``prompts``, ``gates``, ``passed``, ``failures``, ...).
+    ``candidate``: the packed artifact (loaded with ``candidate_factory``, the packed runtime);
+    its manifest names the tensors the control re-quantizes. ``report_dir``: default
+    ``<candidate>/validation`` (replaced as a whole). ``work_dir`` keeps the renders; pass the
+    same one to reuse the source's and the control's renders for another artifact of that
+    source. Returns the JSON-able results (``prompts``, ``gates``, ``passed``, ...).
     """
+    from hlwq.runtime.control import control_identity, control_selection
+
     gates = output_gates(load_gate_config(gates_file), source=gates_file or "tasks/gates.toml")
     requests = load_suite(suite, long_side, frames, steps)
     problem = renderable_source(source_root)
     if problem:
         raise SourceError(f"output gates cannot render the source {source_root}: {problem}")
     device, dtype = resolve_device(device)
+    settings = {"device": device, "dtype": str(dtype).removeprefix("torch.")}
+    selection = control_selection(candidate)
+    source_fingerprint = model_fingerprint(source_root)
+    control = control_identity(source_fingerprint, selection)
     report_dir = Path(report_dir) if report_dir else Path(candidate) / REPORT_DIR
     # Real-size renders take gigabytes: keep them beside the artifact, not in /tmp.
     with tempfile.TemporaryDirectory(prefix=".hlwq-validate-",
                                      dir=Path(candidate).resolve().parent) as scratch:
         work = Path(work_dir) if work_dir else Path(scratch)
-        (work / "source").mkdir(parents=True, exist_ok=True)
-        (work / "candidate").mkdir(parents=True, exist_ok=True)
-        source_paths = render_all(
+        source_paths, control_paths = render_source_and_control(
             lambda: resolve_factory(source_factory)(source_root, dtype=dtype).to(device),
-            requests, device, work / "source", model_fingerprint(source_root), "source model")
+            selection, control, requests, device, work, source_fingerprint, settings)
         # placed as a render batch would be: auto offload, planned for the suite's shapes
         shapes = [RenderShape(**shape) for shape in render_shapes(requests)]
         candidate_paths = render_all(
             lambda: resolve_factory(candidate_factory)(str(candidate), device=device, dtype=dtype,
                                                        offload="auto", render_shapes=shapes),
-            requests, device, work / "candidate", model_fingerprint(candidate), "packed artifact")
+            requests, device, work / "candidate", model_fingerprint(candidate), "packed artifact",
+            settings)
+        control = {key: value for key, value in control.items() if key != "fingerprint"}
         return _compare_and_report(source_root, candidate, suite, requests, gates, source_paths,
-                                   candidate_paths, report_dir, device, gate_sources(gates_file))
+                                   control_paths, candidate_paths, report_dir, device,
+                                   gate_sources(gates_file), control)
 
 
 def _compare_and_report(source_root, candidate, suite, requests, gates, source_paths,
-                        candidate_paths, report_dir: Path, device: str,
-                        thresholds_from: list[dict]) -> dict:
+                        control_paths, candidate_paths, report_dir: Path, device: str,
+                        thresholds_from: list[dict], control: dict) -> dict:
     from hlwq.runtime.report import (
         REPORT_NAME,
         SHEET_DIR,
         write_comparison_sheet,
+        write_frame_comparison,
         write_report,
         write_stacked_sheet,
     )
@@ -417,29 +622,34 @@ def _compare_and_report(source_root, candidate, suite, requests, gates, source_p
         prompts = {}
         for request in requests:
             source = load_rendering(source_paths[request.id])
+            reference = load_rendering(control_paths[request.id])
             packed = load_rendering(candidate_paths[request.id])
-            prompts[request.id] = {"prompt": request.prompt, "width": request.width,
-                                   "height": request.height, "frames": request.frames,
-                                   "seed": request.seed, "steps": request.steps,
-                                   **compare_renderings(source, packed)}
+            entry = {"prompt": request.prompt, "width": request.width, "height": request.height,
+                     "frames": request.frames, "seed": request.seed, "steps": request.steps,
+                     **compare_renderings(source, packed, reference)}
+            prompts[request.id] = entry
             write_comparison_sheet(partial / SHEET_DIR / f"{request.id}.png", source["frames"],
                                    packed["frames"])
+            write_frame_comparison(partial / FRAME_DIR / f"{request.id}.png", source["frames"],
+                                   reference["frames"], packed["frames"], entry["worst_frame"])
         # Names, not paths: the report lands inside the artifact, which must not depend on
         # where it (or the source) was written.
         results = gate_results(prompts, gates, source=source_name(source_root),
                                artifact=Path(candidate).resolve().name, device=device,
-                               suite=suite_identity(suite), thresholds_from=thresholds_from)
+                               suite=suite_identity(suite), thresholds_from=thresholds_from,
+                               control=control)
         worst = results["worst_prompt"]
         write_stacked_sheet(partial / WORST_SHEET_NAME, load_rendering(source_paths[worst])["frames"],
-                            load_rendering(candidate_paths[worst])["frames"])
+                            load_rendering(candidate_paths[worst])["frames"],
+                            load_rendering(control_paths[worst])["frames"])
         write_report(partial, results, metrics_path(candidate))
         atomic_write_text(partial / RESULTS_NAME, json.dumps(results, indent=2, sort_keys=True))
     return {**results, "report": str(report_dir / REPORT_NAME)}
 
 
 def gate_results(prompts: dict[str, dict], gates: dict[str, OutputGate], **identity) -> dict:
-    """The whole result: ``identity`` (source, artifact, device, suite, thresholds_from),
-    the prompts, the worst prompt, the worst latent error and the gates' verdicts."""
+    """The whole result: ``identity`` (source, artifact, device, suite, thresholds_from,
+    control), the prompts, the worst prompt, the worst latent error and the gates' verdicts."""
     verdict = apply_output_gates(prompts, gates)
     return {**identity, "prompts": prompts, "worst_prompt": worst_prompt(prompts),
             "latent_rel_err": max(p["latent_rel_err"] for p in prompts.values()), **verdict}
@@ -466,19 +676,21 @@ def metrics_path(candidate: str | os.PathLike) -> Path | None:
 
 
 def summary_for_manifest(results: dict) -> dict:
-    """What the manifest keeps: per-prompt metrics and the verdicts (block rows stay in
-    ``validation/results.json``)."""
+    """What the manifest keeps: per-prompt metrics (the candidate's, the control's and the
+    judged distances) and the verdicts (block rows stay in ``validation/results.json``)."""
+    worst = results["worst_prompt"]
     return {
         "passed": results["passed"], "device": results["device"],
         "suite": {key: results["suite"][key] for key in ("name", "sha256")},   # no local path
+        "control": results.get("control"),
         "prompts": {pid: {k: v for k, v in entry.items() if k != "blocks"}
                     for pid, entry in results["prompts"].items()},
         "gates": results["gates"], "thresholds_from": results["thresholds_from"],
         "failures": results["failures"],
         "failed_blocks": sorted({f"block {b['block']} ({b['stream']})"
                                  for b in results["failed_blocks"]}, key=_block_order),
-        "worst_prompt": {"id": results["worst_prompt"],
-                         "sheet": f"{REPORT_DIR}/{WORST_SHEET_NAME}"},
+        "worst_prompt": {"id": worst, "sheet": f"{REPORT_DIR}/{WORST_SHEET_NAME}",
+                         "frame": f"{REPORT_DIR}/{FRAME_DIR}/{worst}.png"},
         "report": f"{REPORT_DIR}/report.html",
     }
 
@@ -494,6 +706,9 @@ def record_output_gates(artifact_dir: str | os.PathLike, results: dict) -> dict:
     manifest = read_manifest(artifact)
     validation = dict(manifest["validation"])
     validation["output_gates"] = summary_for_manifest(results)
+    worst = validation["output_gates"]["worst_prompt"]
+    if not (artifact / worst["frame"]).is_file():
+        del worst["frame"]               # results made without a report's frame pictures
     validation["validated"] = is_validated(validation)
     manifest["validation"] = json.loads(json.dumps(validation, sort_keys=True, default=str))
 

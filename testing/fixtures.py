@@ -23,7 +23,7 @@ scheduler, and the spatial latent upsampler.
   LTX-2.3 files; see :mod:`hlwq.runtime.ltx23_models`).
 
 ``make_real_width_transformer(out_dir, layers)`` writes the LTX-2.3 transformer at its real
-width with ``layers`` blocks as ``out_dir/transformer/`` (``config.json``, sharded
+width with ``layers`` blocks (``real_width_transformer(layers)`` builds the same model in memory) as ``out_dir/transformer/`` (``config.json``, sharded
 ``diffusion_pytorch_model-0000k-of-0000n.safetensors`` and their index) plus a
 ``model_index.json`` naming only the transformer. Each tensor is generated and streamed to
 disk in chunks, so memory stays at one chunk whatever the size (48 layers: 38 GB).
@@ -248,6 +248,25 @@ def make_real_width_transformer(out_dir: str | os.PathLike, layers: int, seed: i
     """Write the real-width LTX-2.3 transformer with ``layers`` blocks (synthetic BF16)."""
     return make_transformer_checkpoint(out_dir, real_width_transformer_config(layers),
                                        seed=seed, shard_bytes=shard_bytes)
+
+
+@torch.no_grad()
+def real_width_transformer(layers: int, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """The transformer ``make_real_width_transformer(out, layers, seed)`` writes, built in
+    memory instead: the same BF16 values (cast to ``dtype``), without the disk round trip
+    (1.6 GB per block written, then read back)."""
+    model = build_model("transformer", real_width_transformer_config(layers), device="meta")
+    model = model.to_empty(device="cpu")
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    for name, tensor in checkpoint_tensors(model):
+        spec = TensorSpec(f"transformer/{name}", name, tuple(tensor.shape),
+                          tensor_kind(model, name, tensor))
+        start = 0
+        for chunk in synthetic_chunks(spec, seed):     # BF16 on disk: round the same way
+            tensor[start:start + len(chunk)].copy_(chunk.to(torch.bfloat16))
+            start += len(chunk)
+    return model.eval().requires_grad_(False)
 
 
 def make_transformer_checkpoint(out_dir: str | os.PathLike, config: dict, seed: int = 0,

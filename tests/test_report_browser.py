@@ -17,7 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from hlwq.runtime.report import PLOT_DIR, SHEET_DIR, write_comparison_sheet, write_report
+from hlwq.runtime.report import (
+    FRAME_DIR,
+    PLOT_DIR,
+    SHEET_DIR,
+    write_comparison_sheet,
+    write_frame_comparison,
+    write_report,
+)
 from hlwq.tasks.gates import load_gate_config
 from hlwq.tasks.validate_output import compare_renderings, gate_results, output_gates
 
@@ -30,7 +37,8 @@ RATE = 16_000
 
 
 def rendering(seed: int, noise: float, frames: int = 9, size=(32, 48)) -> dict:
-    """A fake render: textured frames, a tone, latents and two blocks of activations."""
+    """A fake render: textured frames, a tone, latents (final and per step) and two blocks of
+    activations."""
     rng = np.random.default_rng(seed)
     base = np.random.default_rng(0)
     video = np.clip(base.uniform(0, 1, (frames, *size, 3)) + rng.normal(0, noise, (frames, *size, 3)),
@@ -41,7 +49,10 @@ def rendering(seed: int, noise: float, frames: int = 9, size=(32, 48)) -> dict:
     latents = torch.as_tensor(base.normal(size=(1, 24, 16)) + rng.normal(0, noise, (1, 24, 16)))
     blocks = {b: {s: torch.as_tensor(base.normal(size=64) + rng.normal(0, noise * (b + 1), 64))
                   for s in ("video", "audio")} for b in range(2)}
-    return {"frames": video, "audio": audio, "latents": latents, "sample_rate": RATE, "blocks": blocks}
+    steps = [torch.as_tensor(base.normal(size=96) + rng.normal(0, noise * (s + 1), 96))
+             for s in range(3)]
+    return {"frames": video, "audio": audio, "latents": latents, "sample_rate": RATE,
+            "blocks": blocks, "steps": steps}
 
 
 def metrics_parquet(path):
@@ -56,20 +67,24 @@ def metrics_parquet(path):
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    """A report with one passing and one failing prompt."""
+    """A report with one passing and one failing prompt, each against its control."""
     directory = tmp_path_factory.mktemp("report")
     source = rendering(seed=1, noise=0.0)
+    control = rendering(seed=4, noise=0.001)
     prompts = {}
     for pid, noise in (("close-match", 0.001), ("far-off", 0.2)):
         candidate = rendering(seed=2, noise=noise)
+        entry = compare_renderings(source, candidate, control)
         prompts[pid] = {"prompt": f"a test prompt <{pid}>", "width": 48, "height": 32,
-                        "frames": 9, "seed": 3, "steps": 2,
-                        **compare_renderings(source, candidate)}
+                        "frames": 9, "seed": 3, "steps": 3, **entry}
         write_comparison_sheet(directory / SHEET_DIR / f"{pid}.png", source["frames"],
                                candidate["frames"])
+        write_frame_comparison(directory / FRAME_DIR / f"{pid}.png", source["frames"],
+                               control["frames"], candidate["frames"], entry["worst_frame"])
     results = gate_results(prompts, output_gates(load_gate_config()), source="src", artifact="art",
                            device="cpu", suite={"name": "v1", "sha256": "0" * 64, "path": "v1.jsonl"},
-                           report=str(directory / "report.html"))
+                           report=str(directory / "report.html"),
+                           control={"bits": 8, "mode": "refined", "tensors": 8})
     path = write_report(directory, results, metrics_parquet(directory.parent / "metrics.parquet"))
     return path, results
 
@@ -89,9 +104,11 @@ def test_report_renders_with_every_image_loaded(report, tmp_path):
     path, results = report
     page = path.read_text()
     images = re.findall(r"<img [^>]*src=\"([^\"]+)\"", page)
-    assert len(images) == len(results["prompts"]) + 4       # a sheet per prompt + 4 plots
-    assert {f"{PLOT_DIR}/{name}.png" for name in ("prompts", "blocks", "module_types",
-                                                  "tensor_errors")} <= set(images)
+    # a worst frame and a sheet per prompt + 5 plots
+    assert len(images) == 2 * len(results["prompts"]) + 5
+    assert {f"{PLOT_DIR}/{name}.png" for name in ("prompts", "trajectory", "blocks",
+                                                  "module_types", "tensor_errors")} <= set(images)
+    assert {f"{FRAME_DIR}/{pid}.png" for pid in results["prompts"]} <= set(images)
     body = body_tag(path, tmp_path)
     assert 'data-images="loaded"' in body
     assert f'data-images-total="{len(images)}"' in body
@@ -106,6 +123,8 @@ def test_report_states_the_verdicts(report):
     assert "a test prompt &lt;far-off&gt;" in page                  # escaped, never raw HTML
     for name in results["gates"]:
         assert name in page
+    assert "Distances per prompt: packed / control (ratio)" in page
+    assert "re-quantized at 8 bits" in page
 
 
 def test_a_missing_image_is_caught(report, tmp_path):

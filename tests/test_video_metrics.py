@@ -12,7 +12,9 @@ from torch import nn
 from hlwq.quant.errors import InvalidOptionError, InvalidTensorError
 from hlwq.quant.video_metrics import (
     DB_CAP,
+    RATIO_CAP,
     activation_error,
+    audio_noise_ratio,
     audio_snr_db,
     frame_psnr,
     frame_ssim,
@@ -65,6 +67,9 @@ def test_the_worst_frame_is_found():
     assert metrics["worst_frame"] == 3
     assert metrics["psnr_min"] < 25 < metrics["psnr_mean"]
     assert metrics["ssim_min"] < metrics["ssim_mean"] < 1.0
+    # the gates' distances: per-frame MSE, its mean and its worst frame (PSNR's own MSE)
+    assert metrics["psnr_min"] == pytest.approx(-10 * math.log10(metrics["mse_max"]))
+    assert metrics["mse_mean"] == pytest.approx(metrics["mse_max"] / 6, rel=1e-9)
 
 
 def test_ssim_is_one_for_equal_frames_and_falls_with_noise():
@@ -150,6 +155,11 @@ def test_snr_matches_the_noise_power():
     noise = np.random.default_rng(3).normal(0, math.sqrt(0.5 / 100), reference.shape)   # 20 dB
     assert audio_snr_db(reference, reference + noise) == pytest.approx(20.0, abs=0.2)
     assert audio_snr_db(reference, reference) == DB_CAP
+    # the gates' distance is the same ratio, not in dB: noise energy / signal energy
+    ratio = audio_noise_ratio(reference, reference + noise)
+    assert ratio == pytest.approx(10 ** (-audio_snr_db(reference, reference + noise) / 10))
+    assert audio_noise_ratio(reference, reference) == 0.0
+    assert audio_noise_ratio(np.zeros(8), np.ones(8)) == RATIO_CAP     # silent source: capped
 
 
 def test_mel_distance_reads_a_gain_in_db_and_forgives_a_phase_shift():

@@ -17,6 +17,8 @@ BENCHMARKS = {
                     "Block-by-block calibration (forward + backward) vs the quantize run, 48 blocks."),
     "formats": ("hlwq.benchmarks.formats_bench:bench_formats",
                 "Error per bit vs GGUF, FP8, INT8, NVFP4, MXFP4 and HQQ on the same tensors."),
+    "gates": ("hlwq.benchmarks.gates_bench:bench_gates",
+              "Output gates: candidate / 8-bit control distance ratios, Q5 to 2 bits."),
     "lora": ("hlwq.benchmarks.lora_bench:bench_lora",
              "Packed + LoRA vs packed: step latency, memory overhead, error vs dequantized + PEFT."),
 }

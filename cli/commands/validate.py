@@ -11,7 +11,10 @@ from hlwq.cli.commands.options import no_wait_option
 from hlwq.cli.prefect_env import configure_prefect, quiet_typed_errors
 
 PROMPT_KEYS = ("psnr_mean", "psnr_min", "ssim_mean", "temporal_diff", "audio_snr_db",
-               "mel_distance", "latent_rel_err")
+               "mel_distance", "first_step_latent_rel_err", "latent_rel_err", "block_rel_err")
+GATE_KEYS = ("distance", "k", "floor", "worst_prompt", "candidate", "control", "ratio", "limit",
+             "verdict", "failed_prompts")
+JUDGED_KEYS = ("candidate", "control", "ratio", "limit", "passed")
 
 
 @click.command()
@@ -22,7 +25,8 @@ PROMPT_KEYS = ("psnr_mean", "psnr_min", "ssim_mean", "temporal_diff", "audio_snr
 @click.option("--suite", type=click.Path(exists=True, dir_okay=False),
               help="Prompt suite (.jsonl); default store/prompt_suite/v1.jsonl.")
 @click.option("--gates", "gates_file", type=click.Path(exists=True, dir_okay=False),
-              help="TOML merged over tasks/gates.toml (its [output] table).")
+              help="TOML merged over tasks/gates.toml (its [output.<distance>] tables: k and "
+                   "floor of each gate).")
 @click.option("--report-dir", type=click.Path(file_okay=False),
               help="Write the report here and leave the artifact untouched (default: "
                    "ARTIFACT/validation, recorded in the manifest).")
@@ -37,8 +41,10 @@ PROMPT_KEYS = ("psnr_mean", "psnr_min", "ssim_mean", "temporal_diff", "audio_snr
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def validate(artifact, source, suite, gates_file, report_dir, work_dir, device, long_side, frames,
              steps, no_wait, as_json):
-    """Render the prompt suite with SOURCE and ARTIFACT (same seeds and settings), compare
-    video, audio, latents and per-block activations, and apply the output gates. ARTIFACT is
+    """Render the prompt suite with SOURCE, with an 8-bit control (SOURCE with the tensors
+    ARTIFACT quantized re-quantized at 8 bits, in memory) and with ARTIFACT (same seeds and
+    settings), compare each with SOURCE (video, audio, latents, per-block activations) and
+    apply the output gates: ARTIFACT's distance <= max(k x the control's, floor). ARTIFACT is
     a folder or a Hub repo (owner/name[@revision], downloaded and verified first; give
     --report-dir, since a Hub artifact is not changed). Exit 1 when a gate fails."""
     from hlwq.cli.preflight import check_folder_option
@@ -82,15 +88,19 @@ def validate(artifact, source, suite, gates_file, report_dir, work_dir, device, 
 
 
 def json_view(results: dict) -> dict:
-    """Per prompt the headline metrics; each gate's value, threshold and verdict; ``passed``."""
+    """Per prompt the headline metrics, the control's and the judged distances; each gate's
+    worst prompt, distances, ratio, limit and verdict; ``passed``."""
     return {
-        "prompts": {pid: {key: entry[key] for key in PROMPT_KEYS} | {"passed": entry["passed"]}
+        "prompts": {pid: {key: entry[key] for key in PROMPT_KEYS}
+                    | {"control": {key: entry["control"][key] for key in PROMPT_KEYS},
+                       "distances": {name: {key: judged[key] for key in JUDGED_KEYS}
+                                     for name, judged in entry["distances"].items()},
+                       "passed": entry["passed"]}
                     for pid, entry in results["prompts"].items()},
         "latent_rel_err": results["latent_rel_err"],
-        "gates": {name: {"value": gate["value"], "threshold": gate["threshold"],
-                         "verdict": gate["verdict"], "failed_prompts": gate["failed_prompts"],
-                         **({"failed_blocks": gate["failed_blocks"]}
-                            if "failed_blocks" in gate else {})}
+        "control": results.get("control"),
+        "gates": {name: {key: gate[key] for key in GATE_KEYS}
+                  | ({"failed_blocks": gate["failed_blocks"]} if "failed_blocks" in gate else {})
                   for name, gate in results["gates"].items()},
         "passed": results["passed"],
         "failures": results["failures"],
