@@ -208,6 +208,15 @@ def tiny_part(work: Path, log, with_sweep: bool = True) -> dict:
     for pid in EVAL_PROMPTS:
         path = render_for_comparison(pipeline, suite[pid], "cpu", renders / f"source-{pid}.safetensors")
         source[pid] = load_rendering(path)
+    # The output gates judge each choice against the 8-bit HLWQ control of the same tensors.
+    from hlwq.runtime.control import CONTROL_BITS, reconstruct_weights, restore_weights
+
+    keep = {}
+    reconstruct_weights([(f"transformer/{n}", transformer, n) for n in names], CONTROL_BITS, keep=keep)
+    control = {pid: load_rendering(render_for_comparison(pipeline, suite[pid], "cpu",
+                                                         renders / f"control-{pid}.safetensors"))
+               for pid in EVAL_PROMPTS}
+    restore_weights(keep)
 
     setter = WeightSetter(transformer, names)
     evaluated: dict[str, dict] = {}
@@ -224,7 +233,7 @@ def tiny_part(work: Path, log, with_sweep: bool = True) -> dict:
             for pid in EVAL_PROMPTS:
                 path = render_for_comparison(pipeline, suite[pid], "cpu",
                                              renders / f"candidate-{pid}.safetensors")
-                prompts[pid] = compare_renderings(source[pid], load_rendering(path))
+                prompts[pid] = compare_renderings(source[pid], load_rendering(path), control[pid])
             verdict = apply_output_gates(prompts, gates)
             for metrics in prompts.values():
                 metrics.pop("blocks")    # per-block rows: in the gate verdicts, not kept here
