@@ -67,6 +67,7 @@ from hlwq.quant.sizes import (
 )
 from hlwq.store.artifact import tensor_key
 from hlwq.store.safetensors_io import read_rows
+from hlwq.store.source_tree import checked_file
 
 CALIBRATION_PROMPTS = 2       # prompts of the suite whose first denoising step calibrates
 SAMPLE_WEIGHTS = 1 << 16      # values quantized per tensor and width: ~500 blocks of 128
@@ -336,12 +337,13 @@ Sampler = Callable[[Mapping, int, int], torch.Tensor]   # (row, rows wanted, see
 
 
 def file_sampler(source_base: str | os.PathLike) -> Sampler:
-    """Sample rows from the checkpoint files an inventory points at (``row["file"]``)."""
+    """Sample rows from the checkpoint files an inventory points at (``row["file"]``), read
+    through the source tree's checks like every source read."""
     base = Path(source_base)
 
     def sample(row: Mapping, count: int, seed: int) -> torch.Tensor:
         indices = sample_rows(row["shape"][0], count, seed, _key(row))
-        return read_rows(base / row["file"], row, indices)
+        return read_rows(checked_file(base, row["file"]), row, indices)
     return sample
 
 
