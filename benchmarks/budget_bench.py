@@ -156,6 +156,29 @@ def describe(config: dict, scoped, quantized) -> dict:
 # --------------------------------------------------------------------------- tiny fixture
 
 
+def source_and_control_renders(pipeline, suite: dict, prompts, names: list[str], renders: Path):
+    """The source's and the 8-bit HLWQ control's renders of ``prompts`` (the control: the
+    transformer tensors ``names`` at CONTROL_BITS, restored afterwards), as the output gates
+    judge every candidate against them."""
+    from hlwq.runtime.control import CONTROL_BITS, reconstruct_weights, restore_weights
+    from hlwq.tasks.validate_output import load_rendering, render_for_comparison
+
+    def render(kind: str) -> dict:
+        return {p: load_rendering(render_for_comparison(pipeline, suite[p], "cpu",
+                                                        renders / f"{kind}-{p}.safetensors"))
+                for p in prompts}
+
+    source = render("source")
+    keep = {}
+    reconstruct_weights([(f"transformer/{n}", pipeline.transformer, n) for n in names],
+                        CONTROL_BITS, keep=keep)
+    try:
+        control = render("control")
+    finally:
+        restore_weights(keep)
+    return source, control
+
+
 def tiny_part(work: Path, log, with_sweep: bool = True) -> dict:
     from hlwq.store.inventory import build_inventory
     from hlwq.tasks.budget import activation_stats, file_sampler, first_step_inputs, measure_damages
@@ -204,19 +227,7 @@ def tiny_part(work: Path, log, with_sweep: bool = True) -> dict:
     gates = output_gates(load_gate_config())
     renders = work / "tiny-renders"
     renders.mkdir(parents=True, exist_ok=True)
-    source = {}
-    for pid in EVAL_PROMPTS:
-        path = render_for_comparison(pipeline, suite[pid], "cpu", renders / f"source-{pid}.safetensors")
-        source[pid] = load_rendering(path)
-    # The output gates judge each choice against the 8-bit HLWQ control of the same tensors.
-    from hlwq.runtime.control import CONTROL_BITS, reconstruct_weights, restore_weights
-
-    keep = {}
-    reconstruct_weights([(f"transformer/{n}", transformer, n) for n in names], CONTROL_BITS, keep=keep)
-    control = {pid: load_rendering(render_for_comparison(pipeline, suite[pid], "cpu",
-                                                         renders / f"control-{pid}.safetensors"))
-               for pid in EVAL_PROMPTS}
-    restore_weights(keep)
+    source, control = source_and_control_renders(pipeline, suite, EVAL_PROMPTS, names, renders)
 
     setter = WeightSetter(transformer, names)
     evaluated: dict[str, dict] = {}

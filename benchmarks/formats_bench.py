@@ -172,7 +172,12 @@ class FakeQuantized:
 
 
 def tiny_output(formats: list[Format], work: Path, log) -> dict:
-    from hlwq.benchmarks.budget_bench import EVAL_PROMPTS, _mean, output_rel_err
+    from hlwq.benchmarks.budget_bench import (
+        EVAL_PROMPTS,
+        _mean,
+        output_rel_err,
+        source_and_control_renders,
+    )
     from hlwq.store.inventory import build_inventory
     from hlwq.tasks.budget import first_step_inputs
     from hlwq.tasks.gates import load_gate_config
@@ -202,19 +207,7 @@ def tiny_output(formats: list[Format], work: Path, log) -> dict:
         reference_out = forward()
     renders = work / "tiny-renders"
     renders.mkdir(parents=True, exist_ok=True)
-    source = {p: load_rendering(render_for_comparison(pipeline, suite[p], "cpu",
-                                                      renders / f"source-{p}.safetensors"))
-              for p in EVAL_PROMPTS}
-    # The output gates judge each format against the 8-bit HLWQ control of the same tensors.
-    from hlwq.runtime.control import CONTROL_BITS, reconstruct_weights, restore_weights
-
-    keep = {}
-    reconstruct_weights([(f"transformer/{n}", pipeline.transformer, n) for n in names],
-                        CONTROL_BITS, keep=keep)
-    control = {p: load_rendering(render_for_comparison(pipeline, suite[p], "cpu",
-                                                       renders / f"control-{p}.safetensors"))
-               for p in EVAL_PROMPTS}
-    restore_weights(keep)
+    source, control = source_and_control_renders(pipeline, suite, EVAL_PROMPTS, names, renders)
     setter = FakeQuantized(pipeline.transformer, names)
     results = []
     for fmt in formats:
