@@ -9,12 +9,15 @@ real widths), one run measures:
   denoising step of the suite's first ``CALIBRATION_PROMPTS`` prompts, at the shapes the
   LTX-2.3 pipeline gives them (captured from the tiny fixture, whose VAE compression and text
   length are the real ones: latent frames x rows x columns, audio frames, 1024 text tokens,
-  both halves of classifier-free guidance), with values of the real widths;
+  the conditional pass of classifier-free guidance: tasks/budget.py calibration_inputs), with
+  values of the real widths;
 - the quantize run as the flow runs it: ``hlwq quantize`` with 2 Dask workers
   (benchmarks/scale_bench.py run_flow) on the same fixture.
 
-Both are extrapolated to LTX-2.3's 48 blocks: calibration setup once + 48 x its per-block
-cost; the quantize stage 48 / ``--layers`` times longer, plus the flow's fixed start-up. With
+Both are extrapolated to LTX-2.3's 48 blocks: calibration setup once, its first block, and 47
+x the median of the later blocks (steady_block_seconds); the quantize
+stage 48 / ``--layers`` times longer, plus the flow's fixed start-up. By default the fixture's
+files are dropped from the page cache before each part, so both read from the disk. With
 ``--oracle`` the output gains are also checked against the noise probe (one forward per
 linear, hlwq.testing.sensitivity_probe) on the tiny fixture and the real-width model in
 memory: rank correlation and ratio of the gains.
@@ -23,6 +26,7 @@ memory: rank correlation and ratio of the gains.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -44,14 +48,13 @@ WIDTHS = {"hidden_states": "in_channels", "audio_hidden_states": "audio_in_chann
 def default_calibration_inputs(work: Path) -> tuple[list[dict], object]:
     """First-step transformer inputs of the default calibration prompts, and the tiny
     pipeline they were captured with."""
-    from hlwq.tasks.budget import CALIBRATION_PROMPTS, first_step_inputs
+    from hlwq.tasks.budget import CALIBRATION_PROMPTS, calibration_inputs
     from hlwq.tasks.validate_output import load_suite
     from hlwq.testing.fixtures import load_tiny_pipeline, make_tiny_ltx23
 
     pipeline = load_tiny_pipeline(make_tiny_ltx23(work / "tiny"))
     pipeline.set_progress_bar_config(disable=True)
-    return [first_step_inputs(pipeline, request)
-            for request in load_suite(None)[:CALIBRATION_PROMPTS]], pipeline
+    return calibration_inputs(pipeline, load_suite(None)[:CALIBRATION_PROMPTS]), pipeline
 
 
 def at_real_width(inputs: dict, config: dict, seed: int) -> dict:
@@ -59,6 +62,24 @@ def at_real_width(inputs: dict, config: dict, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     return {**inputs, **{name: torch.randn((*inputs[name].shape[:-1], config[width]), generator=gen)
                          for name, width in WIDTHS.items()}}
+
+
+def drop_from_page_cache(root: Path) -> None:
+    """Ask the kernel to drop the cached pages of every file under ``root`` (clean pages go;
+    a file read next comes from the disk)."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def steady_block_seconds(cost: dict) -> tuple[float, float]:
+    """(the first block's seconds, the median of the later blocks'). The first also pays for
+    one-time set-up. When reading ahead, the last computes while nothing is read, unlike the
+    others, so it is left out too."""
+    blocks = cost["block_s"]
+    later = blocks[1:-1] if cost.get("read_ahead") else blocks[1:]
+    return blocks[0], statistics.median(later or blocks)
 
 
 def shapes(inputs: dict) -> dict:
@@ -120,11 +141,14 @@ def write(out, results: dict, started: float) -> None:
 @click.option("--out", type=click.Path(dir_okay=False), default=str(RESULTS), show_default=True)
 @click.option("--work-dir", type=click.Path(file_okay=False), default="work-runs/bench-calibration",
               show_default=True, help="Where the fixtures are written (reused across runs).")
-@click.option("--layers", type=int, default=2, show_default=True,
+@click.option("--layers", type=int, default=6, show_default=True,
               help="Blocks of the real-width fixture.")
+@click.option("--cold-cache/--warm-cache", default=True, show_default=True,
+              help="Drop the fixture's files from the page cache before each measured part, so "
+                   "both read from the disk, as LTX-2.3's 46 GB do on a 24 GB machine.")
 @click.option("--oracle/--no-oracle", default=False, show_default=True,
               help="Also compare the gains with the noise probe's (minutes at real width).")
-def bench_calibration(out, work_dir, layers, oracle):
+def bench_calibration(out, work_dir, layers, cold_cache, oracle):
     """Block-by-block calibration cost vs the quantize run, extrapolated to 48 blocks."""
     from hlwq.benchmarks.scale_bench import run_flow
     from hlwq.runtime.block_calibration import calibration_dtype, streamed_activation_stats
@@ -138,35 +162,44 @@ def bench_calibration(out, work_dir, layers, oracle):
     captured, tiny = default_calibration_inputs(work)
     calibration = [at_real_width(kwargs, config, seed) for seed, kwargs in enumerate(captured, 1)]
     dtype = calibration_dtype("cpu", torch.float32)
+    evict = (lambda: drop_from_page_cache(root)) if cold_cache else (lambda: None)
+    evict()
     stats, cost = streamed_activation_stats(root / "transformer", calibration, dtype=dtype)
+    evict()
     flow = run_flow(root, work / "quantize-out", workers=2)
-    per_block_calibration = (cost["read_s"] + cost["forward_backward_s"]) / layers
-    calibration_48 = cost["setup_s"] + LTX23_BLOCKS * per_block_calibration
+    first_block, per_block_calibration = steady_block_seconds(cost)
+    calibration_48 = cost["setup_s"] + first_block + (LTX23_BLOCKS - 1) * per_block_calibration
     quantize_48 = (flow["wall_s"] - flow["quantize_wall_s"]
                    + LTX23_BLOCKS / layers * flow["quantize_wall_s"])
     results = {
         "benchmark": "calibration", "command": "hlwq bench calibration " + " ".join(sys.argv[3:]),
         "machine": machine(),
         "fixture": f"make_real_width_transformer(layers={layers}), seed 0",
+        "page_cache": ("the fixture's files dropped from it before each measured part"
+                       if cold_cache else "warm (the fixture's files may be cached)"),
         "calibration_size": {"inputs": len(calibration), "shapes": [shapes(c) for c in calibration],
                              "what": "first denoising step of the suite's first prompts at their "
-                                     "render size, both guidance halves (tasks/budget.py "
+                                     "render size, conditional pass (tasks/budget.py "
                                      "CALIBRATION_PROMPTS); real widths, synthetic values"},
         "streamed_calibration": {**cost, "dtype": str(dtype).removeprefix("torch."),
+                                 "first_block_s": first_block,
                                  "seconds_per_block": per_block_calibration},
         "quantize_flow_2_workers": {k: flow[k] for k in ("wall_s", "quantize_wall_s", "busy_s",
                                                          "input_bytes", "quantized_tensors")},
         "extrapolated_48_blocks": {
             "calibration_s": calibration_48, "quantize_run_s": quantize_48,
             "calibration_share_of_quantize_run": calibration_48 / quantize_48,
-            "note": "calibration: setup once + 48 x the per-block cost; quantize run: the flow's "
-                    "fixed part + 48/layers x its quantize stage (2 workers)"},
+            "note": "calibration: setup once, the first block (which also sets up the kernels "
+                    "and the allocator's memory), and 47 x the median of the later blocks "
+                    "(benchmarks/calibration_bench.py steady_block_seconds); "
+                    "quantize run: the flow's fixed part + 48/layers x its quantize stage "
+                    "(2 workers)"},
     }
     if dtype != torch.float32:
+        evict()
         baseline, baseline_cost = streamed_activation_stats(root / "transformer", calibration)
         results["streamed_calibration_float32"] = {
-            **baseline_cost, "seconds_per_block":
-                (baseline_cost["read_s"] + baseline_cost["forward_backward_s"]) / layers,
+            **baseline_cost, "seconds_per_block": steady_block_seconds(baseline_cost)[1],
             "gains_vs_float32": rank_agreement(stats.output_gain, baseline.output_gain)}
     write(out, results, started)
     if oracle:

@@ -180,12 +180,21 @@ def torch_dtype(dtype: str):
     }[dtype]
 
 
-def read_tensor(path: str | os.PathLike, entry: TensorEntry):
-    """Read one tensor's bytes (and nothing else) straight into a new CPU tensor."""
+def read_tensor(path: str | os.PathLike, entry: TensorEntry, out=None):
+    """Read one tensor's bytes (and nothing else) straight into a new CPU tensor, or into
+    ``out`` (a contiguous CPU tensor of the entry's dtype and shape, overwritten in place:
+    no new memory to fault in, no copy)."""
     import torch
 
-    buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
-    view = memoryview(buffer.numpy())
+    dtype = torch_dtype(entry.dtype)
+    if out is None:
+        out = torch.empty(entry.shape, dtype=dtype)
+    elif out.dtype != dtype or list(out.shape) != list(entry.shape) or not out.is_contiguous() \
+            or out.device.type != "cpu":
+        raise ValueError(f"{path}: tensor {entry.name!r} is {entry.dtype} {list(entry.shape)}; "
+                         f"it cannot be read into a {out.dtype} {list(out.shape)} tensor on "
+                         f"{out.device} (contiguous: {out.is_contiguous()})")
+    view = memoryview(out.detach().reshape(-1).view(torch.uint8).numpy()) if entry.nbytes else b""
     with open(path, "rb") as handle:
         done = 0
         while done < entry.nbytes:   # pread may return less than asked for (2 GiB cap on Linux)
@@ -195,7 +204,7 @@ def read_tensor(path: str | os.PathLike, entry: TensorEntry):
                     f"{path}: tensor {entry.name!r} needs bytes up to offset {entry.end:,} but the "
                     f"file ends at {entry.start + done:,}")
             done += count
-    return buffer.view(torch_dtype(entry.dtype)).reshape(entry.shape)
+    return out
 
 
 def read_rows(path: str | os.PathLike, row: Mapping, indices):

@@ -322,6 +322,46 @@ def test_weight_gradient_energy_is_the_squared_weight_gradient_norm():
                         float((grad[0].T @ x[0]).square().sum()), rel_tol=1e-5)
 
 
+def test_layers_reading_one_input_share_its_gram_matrix_and_channel_sums():
+    from hlwq.runtime.block_calibration import _InputCache, weight_gradient_energy
+
+    torch.manual_seed(0)
+    x, cache = torch.randn(2, 5, 16), _InputCache()
+    for grad in (torch.randn(2, 5, 16), torch.randn(2, 5, 12)):      # key and value
+        assert math.isclose(weight_gradient_energy(x, grad, cache),
+                            weight_gradient_energy(x, grad), rel_tol=1e-6)
+    assert len(cache._entries) == 1
+    assert torch.allclose(cache.channel_sums(x), x.double().square().sum((0, 1)))
+
+
+def test_calibration_measures_the_conditional_pass_of_guided_calls():
+    from hlwq.tasks.budget import conditional_pass
+
+    guided = {"hidden_states": torch.stack([torch.zeros(3, 4), torch.ones(3, 4)]),
+              "timestep": torch.tensor([0.0, 1.0]), "num_frames": 9, "coords": None}
+    half = conditional_pass(guided, guided=True)
+    assert half["hidden_states"].shape == (1, 3, 4) and bool(half["hidden_states"].eq(1).all())
+    assert half["timestep"].tolist() == [1.0] and half["num_frames"] == 9
+    assert conditional_pass(guided, guided=False) is guided
+
+
+def test_a_block_is_read_straight_into_its_parameters(tmp_path):
+    from hlwq.quant.errors import CorruptCheckpointError
+    from hlwq.runtime.block_calibration import load_part, tensor_index
+
+    block = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    weights = {"blocks.0.weight": torch.randn(3, 4).to(torch.bfloat16),
+               "blocks.0.bias": torch.randn(3).float()}           # stored in another dtype
+    save_file(weights, str(tmp_path / "m.safetensors"))
+    address = block.weight.data_ptr()
+    assert load_part(block, tensor_index(tmp_path), "blocks.0.", tmp_path) == 3 * 4 * 2 + 3 * 4
+    assert block.weight.data_ptr() == address and torch.equal(block.weight, weights["blocks.0.weight"])
+    assert torch.equal(block.bias, weights["blocks.0.bias"].to(torch.bfloat16))
+    save_file({"blocks.1.weight": torch.zeros(4, 4)}, str(tmp_path / "m.safetensors"))
+    with pytest.raises(CorruptCheckpointError, match="missing \\['bias'\\].*wrong shape \\['weight'\\]"):
+        load_part(block, tensor_index(tmp_path), "blocks.1.", tmp_path)
+
+
 # --------------------------------------------------------------------------- plan CLI
 
 
