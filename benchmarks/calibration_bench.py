@@ -15,7 +15,7 @@ real widths), one run measures:
   (benchmarks/scale_bench.py run_flow) on the same fixture.
 
 Both are extrapolated to LTX-2.3's 48 blocks: calibration setup once, its first block, and 47
-x the median of the later blocks (steady_block_seconds); the quantize
+x the median of the middle blocks (steady_block_seconds); the quantize
 stage 48 / ``--layers`` times longer, plus the flow's fixed start-up. By default the fixture's
 files are dropped from the page cache before each part, so both read from the disk. With
 ``--oracle`` the output gains are also checked against the noise probe (one forward per
@@ -74,12 +74,11 @@ def drop_from_page_cache(root: Path) -> None:
 
 
 def steady_block_seconds(cost: dict) -> tuple[float, float]:
-    """(the first block's seconds, the median of the later blocks'). The first also pays for
-    one-time set-up. When reading ahead, the last computes while nothing is read, unlike the
-    others, so it is left out too."""
+    """(the first block's seconds, the median of the middle blocks'). The first also pays for
+    one-time set-up and reads alone; the last computes while nothing is read. Every other
+    block of LTX-2.3's 48 computes while the next one is read, as the middle ones do here."""
     blocks = cost["block_s"]
-    later = blocks[1:-1] if cost.get("read_ahead") else blocks[1:]
-    return blocks[0], statistics.median(later or blocks)
+    return blocks[0], statistics.median(blocks[1:-1] or blocks[1:] or blocks)
 
 
 def shapes(inputs: dict) -> dict:
@@ -190,7 +189,8 @@ def bench_calibration(out, work_dir, layers, cold_cache, oracle):
             "calibration_s": calibration_48, "quantize_run_s": quantize_48,
             "calibration_share_of_quantize_run": calibration_48 / quantize_48,
             "note": "calibration: setup once, the first block (which also sets up the kernels "
-                    "and the allocator's memory), and 47 x the median of the later blocks "
+                    "and the allocator's memory, and reads alone), and 47 x the median of the "
+                    "middle blocks, each computing while the next is read "
                     "(benchmarks/calibration_bench.py steady_block_seconds); "
                     "quantize run: the flow's fixed part + 48/layers x its quantize stage "
                     "(2 workers)"},
