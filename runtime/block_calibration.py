@@ -68,8 +68,10 @@ def load_part(module: torch.nn.Module, index: dict, prefix: str, folder: Path) -
     773 MB then cost one copy out of the page cache, not a new buffer and a second copy)."""
     own = module.state_dict(keep_vars=True)
     found = {name[len(prefix):]: place for name, place in index.items() if name.startswith(prefix)}
-    missing, unexpected = (sorted(set(own) - set(found)) if prefix else []), sorted(set(found) - set(own))
-    wrong = sorted(n for n, (_, e) in found.items() if n in own and list(e.shape) != list(own[n].shape))
+    missing = sorted(set(own) - set(found)) if prefix else []
+    unexpected = sorted(set(found) - set(own))
+    wrong = sorted(name for name, (_, entry) in found.items()
+                   if name in own and list(entry.shape) != list(own[name].shape))
     if unexpected or missing or wrong:
         raise CorruptCheckpointError(f"{folder}: tensors under {prefix or 'the root'!r} do not "
                                      f"match the model: missing {missing[:5]}, unexpected "
@@ -195,7 +197,7 @@ def weight_gradient_energy(x: torch.Tensor, grad: torch.Tensor,
     Gram matrices (shared through ``cache`` between layers reading the same input) when the
     sequences are short, through the gradient itself otherwise. The products run in the
     activations' dtype (in bfloat16 they accumulate in float32; the energy agrees with float32's
-    within 0.1 %, benchmarks/results/calibration.json), the sums in float32 and float64."""
+    within 0.3 %, benchmarks/results/calibration.json), the sums in float32 and float64."""
     x = x.reshape(-1, *x.shape[-2:]) if x.dim() > 2 else x[None]
     grad = grad.reshape(-1, *grad.shape[-2:]) if grad.dim() > 2 else grad[None]
     tokens, n_in, n_out = x.shape[1], x.shape[2], grad.shape[2]
@@ -295,8 +297,9 @@ def freed_memory_kept():
     """Keep freed memory in the process while a block calibrates (glibc only). By default glibc
     hands freed blocks back to the kernel, and every new activation tensor of the next call
     faults its pages in again; a real-width block (two calls of both guidance halves) then runs
-    about 20 % slower: 1.62 s against 1.26 s, medians of 6 on 2 cores. Afterwards the freed memory goes back to the kernel and
-    the thresholds are left at the largest ones glibc's own adaptive rule reaches."""
+    about 20 % slower: 1.62 s against 1.26 s, medians of 6 on 2 cores. Afterwards the freed
+    memory goes back to the kernel and the thresholds are left at the largest ones glibc's own
+    adaptive rule reaches."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt, malloc_trim = libc.mallopt, libc.malloc_trim

@@ -203,7 +203,8 @@ def calibration_inputs(pipeline, requests, device: str = "cpu") -> list[dict]:
     inputs = []
     for request in requests:
         kwargs = first_step_inputs(pipeline, request, device)   # sets the pipeline's guidance
-        inputs.append(conditional_pass(kwargs, getattr(pipeline, "do_classifier_free_guidance", False)))
+        guided = getattr(pipeline, "do_classifier_free_guidance", False)
+        inputs.append(conditional_pass(kwargs, guided))
     return inputs
 
 

@@ -355,10 +355,12 @@ def test_a_block_is_read_straight_into_its_parameters(tmp_path):
     save_file(weights, str(tmp_path / "m.safetensors"))
     address = block.weight.data_ptr()
     assert load_part(block, tensor_index(tmp_path), "blocks.0.", tmp_path) == 3 * 4 * 2 + 3 * 4
-    assert block.weight.data_ptr() == address and torch.equal(block.weight, weights["blocks.0.weight"])
+    assert block.weight.data_ptr() == address
+    assert torch.equal(block.weight, weights["blocks.0.weight"])
     assert torch.equal(block.bias, weights["blocks.0.bias"].to(torch.bfloat16))
     save_file({"blocks.1.weight": torch.zeros(4, 4)}, str(tmp_path / "m.safetensors"))
-    with pytest.raises(CorruptCheckpointError, match="missing \\['bias'\\].*wrong shape \\['weight'\\]"):
+    mismatch = "missing \\['bias'\\].*wrong shape \\['weight'\\]"
+    with pytest.raises(CorruptCheckpointError, match=mismatch):
         load_part(block, tensor_index(tmp_path), "blocks.1.", tmp_path)
 
 
