@@ -15,18 +15,19 @@ everything outside the blocks is read from the source; the keyword arguments of 
 block's call are captured once per calibration input. Then, for each block in turn, its
 weights are read from the source into that one block and the captured hidden states are
 pushed through it (forward and backward); only activations are kept, and the outputs are
-the next block's inputs. While a block computes, the next one is read into a second copy (a
-thread, which waits on the disk and releases the GIL; from a cold disk on 2 cores, 6 blocks took
-9.3 s against 10.1 s reading and computing in turn, means of 4 runs). Peak memory is two
-blocks plus the activations; the weights are read once, in file order. The gain is measured
-at the block's output, not the model's: each block's relative error is taken to reach the
-output undamped (first order).
+the next block's inputs. While a block computes, the next one is read past the page cache into
+a staging buffer (store/safetensors_io.py StagingReader, in a thread that waits on the disk),
+then copied into the block. Read through the cache, the kernel's copying competed with the
+computing threads: on 2 cores a real-width block took 2.7 s, against 1.3 s computing alone and
+1.3 s with direct reads (benchmarks/results/calibration.json). Peak memory is one block, its
+staging buffer and the activations; the weights are read once, in file order. The gain is
+measured at the block's output, not the model's: each block's relative error is taken to reach
+the output undamped (first order).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import ctypes
 import json
 import math
@@ -41,8 +42,8 @@ from hlwq.quant.budget import ActivationStats
 from hlwq.quant.errors import CorruptCheckpointError
 from hlwq.runtime.ltx23_models import build_model
 from hlwq.store.artifact import tensor_key
-from hlwq.store.safetensors_io import (iter_safetensors_files, read_headers, read_tensor,
-                                       torch_dtype)
+from hlwq.store.safetensors_io import (StagingReader, iter_safetensors_files, read_headers,
+                                       read_tensor, torch_dtype)
 
 BLOCKS = "transformer_blocks"
 STREAMS = ("hidden_states", "audio_hidden_states")   # what a block returns, in this order
@@ -62,10 +63,10 @@ def tensor_index(folder: Path) -> dict[str, tuple[Path, object]]:
             for name, entry in header.tensors.items()}
 
 
-def load_part(module: torch.nn.Module, index: dict, prefix: str, folder: Path) -> int:
-    """Read the tensors named ``prefix*`` into ``module`` (strictly); returns bytes read. A
-    tensor stored in the module's dtype is read straight into the module's memory (a block's
-    773 MB then cost one copy out of the page cache, not a new buffer and a second copy)."""
+def block_places(module: torch.nn.Module, index: dict, prefix: str,
+                 folder: Path) -> dict[str, tuple[Path, object]]:
+    """``{name in module: (file, entry)}`` of the tensors named ``prefix*``, in file order (a
+    cold disk then reads ahead, not back and forth), checked strictly against ``module``."""
     own = module.state_dict(keep_vars=True)
     found = {name[len(prefix):]: place for name, place in index.items() if name.startswith(prefix)}
     missing = sorted(set(own) - set(found)) if prefix else []
@@ -76,18 +77,19 @@ def load_part(module: torch.nn.Module, index: dict, prefix: str, folder: Path) -
         raise CorruptCheckpointError(f"{folder}: tensors under {prefix or 'the root'!r} do not "
                                      f"match the model: missing {missing[:5]}, unexpected "
                                      f"{unexpected[:5]}, wrong shape {wrong[:5]}")
-    read = 0
-    with torch.no_grad():        # in file order: a cold disk then reads ahead, not back and forth
-        for name, (path, entry) in sorted(found.items(), key=lambda item: (str(item[1][0]),
-                                                                            item[1][1].start)):
-            target = own[name].data
-            if target.dtype == torch_dtype(entry.dtype) and target.is_contiguous() \
-                    and target.device.type == "cpu":
-                read_tensor(path, entry, out=target)
-            else:
-                target.copy_(read_tensor(path, entry))
-            read += entry.nbytes
-    return read
+    return dict(sorted(found.items(), key=lambda item: (str(item[1][0]), item[1][1].start)))
+
+
+def fill_part(module: torch.nn.Module, places: dict, staged: dict[str, memoryview]) -> int:
+    """Copy ``staged`` bytes (StagingReader.read of ``places``' values) into ``module``'s
+    tensors ``places`` names (converted to their dtype and device); returns bytes copied."""
+    own = module.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, (_, entry) in places.items():
+            if entry.numel:
+                own[name].data.copy_(torch.frombuffer(staged[entry.name], dtype=torch_dtype(
+                    entry.dtype)).view(entry.shape))
+    return sum(entry.nbytes for _, entry in places.values())
 
 
 def output_gains(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], calls: list,
@@ -240,13 +242,15 @@ def _detached(output):
 def streamed_activation_stats(folder: str | os.PathLike, inputs: list[dict],
                               names: set[str] | None = None, dtype: torch.dtype = torch.float32,
                               device: str = "cpu", seed: int = 0,
-                              samples: int = COTANGENT_SAMPLES) -> tuple[ActivationStats, dict]:
+                              samples: int = COTANGENT_SAMPLES,
+                              direct_reads: bool = True) -> tuple[ActivationStats, dict]:
     """Statistics of the linears in the blocks of the transformer in ``folder`` (diffusers
     layout: ``config.json`` + safetensors), for the transformer calls ``inputs`` (keyword
     arguments, as the pipeline passes them). ``names`` limits them to those weight names
     (``transformer_blocks.3.attn1.to_q.weight``). Returns the statistics and the cost
-    (seconds setting up, waiting for reads, and running forward + backward, and each block's
-    seconds; bytes read; blocks)."""
+    (seconds setting up, waiting for reads and copying them in, and running forward + backward,
+    and each block's seconds; bytes read; blocks). ``direct_reads=False`` reads through the page
+    cache (the bench's baseline; module docstring)."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     index = tensor_index(folder)
@@ -262,24 +266,25 @@ def streamed_activation_stats(folder: str | os.PathLike, inputs: list[dict],
     block = shell.transformer_blocks[0]
     with torch.no_grad():
         states = [_block_inputs(shell, block, kwargs, device, dtype) for kwargs in inputs]
-    blocks = (block, copy.deepcopy(block))      # one computes while the next is read into the other
+    places = [block_places(block, index, f"{BLOCKS}.{number}.", folder)   # all checked first
+              for number in range(config["num_layers"])]
     cost = {"blocks": config["num_layers"], "inputs": len(inputs), "cotangent_samples": samples,
             "setup_s": time.perf_counter() - started, "read_wait_s": 0.0,
             "forward_backward_s": 0.0, "bytes_read": 0, "block_s": []}
-    stats = ActivationStats()
+    stats, disk = ActivationStats(), StagingReader(direct_reads)
 
     def read(number):
-        return load_part(blocks[number % 2], index, f"{BLOCKS}.{number}.", folder)
+        return disk.read(places[number].values())
 
     with ThreadPoolExecutor(1, thread_name_prefix="block-reader") as reader, freed_memory_kept():
         pending = reader.submit(read, 0)
         for number in range(config["num_layers"]):
             start = time.perf_counter()
-            cost["bytes_read"] += pending.result()
-            if number + 1 < config["num_layers"]:
+            cost["bytes_read"] += fill_part(block, places[number], pending.result())
+            if number + 1 < config["num_layers"]:     # the buffer is free again: read the next
                 pending = reader.submit(read, number + 1)
             ready = time.perf_counter()
-            states = _block_stats(blocks[number % 2], states, f"{BLOCKS}.{number}.", names, stats,
+            states = _block_stats(block, states, f"{BLOCKS}.{number}.", names, stats,
                                   seed + number, samples)
             done = time.perf_counter()
             cost["read_wait_s"] += ready - start

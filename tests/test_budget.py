@@ -345,23 +345,25 @@ def test_calibration_measures_the_conditional_pass_of_guided_calls():
     assert conditional_pass(guided, guided=False) is guided
 
 
-def test_a_block_is_read_straight_into_its_parameters(tmp_path):
+def test_a_block_is_filled_from_its_staged_bytes_and_checked_strictly(tmp_path):
     from hlwq.quant.errors import CorruptCheckpointError
-    from hlwq.runtime.block_calibration import load_part, tensor_index
+    from hlwq.runtime.block_calibration import block_places, fill_part, tensor_index
+    from hlwq.store.safetensors_io import StagingReader
 
     block = torch.nn.Linear(4, 3).to(torch.bfloat16)
     weights = {"blocks.0.weight": torch.randn(3, 4).to(torch.bfloat16),
                "blocks.0.bias": torch.randn(3).float()}           # stored in another dtype
     save_file(weights, str(tmp_path / "m.safetensors"))
     address = block.weight.data_ptr()
-    assert load_part(block, tensor_index(tmp_path), "blocks.0.", tmp_path) == 3 * 4 * 2 + 3 * 4
+    places = block_places(block, tensor_index(tmp_path), "blocks.0.", tmp_path)
+    assert fill_part(block, places, StagingReader().read(places.values())) == 3 * 4 * 2 + 3 * 4
     assert block.weight.data_ptr() == address
     assert torch.equal(block.weight, weights["blocks.0.weight"])
     assert torch.equal(block.bias, weights["blocks.0.bias"].to(torch.bfloat16))
     save_file({"blocks.1.weight": torch.zeros(4, 4)}, str(tmp_path / "m.safetensors"))
     mismatch = "missing \\['bias'\\].*wrong shape \\['weight'\\]"
     with pytest.raises(CorruptCheckpointError, match=mismatch):
-        load_part(block, tensor_index(tmp_path), "blocks.1.", tmp_path)
+        block_places(block, tensor_index(tmp_path), "blocks.1.", tmp_path)
 
 
 # --------------------------------------------------------------------------- plan CLI

@@ -237,6 +237,8 @@ def test_block_by_block_calibration_agrees_with_the_whole_model(tmp_path, monkey
     assert set(streamed.output_gain) == set(whole.output_gain) == \
         {f"transformer/{n}" for n in names}
     assert cost["blocks"] == 2 and cost["bytes_read"] > 0 and cost["forward_backward_s"] > 0
+    cached, _ = streamed_activation_stats(root / "transformer", inputs, names, direct_reads=False)
+    assert cached.output_gain == streamed.output_gain          # the same bytes, either way
     for key, channels in whole.channel_mean_square.items():
         assert torch.allclose(streamed.channel_mean_square[key], channels, rtol=1e-4)
     keys = sorted(whole.output_gain)

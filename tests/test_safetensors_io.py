@@ -7,6 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from hlwq.quant.errors import CorruptCheckpointError, SourceError
 from hlwq.store.safetensors_io import (
+    StagingReader,
     iter_safetensors_files,
     read_header,
     read_headers,
@@ -89,6 +90,61 @@ def test_read_tensor_of_truncated_file_names_tensor(tmp_path):
     path.write_bytes(path.read_bytes()[:entry.start + 10])
     with pytest.raises(CorruptCheckpointError, match="'w'.*file ends"):
         read_tensor(path, entry)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_staging_reader_reads_tensors_of_several_files_byte_exact(tmp_path, direct):
+    """Whole pages around each tensor, close tensors in one run, a bigger set in a bigger
+    buffer; the same bytes directly (past the page cache) and through it."""
+    torch.manual_seed(0)
+    tensors = [{"a": torch.randn(3000).to(torch.bfloat16), "b": torch.randn(7, 5),
+                "gap": torch.zeros(600_000), "c": torch.randn(2, 3).to(torch.bfloat16)},
+               {"d": torch.randn(4096 * 3 + 1).to(torch.bfloat16), "e": torch.zeros(0)}]
+    places = []
+    for number, part in enumerate(tensors):
+        path = tmp_path / f"m{number}.safetensors"
+        save_file(part, str(path))
+        places += [(path, e) for name, e in read_header(path).tensors.items() if name != "gap"]
+    reader = StagingReader(direct)
+    for some in (places[:2], places):
+        staged = reader.read(some)
+        assert set(staged) == {e.name for _, e in some}
+        for _, e in some:
+            want = next(part[e.name] for part in tensors if e.name in part)
+            assert bytes(staged[e.name]) == raw_bytes(want), e.name
+    assert len(reader._runs(places)) == 3         # a, b and c are one run; the gap is 2.4 MB
+    assert all(lo % StagingReader.PAGE == 0 == hi % StagingReader.PAGE
+               for _, lo, hi, _ in reader._runs(places))
+
+
+def test_staging_reader_reads_through_the_cache_where_direct_reads_are_refused(tmp_path,
+                                                                              monkeypatch):
+    import errno
+    import os
+
+    path = save(tmp_path / "a.safetensors", {"w": (64, 64)}, dtype=torch.float32)
+    place = (path, read_header(path).tensors["w"])
+    opened = []
+    real_open = os.open
+
+    def refusing_open(name, flags, *args):
+        opened.append(flags)
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    assert bytes(StagingReader().read([place])["w"]) == bytes(64 * 64 * 4)
+    assert len(opened) == (2 if hasattr(os, "O_DIRECT") else 1)
+
+
+def test_staging_reader_of_a_truncated_file_names_the_tensor(tmp_path):
+    path = save(tmp_path / "a.safetensors", {"w": (64, 64)})
+    place = (path, read_header(path).tensors["w"])
+    path.write_bytes(path.read_bytes()[:place[1].start + 10])
+    with pytest.raises(CorruptCheckpointError, match="a.safetensors: tensor 'w' needs bytes"
+                                                     ".*file ends at"):
+        StagingReader().read([place])
 
 
 def entry(dtype, shape, begin, end):
