@@ -4,9 +4,10 @@ On the real-width transformer fixture (``--layers`` blocks, synthetic BF16 weigh
 real widths), one run measures:
 
 - the streamed calibration (runtime/block_calibration.py: per block, reading its weights and
-  one forward + one backward per input, in its default dtype here; again reading through the
-  page cache, the baseline of its direct reads; and in float32 for the cost and the agreement
-  of the gains) at the default calibration size: the first
+  one forward + one backward per input, in its default dtype here; then three baselines:
+  reading through the page cache, the text cross-attention projecting its values for every key
+  as the model does (runtime/calibration_attention.py), and float32, for the cost and the
+  agreement of the gains) at the default calibration size: the first
   denoising step of the suite's first ``CALIBRATION_PROMPTS`` prompts, at the shapes the
   LTX-2.3 pipeline gives them (captured from the tiny fixture, whose VAE compression and text
   length are the real ones: latent frames x rows x columns, audio frames, 1024 text tokens,
@@ -196,12 +197,17 @@ def bench_calibration(out, work_dir, layers, cold_cache, oracle):
                     "quantize run: the flow's fixed part + 48/layers x its quantize stage "
                     "(2 workers)"},
     }
-    evict()
-    _, cached_cost = streamed_activation_stats(root / "transformer", calibration, dtype=dtype,
-                                               direct_reads=False)
-    results["streamed_calibration_through_page_cache"] = {
-        **cached_cost, "seconds_per_block": steady_block_seconds(cached_cost)[1],
-        "what": "the same calibration, its reads through the page cache (the baseline)"}
+    for part, baseline, what in (
+            ("streamed_calibration_through_page_cache", {"direct_reads": False},
+             "its reads through the page cache"),
+            ("streamed_calibration_values_projected_first", {"values_after_weights": False},
+             "the text cross-attention as the model runs it, values projected for every key")):
+        evict()
+        other, other_cost = streamed_activation_stats(root / "transformer", calibration,
+                                                      dtype=dtype, **baseline)
+        results[part] = {**other_cost, "seconds_per_block": steady_block_seconds(other_cost)[1],
+                         "what": f"the same calibration, {what} (a baseline)",
+                         "gains_vs_default": rank_agreement(stats.output_gain, other.output_gain)}
     if dtype != torch.float32:
         evict()
         baseline, baseline_cost = streamed_activation_stats(root / "transformer", calibration)

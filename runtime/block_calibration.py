@@ -8,6 +8,11 @@ output's expected squared error is ``s^2 * ||J (dW X)||^2`` averaged, which equa
 of ``v . output`` and ``v`` a standard Gaussian cotangent (Hutchinson: E_v ||J^T v||^2 =
 ||J||_F^2). So one backward per cotangent sample measures every layer. HLWQ's error is close to
 white inside its rotation blocks; the channel weights carry the rest.
+While it measures, LTX-2's text cross-attention applies its value projection after the
+attention weights (runtime/calibration_attention.py): the same attention and the same gains
+(within 0.4 % in bfloat16) for a fifth to a third less time per block (1.0-1.1 s against
+1.3 s over repeats of one real-width block; 1.21 s against 1.83 s in
+benchmarks/results/calibration.json).
 
 :func:`streamed_activation_stats` runs it on a transformer too big for memory, one block at
 a time: the model is built with a single block (on the meta device, no initialisation) and
@@ -17,12 +22,12 @@ weights are read from the source into that one block and the captured hidden sta
 pushed through it (forward and backward); only activations are kept, and the outputs are
 the next block's inputs. While a block computes, the next one is read past the page cache into
 a staging buffer (store/safetensors_io.py StagingReader, in a thread that waits on the disk),
-then copied into the block. Read through the cache, the kernel's copying competed with the
-computing threads: on 2 cores a real-width block took 2.7 s, against 1.3 s computing alone and
-1.3 s with direct reads (benchmarks/results/calibration.json). Peak memory is one block, its
-staging buffer and the activations; the weights are read once, in file order. The gain is
-measured at the block's output, not the model's: each block's relative error is taken to reach
-the output undamped (first order).
+then copied into the block. Read through the cache, the kernel's copying competes with the
+computing threads: on 2 cores a real-width block took 1.68 s against 1.21 s with direct reads
+(benchmarks/results/calibration.json; an earlier run, 2.57 s against 1.45 s). Peak memory is
+one block, its staging buffer and the activations; the weights are read once, in file order.
+The gain is measured at the block's output, not the model's: each block's relative error is
+taken to reach the output undamped (first order).
 """
 
 from __future__ import annotations
@@ -40,10 +45,16 @@ import torch
 
 from hlwq.quant.budget import ActivationStats
 from hlwq.quant.errors import CorruptCheckpointError
+from hlwq.runtime.calibration_attention import values_after_attention
 from hlwq.runtime.ltx23_models import build_model
 from hlwq.store.artifact import tensor_key
-from hlwq.store.safetensors_io import (StagingReader, iter_safetensors_files, read_headers,
-                                       read_tensor, torch_dtype)
+from hlwq.store.safetensors_io import (
+    StagingReader,
+    iter_safetensors_files,
+    read_headers,
+    read_tensor,
+    torch_dtype,
+)
 
 BLOCKS = "transformer_blocks"
 STREAMS = ("hidden_states", "audio_hidden_states")   # what a block returns, in this order
@@ -93,11 +104,14 @@ def fill_part(module: torch.nn.Module, places: dict, staged: dict[str, memoryvie
 
 
 def output_gains(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], calls: list,
-                 seed: int = 0, samples: int = COTANGENT_SAMPLES) -> tuple[dict[str, tuple], list]:
+                 seed: int = 0, samples: int = COTANGENT_SAMPLES,
+                 values_after_weights: bool = True) -> tuple[dict[str, tuple], list]:
     """``({name: (mean squared input per channel, output gain)}, outputs)`` for ``linears`` of
     ``model``, from one forward of each of ``calls`` (functions returning a tensor or nested
     tuples and lists of tensors) and ``samples`` backwards with Gaussian cotangents (module
-    docstring). The model's parameters get no gradients; the outputs come back detached."""
+    docstring). The model's parameters get no gradients; the outputs come back detached.
+    ``values_after_weights=False`` runs the attention as the model does (the bench's baseline;
+    runtime/calibration_attention.py)."""
     cache = _InputCache()
     sums, handles = record_channel_energy(linears, cache)
     energy = {name: 0.0 for name in linears}
@@ -105,20 +119,12 @@ def output_gains(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], ca
                 for name, module in linears.items()]
     frozen = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(seed)
-    outputs, reference = [], 0.0
     try:
         for p in frozen:
             p.requires_grad_(False)
-        for call in calls:
-            with torch.enable_grad():
-                output = call()
-                flat = [t for t in _tensors(output) if t.requires_grad]
-                for sample in range(samples):
-                    cotangents = [torch.randn(t.shape, generator=gen).to(t) for t in flat]
-                    torch.autograd.backward(flat, cotangents, retain_graph=sample < samples - 1)
-            cache.clear()
-            outputs.append(_detached(output))
-            reference += math.fsum(_sum_of_squares(t) for t in _tensors(outputs[-1]))
+        with values_after_attention(model, _value_recorder(linears, sums, energy, cache)) \
+                if values_after_weights else contextlib.nullcontext():
+            outputs, reference = _forward_backward(calls, samples, gen, cache)
     finally:
         for handle in handles:
             handle.remove()
@@ -135,6 +141,46 @@ def output_gains(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], ca
     return gains, outputs
 
 
+def _forward_backward(calls: list, samples: int, gen: torch.Generator,
+                      cache: _InputCache) -> tuple[list, float]:
+    """Each call's detached output after its forward and ``samples`` Gaussian backwards, and
+    the outputs' summed squares."""
+    outputs, reference = [], 0.0
+    for call in calls:
+        with torch.enable_grad():
+            output = call()
+            flat = [t for t in _tensors(output) if t.requires_grad]
+            for sample in range(samples):
+                cotangents = [torch.randn(t.shape, generator=gen).to(t) for t in flat]
+                torch.autograd.backward(flat, cotangents, retain_graph=sample < samples - 1)
+        cache.clear()
+        outputs.append(_detached(output))
+        reference += math.fsum(_sum_of_squares(t) for t in _tensors(outputs[-1]))
+    return outputs, reference
+
+
+def _value_recorder(linears: dict, sums: dict, energy: dict, cache: _InputCache):
+    """``record`` for calibration_attention.ValuesAfterAttention: a value projection applied
+    after the attention weights is measured as if called: its input's channel sums, and the
+    energy of its weight gradient, ``sum ||G_h^T (P X)_h||^2`` over sequences and heads."""
+    names = {id(module): name for name, module in linears.items()}
+
+    def record(linear, x, mixed, heads):
+        name = names.get(id(linear))
+        if name is None:
+            return heads
+        _add_input(sums[name], x.detach(), linear.in_features, cache)
+        if not heads.requires_grad:
+            heads = heads.detach().requires_grad_()
+        mixed = mixed.detach()
+
+        def on_gradient(grad):
+            energy[name] += weight_gradient_energy(mixed.flatten(0, 1), grad.flatten(0, 1))
+        heads.register_hook(on_gradient)
+        return heads
+    return record
+
+
 def add_gains(stats: ActivationStats, gains: dict[str, tuple], component: str,
               prefix: str = "") -> None:
     """Put :func:`output_gains`' results for ``component``'s linears ``prefix + name`` in
@@ -144,7 +190,7 @@ def add_gains(stats: ActivationStats, gains: dict[str, tuple], component: str,
         stats.channel_mean_square[key], stats.output_gain[key] = channels, gain
 
 
-def _gradient_recorder(name: str, energy: dict, cache: "_InputCache"):
+def _gradient_recorder(name: str, energy: dict, cache: _InputCache):
     """Forward hook: make the linear's output part of the graph (a leaf where nothing before
     it is) and add ``||G^T X||^2`` to ``energy[name]`` when its gradient ``G`` arrives."""
     def hook(module, inputs, output):
@@ -243,14 +289,16 @@ def streamed_activation_stats(folder: str | os.PathLike, inputs: list[dict],
                               names: set[str] | None = None, dtype: torch.dtype = torch.float32,
                               device: str = "cpu", seed: int = 0,
                               samples: int = COTANGENT_SAMPLES,
-                              direct_reads: bool = True) -> tuple[ActivationStats, dict]:
+                              direct_reads: bool = True,
+                              values_after_weights: bool = True) -> tuple[ActivationStats, dict]:
     """Statistics of the linears in the blocks of the transformer in ``folder`` (diffusers
     layout: ``config.json`` + safetensors), for the transformer calls ``inputs`` (keyword
     arguments, as the pipeline passes them). ``names`` limits them to those weight names
     (``transformer_blocks.3.attn1.to_q.weight``). Returns the statistics and the cost
     (seconds setting up, waiting for reads and copying them in, and running forward + backward,
     and each block's seconds; bytes read; blocks). ``direct_reads=False`` reads through the page
-    cache (the bench's baseline; module docstring)."""
+    cache and ``values_after_weights=False`` runs the attention as the model does (the bench's
+    baselines; module docstring)."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     index = tensor_index(folder)
@@ -285,7 +333,7 @@ def streamed_activation_stats(folder: str | os.PathLike, inputs: list[dict],
                 pending = reader.submit(read, number + 1)
             ready = time.perf_counter()
             states = _block_stats(block, states, f"{BLOCKS}.{number}.", names, stats,
-                                  seed + number, samples)
+                                  seed + number, samples, values_after_weights)
             done = time.perf_counter()
             cost["read_wait_s"] += ready - start
             cost["forward_backward_s"] += done - ready
@@ -352,13 +400,13 @@ def _block_inputs(shell, block, kwargs: dict, device: str, dtype: torch.dtype) -
 
 
 def _block_stats(block, states: list[dict], prefix: str, names, stats: ActivationStats,
-                 seed: int, samples: int) -> list[dict]:
+                 seed: int, samples: int, values_after_weights: bool = True) -> list[dict]:
     """Record one block's statistics; return the next block's inputs."""
     linears = {name: module for name, module in block.named_modules()
                if isinstance(module, torch.nn.Linear)
                and (names is None or f"{prefix}{name}.weight" in names)}
     calls = [lambda state=state: block(**state) for state in states]
-    gains, outputs = output_gains(block, linears, calls, seed, samples)
+    gains, outputs = output_gains(block, linears, calls, seed, samples, values_after_weights)
     add_gains(stats, gains, "transformer", prefix)
     return [{**state, **dict(zip(STREAMS, output))} for state, output in zip(states, outputs)]
 
@@ -371,9 +419,14 @@ def record_channel_energy(linears: dict[str, torch.nn.Module],
 
     def recorder(name):
         def hook(module, inputs, output):
-            x = inputs[0].detach()
-            sums[name][0] = sums[name][0] + (cache or _InputCache()).channel_sums(x)
-            sums[name][1] += x.numel() // module.in_features
+            _add_input(sums[name], inputs[0].detach(), module.in_features, cache)
         return hook
 
     return sums, [module.register_forward_hook(recorder(name)) for name, module in linears.items()]
+
+
+def _add_input(sums: list, x: torch.Tensor, in_features: int,
+               cache: _InputCache | None) -> None:
+    """Add ``x``'s squares per input channel and its tokens to ``sums`` ([sum, tokens])."""
+    sums[0] = sums[0] + (cache or _InputCache()).channel_sums(x)
+    sums[1] += x.numel() // in_features

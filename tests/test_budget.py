@@ -310,6 +310,62 @@ def test_output_gains_from_one_backward_agree_with_the_noise_probe():
     assert 0.7 < sum(gains[n][1] for n in names) / sum(oracle.values()) < 1.4
 
 
+def small_cross_attention():
+    from diffusers.models.transformers.transformer_ltx2 import (
+        LTX2Attention,
+        LTX2PerturbedAttnProcessor,
+    )
+
+    torch.manual_seed(0)
+    attn = LTX2Attention(query_dim=32, heads=4, kv_heads=4, dim_head=16, cross_attention_dim=24,
+                         apply_gated_attention=True, processor=LTX2PerturbedAttnProcessor())
+    with torch.no_grad():
+        for norm in (attn.norm_q, attn.norm_k):
+            norm.weight.uniform_(0.5, 1.5)
+    mask = torch.zeros(2, 1, 64)
+    mask[1, :, 50:] = -10000.0                 # the second sequence's last keys are padding
+    return attn, torch.randn(2, 3, 32), torch.randn(2, 64, 24), mask
+
+
+def test_cross_attention_with_its_values_after_the_weights_is_the_same_attention():
+    """3 queries over 64 keys: the reassociated value projection and the scaled scores give
+    the module's own output; a self-attention or many queries go to its own processor."""
+    from hlwq.runtime.calibration_attention import ValuesAfterAttention, few_queries
+
+    attn, queries, text, mask = small_cross_attention()
+    standing, seen = attn.processor, []
+
+    def record(linear, x, mixed, heads):
+        seen.append((linear, x.shape, mixed.shape, heads.shape))
+        return heads
+
+    expected = attn(queries, encoder_hidden_states=text, attention_mask=mask)
+    attn.processor = ValuesAfterAttention(standing, record)
+    assert few_queries(3, 64, 16) and not few_queries(64, 64, 16)
+    assert torch.allclose(attn(queries, encoder_hidden_states=text, attention_mask=mask),
+                          expected, atol=1e-5)
+    assert seen == [(attn.to_v, (2, 64, 24), (2, 4, 3, 24), (2, 4, 3, 16))]
+    many = torch.randn(2, 64, 32)
+    mine = attn(many, encoder_hidden_states=text)
+    attn.processor = standing
+    assert torch.equal(mine, attn(many, encoder_hidden_states=text)) and len(seen) == 1
+
+
+def test_output_gains_are_the_same_with_the_values_after_the_weights():
+    from hlwq.runtime.block_calibration import output_gains
+
+    attn, queries, text, mask = small_cross_attention()
+    linears = {n: m for n, m in attn.named_modules() if isinstance(m, torch.nn.Linear)}
+    calls = [lambda: attn(queries, encoder_hidden_states=text, attention_mask=mask)]
+    reassociated, _ = output_gains(attn, linears, calls)
+    plain, _ = output_gains(attn, linears, calls, values_after_weights=False)
+    assert set(reassociated) == set(plain) == set(linears)
+    for name, (channels, gain) in plain.items():
+        assert torch.allclose(reassociated[name][0], channels, rtol=1e-5), name
+        assert math.isclose(reassociated[name][1], gain, rel_tol=1e-4), name
+    assert attn.processor.__class__.__name__ == "LTX2PerturbedAttnProcessor"
+
+
 def test_weight_gradient_energy_is_the_squared_weight_gradient_norm():
     from hlwq.runtime.block_calibration import weight_gradient_energy
 
