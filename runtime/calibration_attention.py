@@ -37,9 +37,9 @@ class ValuesAfterAttention:
                  all_perturbed=None):
         if encoder_hidden_states is None or query_rotary_emb is not None \
                 or key_rotary_emb is not None or perturbation_mask is not None or all_perturbed \
-                or attn.to_v.out_features != attn.heads * attn.head_dim \
-                or not few_queries(hidden_states.shape[1], encoder_hidden_states.shape[1],
-                                   attn.head_dim):
+                or not _plain(attn) or not few_queries(hidden_states.shape[1],
+                                                       encoder_hidden_states.shape[1],
+                                                       attn.head_dim):
             perturbation = {key: value for key, value in (("perturbation_mask", perturbation_mask),
                                                           ("all_perturbed", all_perturbed))
                             if value is not None}
@@ -80,6 +80,13 @@ class ValuesAfterAttention:
             out = out * (2.0 * torch.sigmoid(gate_logits)).unsqueeze(-1)
         out = out.flatten(2, 3).to(query.dtype)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+def _plain(attn) -> bool:
+    """Whether ``attn``'s value projection and key norm are the plain torch modules whose
+    weights this reads (not a wrapped, packed or LoRA layer), one value head per query head."""
+    return type(attn.to_v) is torch.nn.Linear and type(attn.norm_k) is torch.nn.RMSNorm \
+        and attn.to_v.out_features == attn.heads * attn.head_dim
 
 
 @contextlib.contextmanager
