@@ -306,11 +306,12 @@ def streamed_activation_stats(folder: str | os.PathLike, inputs: list[dict],
     shell = build_model("transformer", {**config, "num_layers": 1}, device="meta")
     shell = shell.to_empty(device=device).to(dtype).eval()
     outside = {n: v for n, v in index.items() if not n.startswith(f"{BLOCKS}.")}
-    missing, _ = shell.load_state_dict({n: read_tensor(p, e).to(dtype) for n, (p, e) in outside.items()},
-                                       strict=False)
-    if any(not name.startswith(f"{BLOCKS}.") for name in missing):
+    missing, _ = shell.load_state_dict(
+        {n: read_tensor(p, e).to(dtype) for n, (p, e) in outside.items()}, strict=False)
+    missing = sorted(name for name in missing if not name.startswith(f"{BLOCKS}."))
+    if missing:
         raise CorruptCheckpointError(f"{folder}: tensors outside the blocks are missing: "
-                                     f"{sorted(n for n in missing if not n.startswith(BLOCKS))[:5]}")
+                                     f"{missing[:5]}")
     block = shell.transformer_blocks[0]
     with torch.no_grad():
         states = [_block_inputs(shell, block, kwargs, device, dtype) for kwargs in inputs]

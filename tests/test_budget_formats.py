@@ -218,6 +218,8 @@ def test_budget_task_measures_output_sensitivity_where_the_model_runs(tmp_path):
 def test_block_by_block_calibration_agrees_with_the_whole_model(tmp_path, monkeypatch):
     """Streaming the blocks records the same channel statistics as the in-memory forward and
     output gains that rank the layers alike; the task streams where the model does not fit."""
+    from hlwq.quant.errors import CorruptCheckpointError
+    from hlwq.runtime import block_calibration
     from hlwq.runtime.block_calibration import streamed_activation_stats
     from hlwq.tasks import budget
     from hlwq.tasks.validate_output import load_suite
@@ -239,6 +241,13 @@ def test_block_by_block_calibration_agrees_with_the_whole_model(tmp_path, monkey
     assert cost["blocks"] == 2 and cost["bytes_read"] > 0 and cost["forward_backward_s"] > 0
     cached, _ = streamed_activation_stats(root / "transformer", inputs, names, direct_reads=False)
     assert cached.output_gain == streamed.output_gain          # the same bytes, either way
+    index = block_calibration.tensor_index(root / "transformer")
+    monkeypatch.setattr(block_calibration, "tensor_index", lambda folder: {
+        name: place for name, place in index.items() if name != "proj_out.weight"})
+    with pytest.raises(CorruptCheckpointError, match="outside the blocks are missing: "
+                                                     "\\['proj_out.weight'\\]"):
+        streamed_activation_stats(root / "transformer", inputs, names)
+    monkeypatch.undo()
     for key, channels in whole.channel_mean_square.items():
         assert torch.allclose(streamed.channel_mean_square[key], channels, rtol=1e-4)
     keys = sorted(whole.output_gain)
