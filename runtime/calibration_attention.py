@@ -92,7 +92,7 @@ def _plain(attn) -> bool:
 @contextlib.contextmanager
 def values_after_attention(model: torch.nn.Module, record):
     """Every LTX-2 attention module of ``model`` runs through :class:`ValuesAfterAttention`
-    (reporting to ``record``) inside the block; its own processor is back afterwards."""
+    (reporting to ``record``) inside the ``with``; its own processor is back afterwards."""
     from diffusers.models.transformers.transformer_ltx2 import LTX2Attention
 
     modules = [m for m in model.modules() if isinstance(m, LTX2Attention)]
