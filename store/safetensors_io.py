@@ -182,31 +182,17 @@ def torch_dtype(dtype: str):
     }[dtype]
 
 
-def read_tensor(path: str | os.PathLike, entry: TensorEntry, out=None):
-    """Read one tensor's bytes (and nothing else) straight into a new CPU tensor, or into
-    ``out`` (a contiguous CPU tensor of the entry's dtype and shape, overwritten in place:
-    no new memory to fault in, no copy)."""
+def read_tensor(path: str | os.PathLike, entry: TensorEntry):
+    """Read one tensor's bytes (and nothing else) straight into a new CPU tensor."""
     import torch
 
-    dtype = torch_dtype(entry.dtype)
-    if out is None:
-        out = torch.empty(entry.shape, dtype=dtype)
-    elif out.dtype != dtype or list(out.shape) != list(entry.shape) or not out.is_contiguous() \
-            or out.device.type != "cpu":
-        raise ValueError(f"{path}: tensor {entry.name!r} is {entry.dtype} {list(entry.shape)}; "
-                         f"it cannot be read into a {out.dtype} {list(out.shape)} tensor on "
-                         f"{out.device} (contiguous: {out.is_contiguous()})")
-    view = memoryview(out.detach().reshape(-1).view(torch.uint8).numpy()) if entry.nbytes else b""
-    with open(path, "rb") as handle:
-        done = 0
-        while done < entry.nbytes:   # pread may return less than asked for (2 GiB cap on Linux)
-            count = os.preadv(handle.fileno(), [view[done:]], entry.start + done)
-            if count == 0:
-                raise CorruptCheckpointError(
-                    f"{path}: tensor {entry.name!r} needs bytes up to offset {entry.end:,} but the "
-                    f"file ends at {entry.start + done:,}")
-            done += count
-    return out
+    buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+    done = _read_into(path, memoryview(buffer.numpy()), entry.start, 0)
+    if done < entry.nbytes:
+        raise CorruptCheckpointError(
+            f"{path}: tensor {entry.name!r} needs bytes up to offset {entry.end:,} but the "
+            f"file ends at {entry.start + done:,}")
+    return buffer.view(torch_dtype(entry.dtype)).reshape(entry.shape)
 
 
 def read_rows(path: str | os.PathLike, row: Mapping, indices):
@@ -289,24 +275,23 @@ class StagingReader:
 def _read_run(path: Path, view: memoryview, offset: int, direct: bool) -> int:
     """Read ``view``'s length from ``offset`` of ``path`` (directly if asked and the file allows
     it); returns the bytes read, fewer where the file ends first."""
-    direct = getattr(os, "O_DIRECT", 0) if direct else 0
+    flags = getattr(os, "O_DIRECT", 0) if direct else 0
     try:
-        handle = os.open(path, os.O_RDONLY | direct)
-    except OSError as error:       # EINVAL: this filesystem takes no direct reads
-        if not direct or error.errno != errno.EINVAL:
+        return _read_into(path, view, offset, flags)
+    except OSError as error:   # EINVAL, at the open or the first read: no direct reads here
+        if not flags or error.errno != errno.EINVAL:
             raise
-        direct, handle = 0, os.open(path, os.O_RDONLY)
+        return _read_into(path, view, offset, 0)
+
+
+def _read_into(path, view: memoryview, offset: int, flags: int) -> int:
+    """Fill ``view`` from ``offset`` of ``path`` (opened with ``flags``) up to the file's end;
+    returns the bytes read. pread may return less than asked for (2 GiB cap on Linux)."""
+    handle = os.open(path, os.O_RDONLY | flags)
     try:
         done = 0
         while done < len(view):
-            try:
-                count = os.preadv(handle, [view[done:done + StagingReader.PIECE]], offset + done)
-            except OSError as error:   # EINVAL: opened, but refused at the first read
-                if not direct or error.errno != errno.EINVAL:
-                    raise
-                os.close(handle)
-                direct, handle = 0, os.open(path, os.O_RDONLY)
-                continue
+            count = os.preadv(handle, [view[done:done + StagingReader.PIECE]], offset + done)
             if count == 0:
                 break
             done += count

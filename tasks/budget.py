@@ -259,7 +259,8 @@ def calibration_record(suite, requests, device: str, inputs: list[dict], started
         return sum(kwargs[name].shape[:-1].numel() for kwargs in inputs if name in kwargs)
 
     return {"suite": suite_identity(suite)["name"], "prompts": [r.id for r in requests],
-            "device": device, "step": "first denoising step (conditional pass)", "calls": len(inputs),
+            "device": device, "step": "first denoising step (conditional pass)",
+            "calls": len(inputs),
             "sequences": sum(kwargs["hidden_states"].shape[0] for kwargs in inputs),
             "video_tokens": tokens("hidden_states"), "audio_tokens": tokens("audio_hidden_states"),
             "text_tokens": tokens("encoder_hidden_states"),

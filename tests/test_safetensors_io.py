@@ -64,22 +64,6 @@ def test_read_tensor_is_byte_exact_against_safetensors(tmp_path):
         assert raw_bytes(ours) == raw_bytes(reference[name]), name
 
 
-def test_read_tensor_into_an_existing_tensor_overwrites_its_memory(tmp_path):
-    path = tmp_path / "w.safetensors"
-    save_file({"w": torch.randn(5, 3).to(torch.bfloat16), "s": torch.tensor(2.0)}, str(path))
-    reference = load_file(str(path))
-    for name, entry in read_header(path).tensors.items():
-        out = torch.zeros(reference[name].shape, dtype=reference[name].dtype)
-        address = out.data_ptr()
-        assert read_tensor(path, entry, out=out) is out and out.data_ptr() == address
-        assert raw_bytes(out) == raw_bytes(reference[name]), name
-    entry = read_header(path).tensors["w"]
-    for wrong in (torch.zeros(5, 3), torch.zeros(3, 5, dtype=torch.bfloat16),
-                  torch.zeros(3, 5, dtype=torch.bfloat16).T):
-        with pytest.raises(ValueError, match="'w' is BF16 \\[5, 3\\]"):
-            read_tensor(path, entry, out=wrong)
-
-
 def raw_bytes(tensor):
     return tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
 
